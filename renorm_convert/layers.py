@@ -1,0 +1,369 @@
+"""The BatchRenormalization layer and its conversion from / to BatchNormalization.
+
+The layer builds on Keras's own `BatchNormalization(renorm=True)` (Keras >=
+3.14): the seven state arrays, the moments, the composition of r and d with
+gamma and beta, and the moving-statistic updates are Keras's. What this layer
+adds is what Keras's cannot do:
+
+* the clipping bounds r_max and d_max live in variables, so a schedule can
+  change them at every step without retracing a `tf.function` or recompiling
+  an XLA graph;
+* microbatches (the paper's Figure 2 set-up): the batch is split into groups of
+  `microbatch_size` examples, each normalized with its own moments and its own
+  r and d;
+* lossless creation from a trained `BatchNormalization` and back.
+"""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+PACKAGE = "renorm_convert"
+
+# State arrays shared with Keras's BatchNormalization, in Keras's order.
+BN_STATE = ("gamma", "beta", "moving_mean", "moving_variance")
+RENORM_STATE = BN_STATE + ("moving_stddev", "renorm_mean", "renorm_stddev")
+
+
+def _check_axis(axis, ndim, name):
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"Expected `axis` to index a dimension of the {ndim}-D input of "
+            f"layer '{name}'. Received: axis={axis}. Use -1 for channels-last "
+            "or 1 for channels-first inputs."
+        )
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class BatchRenormalization(keras.layers.BatchNormalization):
+    """Batch Renormalization with schedulable clipping and microbatches.
+
+    In training mode each batch is normalized with its own moments, then
+    corrected towards the moving statistics: `y = gamma * (x_hat * r + d) +
+    beta`, with `r = stop_gradient(clip(sigma_B / sigma, 1 / r_max, r_max))`
+    and `d = stop_gradient(clip((mu_B - mu) / sigma, -d_max, d_max))`, where
+    `mu`, `sigma` are the `renorm_mean` / `renorm_stddev` moving averages. In
+    inference mode it is plain batch normalization with `moving_mean` and
+    `moving_variance`. With `r_max=1, d_max=0` it computes exactly what
+    `BatchNormalization` computes.
+
+    Args:
+        axis: The channel axis (-1 for channels-last, 1 for channels-first).
+        momentum: Momentum of the inference moving statistics.
+        epsilon: Small float added to the variance.
+        center: Whether to add the offset `beta`.
+        scale: Whether to multiply by `gamma`.
+        renorm_momentum: Momentum of `renorm_mean` / `renorm_stddev`, the
+            statistics that r and d correct towards.
+        r_max: r is clipped to `[1 / r_max, r_max]`; at least 1. Held in a
+            variable: assign through `set_clipping` (or `RenormSchedule`).
+        d_max: d is clipped to `[-d_max, d_max]`; at least 0.
+        microbatch_size: If set, training batches are split into consecutive
+            groups of this many examples, each normalized with its own moments
+            and its own r and d; the moving statistics take the average of the
+            groups' moments (weighted by group size). A batch whose size is not
+            a multiple of it ends with one smaller group made of the remaining
+            examples (so the last batch of an epoch needs no special care).
+        synchronized: Aggregate the batch moments over all replicas of a
+            `tf.distribute` strategy. With microbatches the groups are local
+            to each replica by definition, so it has no effect there.
+        **kwargs: Everything else `keras.layers.BatchNormalization` accepts
+            (initializers, regularizers, constraints, `name`, `dtype`, ...).
+
+    Example:
+    >>> layer = BatchRenormalization(r_max=1.0, d_max=0.0, microbatch_size=4)
+    >>> y = layer(np.random.rand(8, 3).astype("float32"), training=True)
+    >>> layer.set_clipping(r_max=3.0, d_max=5.0)
+
+    Reference:
+        Ioffe, "Batch Renormalization: Towards Reducing Minibatch Dependence
+        in Batch-Normalized Models", 2017, https://arxiv.org/abs/1702.03275
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        renorm_momentum=0.99,
+        r_max=3.0,
+        d_max=5.0,
+        microbatch_size=None,
+        synchronized=False,
+        **kwargs,
+    ):
+        # Keras's own clipping arguments would be fixed floats; ours replace
+        # them. They may come back through a BatchNormalization config.
+        kwargs.pop("renorm", None)
+        kwargs.pop("renorm_clipping", None)
+        if isinstance(axis, (list, tuple)):
+            if len(axis) != 1:
+                raise ValueError(
+                    "Expected `axis` to be a single integer. Received: "
+                    f"axis={axis}"
+                )
+            axis = axis[0]
+        r_max = self._check_r_max(r_max)
+        d_max = self._check_d_max(d_max)
+        if microbatch_size is not None:
+            if (
+                isinstance(microbatch_size, bool)
+                or int(microbatch_size) != microbatch_size
+                or microbatch_size < 1
+            ):
+                raise ValueError(
+                    "Expected `microbatch_size` to be None or an integer >= 1. "
+                    f"Received: microbatch_size={microbatch_size}"
+                )
+            microbatch_size = int(microbatch_size)
+        if not 0.0 <= float(renorm_momentum) < 1.0:
+            raise ValueError(
+                "Expected `renorm_momentum` in [0, 1). Received: "
+                f"renorm_momentum={renorm_momentum}"
+            )
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(
+                f"Expected `momentum` in [0, 1). Received: momentum={momentum}"
+            )
+        if float(epsilon) <= 0.0:
+            raise ValueError(
+                f"Expected `epsilon` > 0. Received: epsilon={epsilon}"
+            )
+        super().__init__(
+            axis=axis,
+            momentum=momentum,
+            epsilon=epsilon,
+            center=center,
+            scale=scale,
+            renorm=True,
+            renorm_clipping=None,
+            renorm_momentum=float(renorm_momentum),
+            synchronized=synchronized,
+            **kwargs,
+        )
+        self.microbatch_size = microbatch_size
+        # Plain tf.Variables: read by reference inside traced and XLA-compiled
+        # functions (an assignment needs no retrace), and not Keras weights,
+        # so the layer's state arrays stay exactly Keras's seven.
+        self._r_max_var = tf.Variable(r_max, trainable=False, dtype="float32",
+                                      name="r_max")
+        self._d_max_var = tf.Variable(d_max, trainable=False, dtype="float32",
+                                      name="d_max")
+
+    @staticmethod
+    def _check_r_max(r_max):
+        if not float(r_max) >= 1.0:
+            raise ValueError(
+                f"Expected `r_max` >= 1 (r is clipped to [1/r_max, r_max]). "
+                f"Received: r_max={r_max}"
+            )
+        return float(r_max)
+
+    @staticmethod
+    def _check_d_max(d_max):
+        if not float(d_max) >= 0.0:
+            raise ValueError(
+                f"Expected `d_max` >= 0 (d is clipped to [-d_max, d_max]). "
+                f"Received: d_max={d_max}"
+            )
+        return float(d_max)
+
+    @property
+    def r_max(self):
+        return float(self._r_max_var.numpy())
+
+    @property
+    def d_max(self):
+        return float(self._d_max_var.numpy())
+
+    def set_clipping(self, r_max=None, d_max=None):
+        """Sets the clipping bounds; traced functions see the new values."""
+        if r_max is not None:
+            self._r_max_var.assign(self._check_r_max(r_max))
+        if d_max is not None:
+            self._d_max_var.assign(self._check_d_max(d_max))
+
+    def build(self, input_shape):
+        _check_axis(self.axis, len(input_shape), self.name)
+        super().build(input_shape)
+
+    def _renorm_correction_and_moments(self, mean, variance):
+        # Keras computes r and d without clipping (its clipping dict is
+        # empty); the bounds are applied here from the variables.
+        r, d, mean, variance = super()._renorm_correction_and_moments(
+            mean, variance
+        )
+        r_max = ops.cast(self._r_max_var, r.dtype)
+        d_max = ops.cast(self._d_max_var, d.dtype)
+        r = ops.minimum(ops.maximum(r, 1.0 / r_max), r_max)
+        d = ops.clip(d, -d_max, d_max)
+        return r, d, mean, variance
+
+    def call(self, inputs, training=None, mask=None):
+        if self.microbatch_size is None or not (training and self.trainable):
+            return super().call(inputs, training=training, mask=mask)
+        if mask is not None:
+            raise ValueError(
+                f"Layer '{self.name}': masks are not supported together with "
+                "`microbatch_size`. Received a mask of shape "
+                f"{tuple(mask.shape)}."
+            )
+        return self._call_microbatched(inputs)
+
+    def _call_microbatched(self, inputs):
+        m = self.microbatch_size
+        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        ndim = len(x.shape)
+        axis = self.axis % ndim
+        batch = tf.shape(x)[0]
+        static_batch = x.shape[0]
+        ragged = static_batch is None or static_batch % m != 0
+        if ragged:
+            # Pad to whole groups; the padding is masked out of every moment.
+            pad = (-batch) % m
+            x = tf.pad(x, [[0, pad]] + [[0, 0]] * (ndim - 1))
+            valid = ops.cast(tf.range(batch + pad) < batch, x.dtype)
+        groups = tf.shape(x)[0] // m
+        xg = tf.reshape(x, tf.concat([[groups, m], tf.shape(x)[1:]], 0))
+        # xg is (groups, m, ...): reduce over the examples of a group and all
+        # non-channel axes; channels keep their position, shifted by one.
+        red = [1] + [a + 1 for a in range(1, ndim) if a != axis]
+        bshape = [1] * (ndim + 1)
+        bshape[0] = -1
+        bshape[axis + 1] = x.shape[axis]
+        if not ragged:
+            mean, variance = ops.moments(xg, axes=red)
+            weights = None
+        else:
+            w = tf.reshape(valid, tf.concat([[groups, m], [1] * (ndim - 1)], 0))
+            per_example = 1.0
+            for a in range(1, ndim):
+                if a != axis:
+                    per_example = per_example * ops.cast(tf.shape(x)[a], x.dtype)
+            count = ops.reshape(ops.sum(w, axis=1), [-1, 1]) * per_example
+            safe = ops.maximum(count, 1.0)
+            mean = ops.sum(xg * w, axis=red) / safe
+            centered = (xg - ops.reshape(mean, bshape)) * w
+            variance = ops.sum(ops.square(centered), axis=red) / safe
+            weights = ops.reshape(ops.sum(w, axis=1), [-1, 1])
+        r, d, mean, variance = self._renorm_correction_and_moments(
+            mean, variance
+        )
+        gamma = ops.cast(self.gamma, x.dtype) if self.scale else None
+        beta = ops.cast(self.beta, x.dtype) if self.center else None
+        gamma, beta = self._compose_transforms(r, d, gamma, beta, x.dtype)
+        inv = ops.rsqrt(variance + self.epsilon) * gamma
+        offset = beta - mean * inv
+        y = xg * ops.reshape(inv, bshape) + ops.reshape(offset, bshape)
+        y = tf.reshape(y, tf.shape(x))
+        if ragged:
+            y = y[:batch]
+            total = ops.sum(weights)
+            group_mean = ops.sum(mean * weights, axis=0) / total
+            group_var = ops.sum(variance * weights, axis=0) / total
+        else:
+            group_mean = ops.mean(mean, axis=0)
+            group_var = ops.mean(variance, axis=0)
+        self._update_renorm_statistics(
+            ops.stop_gradient(group_mean), ops.stop_gradient(group_var)
+        )
+        return ops.cast(y, self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("renorm", None)
+        config.pop("renorm_clipping", None)
+        config.update(
+            r_max=self.r_max,
+            d_max=self.d_max,
+            microbatch_size=self.microbatch_size,
+        )
+        return config
+
+    # --- conversion -----------------------------------------------------
+
+    @classmethod
+    def from_batchnorm(cls, layer, **options):
+        """A BatchRenormalization initialised from a BatchNormalization.
+
+        Keeps gamma, beta, moving_mean and moving_variance, and starts the
+        renorm statistics where the paper's warm-up would leave them:
+        `renorm_mean = moving_mean`, `moving_stddev = renorm_stddev =
+        sqrt(moving_variance + epsilon)`. Inference outputs are unchanged.
+        `options` (r_max, d_max, renorm_momentum, microbatch_size, ...)
+        override the config.
+        """
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            raise ValueError(
+                "Expected a keras.layers.BatchNormalization. Received: "
+                f"{type(layer).__name__} '{getattr(layer, 'name', layer)}'"
+            )
+        config = layer.get_config()
+        if isinstance(layer, cls):
+            config.update(options)
+            new = cls.from_config(config)
+            if layer.built:
+                new.build(_built_shape(layer))
+                new.set_weights(layer.get_weights())
+            return new
+        if layer.renorm and layer.renorm_clipping:
+            # Keras's renorm layer: keep its clipping unless overridden.
+            clip = layer.renorm_clipping
+            config.setdefault("r_max", clip.get("rmax", 3.0))
+            config.setdefault("d_max", clip.get("dmax", 5.0))
+        config.pop("renorm", None)
+        config.pop("renorm_clipping", None)
+        config.update(options)
+        new = cls.from_config(config)
+        if layer.built:
+            new.build(_built_shape(layer))
+            state = _state_by_name(layer)
+            if "moving_stddev" not in state:
+                std = np.sqrt(state["moving_variance"].astype(np.float64)
+                              + layer.epsilon).astype(np.float32)
+                state["moving_stddev"] = std
+                state["renorm_stddev"] = std
+                state["renorm_mean"] = state["moving_mean"]
+            _assign_by_name(new, state)
+        return new
+
+    def to_batchnorm(self):
+        """A plain `keras.layers.BatchNormalization` with this layer's
+        gamma, beta, moving_mean and moving_variance (same inference)."""
+        config = super().get_config()
+        config.pop("renorm", None)
+        config.pop("renorm_clipping", None)
+        config.pop("renorm_momentum", None)
+        new = keras.layers.BatchNormalization.from_config(config)
+        if self.built:
+            new.build(_built_shape(self))
+            state = _state_by_name(self)
+            _assign_by_name(new, {k: state[k] for k in BN_STATE if k in state})
+        return new
+
+
+def _built_shape(layer):
+    """An input shape that builds a copy of `layer` with the same weights."""
+    ndim = layer.input_spec.ndim if layer.input_spec is not None else None
+    channels = int(layer.moving_mean.shape[0])
+    ndim = ndim or max(2, layer.axis + 1 if layer.axis >= 0 else -layer.axis)
+    shape = [None] * ndim
+    shape[layer.axis] = channels
+    return tuple(shape)
+
+
+def _state_by_name(layer):
+    """The layer's variables as {short name: numpy array}."""
+    return {
+        v.path.split("/")[-1]: np.asarray(v.numpy()) for v in layer.variables
+    }
+
+
+def _assign_by_name(layer, state):
+    names = {v.path.split("/")[-1]: v for v in layer.variables}
+    for key, value in state.items():
+        if key in names:
+            names[key].assign(value)

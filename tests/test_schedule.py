@@ -1,0 +1,107 @@
+"""RenormSchedule: the paper's relaxation, applied to nested models, logged."""
+
+import csv
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import renorm_convert as rc
+
+
+def test_paper_schedule_values():
+    s = rc.RenormSchedule()
+    assert s.values_at(0) == (1.0, 0.0)
+    assert s.values_at(5000) == (1.0, 0.0)
+    # Linear ramps, computed by hand from the paper's end points.
+    r, d = s.values_at(15000)
+    assert r == pytest.approx(1 + 2 * 10000 / 35000)
+    assert d == pytest.approx(5 * 10000 / 20000)
+    assert s.values_at(25000)[1] == 5.0
+    assert s.values_at(40000) == (3.0, 5.0)
+    assert s.values_at(10 ** 6) == (3.0, 5.0)
+
+
+def test_scale_and_for_run():
+    scaled = rc.RenormSchedule(scale=0.01)
+    full = rc.RenormSchedule()
+    for step in (0, 30, 50, 120, 250, 399, 400, 1000):
+        assert scaled.values_at(step) == pytest.approx(
+            full.values_at(step * 100))
+    run = rc.RenormSchedule.for_run(1000)
+    assert run.values_at(100) == (1.0, 0.0)
+    assert run.values_at(250)[1] == 5.0
+    assert run.values_at(350) == (3.0, 5.0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"r_max": 0.5}, "r_max=0.5"),
+    ({"d_max": -2}, "d_max=-2"),
+    ({"warmup_steps": 100, "r_max_steps": 50}, "r_max_steps=50"),
+    ({"scale": 0}, "scale=0"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        rc.RenormSchedule(**kwargs)
+
+
+def _nested_model():
+    inner_in = keras.Input((8,))
+    h = keras.layers.Dense(8)(inner_in)
+    h = rc.BatchRenormalization(name="inner_bn")(h)
+    inner = keras.Model(inner_in, h, name="inner")
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(8)(inputs)
+    x = rc.BatchRenormalization(name="outer_bn")(x)
+    x = inner(x)
+    seq = keras.Sequential([keras.layers.Dense(8),
+                            rc.BatchRenormalization(name="seq_bn")], name="seq")
+    x = seq(x)
+    outputs = keras.layers.Dense(2, activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_callback_updates_nested_layers_and_logs(tmp_path):
+    model = _nested_model()
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = rng.integers(0, 2, 64)
+    schedule = rc.RenormSchedule(warmup_steps=2, r_max=2.0, r_max_steps=6,
+                                 d_max=1.0, d_max_steps=4)
+    seen = []
+
+    class Spy(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append((logs["r_max"], logs["d_max"]))
+
+    csv_path = tmp_path / "log.csv"
+    history = model.fit(x, y, batch_size=8, epochs=2, verbose=0,
+                        callbacks=[schedule, Spy(),
+                                   keras.callbacks.CSVLogger(str(csv_path))])
+    layers = rc.schedule.renorm_layers(model)
+    assert sorted(l.name for l in layers) == ["inner_bn", "outer_bn", "seq_bn"]
+    # The value used at step k is the schedule at iteration k (0-based).
+    expected = [schedule.values_at(k) for k in range(16)]
+    np.testing.assert_allclose(seen, expected)
+    for layer in layers:
+        assert (layer.r_max, layer.d_max) == (2.0, 1.0)
+    assert history.history["r_max"] == [2.0, 2.0]
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[-1]["d_max"]) == 1.0
+
+
+def test_step_comes_from_optimizer_so_resume_continues():
+    model = _nested_model()
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    x = np.zeros((16, 4), "float32")
+    y = np.zeros(16, "int64")
+    schedule = rc.RenormSchedule(warmup_steps=0, r_max=3.0, r_max_steps=100,
+                                 d_max=0.0, d_max_steps=0)
+    model.optimizer.build(model.trainable_variables)
+    model.optimizer.iterations.assign(50)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[schedule])
+    # One step was taken at iteration 50.
+    assert rc.schedule.renorm_layers(model)[0].r_max == pytest.approx(2.0)
