@@ -1,0 +1,408 @@
+"""Training-step cost of `rc.BatchRenormalization` against Keras's BatchNormalization.
+
+What is measured
+----------------
+Two model families, each built five times with only the normalization layer
+changed (same seed, so every Conv2D / Dense starts from the same weights):
+
+* ``resnet``: 32x32x3 inputs, a stem Conv2D and four residual blocks
+  (Conv2D -> BN -> ReLU, two with a projection shortcut), 11 BN layers,
+  global average pooling and a 10-way Dense head.
+* ``mlp``: 784 inputs, four Dense(512) -> BN -> ReLU layers, a 10-way head.
+
+Variants of the normalization layer:
+
+  keras_bn     keras.layers.BatchNormalization()                 (baseline)
+  keras_renorm keras.layers.BatchNormalization(renorm=True,
+                   renorm_clipping={"rmax": 3, "rmin": 1/3, "dmax": 5})
+  rc           rc.BatchRenormalization()
+  rc_mb4       rc.BatchRenormalization(microbatch_size=4)
+  rc_mb2       rc.BatchRenormalization(microbatch_size=2)
+
+Each model is compiled with ``model.compile(optimizer="sgd",
+loss=SparseCategoricalCrossentropy(from_logits=True), jit_compile=...)``
+(``--jit auto`` is Keras's default; on a CPU-only TensorFlow machine Keras
+resolves it to *no* XLA, the resolved value is printed) and timed with ``model.train_on_batch`` on
+one fixed batch of random data, so the time is one full training step: the
+forward pass, the backward pass, the SGD update and the moving-statistic
+updates, plus the (identical) Python overhead of ``train_on_batch``.
+
+After a warm-up (tracing / compilation plus a few steps), the variants are
+run round-robin: in every round each variant runs ``--steps`` timed steps
+(default 5 for the ResNet, 20 for the cheaper MLP), and
+the order of the variants rotates from round to round, so slow phases of a
+shared, noisy machine fall on all variants alike. The reported time is the
+median of all timed steps of a variant; ratios are taken against the Keras BN
+baseline of the same family and batch size, measured in the same run.
+
+Peak memory
+-----------
+``--memory allocator`` (default): TensorFlow's CPU allocator statistics
+(``tf.config.experimental.reset_memory_stats`` / ``get_memory_info("CPU:0")``)
+around one training step; the reported number is the step's peak allocation
+above what was live before it (activations, gradients, temporaries; the
+weights of all models are resident and excluded). The script checks that the
+allocator reports non-zero numbers and otherwise falls back to:
+``--memory rss``: every variant in a fresh subprocess; the max RSS
+(``resource.getrusage``) after warm-up and timed steps, minus the max RSS
+after the model was built (the tracing / compilation cost is in both).
+
+Targets (printed as PASS / FAIL): without microbatches ``rc`` at most 1.03x
+the Keras BN step time; with microbatches at most 1.10x.
+
+Examples::
+
+    python benchmarks/train_step.py            # full run, ~4-5 min on 2 cores
+    python benchmarks/train_step.py --quick    # ~30 s smoke run
+    python benchmarks/train_step.py --rounds 20 --batch-sizes 32 64
+"""
+
+import argparse
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np  # noqa: E402
+
+VARIANTS = ("keras_bn", "keras_renorm", "rc", "rc_mb4", "rc_mb2")
+FAMILIES = ("resnet", "mlp")
+TARGET_PLAIN = 1.03
+TARGET_MB = 1.10
+SEED = 1234
+
+
+# --- models ---------------------------------------------------------------
+
+def make_norm(variant):
+    import keras
+    import renorm_convert as rc
+
+    if variant == "keras_bn":
+        return keras.layers.BatchNormalization()
+    if variant == "keras_renorm":
+        return keras.layers.BatchNormalization(
+            renorm=True,
+            renorm_clipping={"rmax": 3.0, "rmin": 1.0 / 3.0, "dmax": 5.0},
+        )
+    if variant == "rc":
+        return rc.BatchRenormalization()
+    if variant.startswith("rc_mb"):
+        return rc.BatchRenormalization(microbatch_size=int(variant[5:]))
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def build_resnet(variant):
+    import keras
+    from keras import layers
+
+    def conv_bn(x, filters, strides=1, relu=True):
+        x = layers.Conv2D(filters, 3, strides=strides, padding="same",
+                          use_bias=False)(x)
+        x = make_norm(variant)(x)
+        return layers.ReLU()(x) if relu else x
+
+    def block(x, filters, strides=1):
+        shortcut = x
+        y = conv_bn(x, filters, strides)
+        y = conv_bn(y, filters, relu=False)
+        if strides != 1 or x.shape[-1] != filters:
+            shortcut = layers.Conv2D(filters, 1, strides=strides,
+                                     use_bias=False)(x)
+            shortcut = make_norm(variant)(shortcut)
+        return layers.ReLU()(layers.Add()([y, shortcut]))
+
+    inputs = keras.Input((32, 32, 3))
+    x = conv_bn(inputs, 16)                  # 1 BN
+    x = block(x, 16)                         # 2 BN
+    x = block(x, 32, strides=2)              # 3 BN
+    x = block(x, 32)                         # 2 BN
+    x = block(x, 64, strides=2)              # 3 BN
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(10)(x)
+    return keras.Model(inputs, outputs, name=f"resnet_{variant}")
+
+
+def build_mlp(variant):
+    import keras
+    from keras import layers
+
+    inputs = keras.Input((784,))
+    x = inputs
+    for _ in range(4):
+        x = layers.Dense(512, use_bias=False)(x)
+        x = make_norm(variant)(x)
+        x = layers.ReLU()(x)
+    outputs = layers.Dense(10)(x)
+    return keras.Model(inputs, outputs, name=f"mlp_{variant}")
+
+
+BUILDERS = {"resnet": build_resnet, "mlp": build_mlp}
+
+
+def make_data(family, batch):
+    rng = np.random.default_rng(SEED)
+    shape = (batch, 32, 32, 3) if family == "resnet" else (batch, 784)
+    x = rng.standard_normal(shape).astype("float32")
+    y = rng.integers(0, 10, size=(batch,)).astype("int32")
+    return x, y
+
+
+def make_model(family, variant, jit):
+    import keras
+
+    keras.utils.set_random_seed(SEED)  # same Conv2D / Dense weights for all
+    model = BUILDERS[family](variant)
+    jit_compile = {"auto": "auto", "on": True, "off": False}[jit]
+    model.compile(
+        optimizer="sgd",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
+    )
+    return model
+
+
+def count_bn(model):
+    import keras
+
+    return sum(isinstance(l, keras.layers.BatchNormalization)
+               for l in model._flatten_layers())
+
+
+# --- memory ---------------------------------------------------------------
+
+def allocator_peak_step(model, x, y):
+    """Peak CPU-allocator bytes above the pre-step level during one step."""
+    import tensorflow as tf
+
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+    model.train_on_batch(x, y)
+    peak = tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    return max(peak - before, 0)
+
+
+def max_rss_bytes():
+    scale = 1 if platform.system() == "Darwin" else 1024  # Linux: KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def rss_child(family, variant, batch, jit, steps):
+    """Runs in a fresh process; prints 'RSS <built> <peak>' in bytes."""
+    import tensorflow as tf
+
+    x, y = make_data(family, batch)
+    x, y = tf.constant(x), tf.constant(y)
+    model = make_model(family, variant, jit)
+    built = max_rss_bytes()
+    for _ in range(steps):
+        model.train_on_batch(x, y)
+    print(f"RSS {built} {max_rss_bytes()}", flush=True)
+
+
+def rss_in_subprocess(family, variant, batch, jit, steps):
+    cmd = [sys.executable, os.path.abspath(__file__), "--_rss-child",
+           family, variant, str(batch), jit, str(steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    for line in out.stdout.splitlines():
+        if line.startswith("RSS "):
+            built, peak = map(int, line.split()[1:])
+            return peak - built
+    raise RuntimeError(f"no RSS line from child: {out.stdout}\n{out.stderr}")
+
+
+# --- timing ---------------------------------------------------------------
+
+def bench_family(family, batch, variants, args, log):
+    import tensorflow as tf
+
+    x_np, y_np = make_data(family, batch)
+    x, y = tf.constant(x_np), tf.constant(y_np)
+    models = {}
+    for v in variants:
+        t0 = time.perf_counter()
+        models[v] = make_model(family, v, args.jit)
+        models[v].train_on_batch(x, y)   # trace / compile
+        for _ in range(args.warmup):
+            models[v].train_on_batch(x, y)
+        log(f"  built+warmed {family}/b{batch}/{v} "
+            f"(jit_compile={models[v].jit_compile}, "
+            f"{count_bn(models[v])} BN layers) in "
+            f"{time.perf_counter() - t0:.1f}s")
+
+    steps = args.steps or {"resnet": 2 if args.quick else 5,
+                           "mlp": 5 if args.quick else 20}[family]
+    times = {v: [] for v in variants}
+    for r in range(args.rounds):
+        k = r % len(variants)
+        order = variants[k:] + variants[:k]
+        for v in order:
+            model = models[v]
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                model.train_on_batch(x, y)  # returns numpy: synchronous
+                times[v].append(time.perf_counter() - t0)
+
+    mem = {}
+    if args.memory == "allocator":
+        for v in variants:
+            # min over a few steps: other threads' transient allocations can
+            # only add to a reading, never remove from it
+            mem[v] = min(allocator_peak_step(models[v], x, y)
+                         for _ in range(3))
+    del models
+    if args.memory == "rss":
+        for v in variants:
+            mem[v] = rss_in_subprocess(family, v, batch, args.jit,
+                                       args.warmup + 3)
+    return {v: (float(np.median(times[v])) * 1e3,
+                float(np.percentile(times[v], 25)) * 1e3,
+                float(np.percentile(times[v], 75)) * 1e3,
+                mem.get(v)) for v in variants}
+
+
+def allocator_works():
+    import tensorflow as tf
+
+    try:
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        a = tf.random.normal([256, 1024])
+        b = tf.matmul(a, a, transpose_b=True)
+        info = tf.config.experimental.get_memory_info("CPU:0")
+        del a, b
+        return info["peak"] > 0
+    except Exception:  # noqa: BLE001 - any failure means "not usable"
+        return False
+
+
+# --- report ---------------------------------------------------------------
+
+def verdict(variant, ratio):
+    if variant == "rc":
+        target = TARGET_PLAIN
+    elif variant.startswith("rc_mb"):
+        target = TARGET_MB
+    else:
+        return ""
+    ok = ratio <= target
+    return f"{'PASS' if ok else 'FAIL'} (<= {target:.2f}x)"
+
+
+def fmt_mem(b):
+    return "n/a" if b is None else f"{b / 2**20:8.2f}"
+
+
+def print_table(family, batch, res, mem_label):
+    base_t = res["keras_bn"][0]
+    base_m = res["keras_bn"][3]
+    print(f"\n{family}  batch={batch}   (time: median ms/step [IQR]; "
+          f"memory: {mem_label})")
+    hdr = (f"{'variant':<13}{'ms/step':>9} {'[p25 - p75]':>16}{'vs BN':>8}"
+           f"{'peak MiB':>10}{'vs BN':>8}  target")
+    print(hdr)
+    print("-" * (len(hdr) + 16))
+    for v, (t, p25, p75, m) in res.items():
+        mratio = (f"{m / base_m:7.2f}x" if m is not None and base_m
+                  else "    n/a")
+        print(f"{v:<13}{t:9.2f} {f'[{p25:.2f} - {p75:.2f}]':>16}"
+              f"{t / base_t:7.3f}x{fmt_mem(m):>10}{mratio}  "
+              f"{verdict(v, t / base_t)}")
+    if "keras_renorm" in res and "rc" in res:
+        print(f"rc vs keras_renorm (step time): "
+              f"{res['rc'][0] / res['keras_renorm'][0]:.3f}x")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="short smoke run: 4 rounds, batch 32 only")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="round-robin rounds (default 40, quick 4)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per variant per round (default: "
+                             "resnet 5, mlp 20; quick: resnet 2, mlp 5)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps after compilation (default 10, "
+                             "quick 3)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                        help="batch sizes (default 32 64, quick 32)")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES,
+                        default=list(FAMILIES))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS,
+                        default=list(VARIANTS),
+                        help="keras_bn is always included (the baseline)")
+    parser.add_argument("--jit", choices=("auto", "on", "off"), default="auto",
+                        help="model.compile(jit_compile=...): auto (Keras's "
+                             "default; XLA on TF when all layers support it), "
+                             "on, off")
+    parser.add_argument("--memory", choices=("allocator", "rss"),
+                        default="allocator",
+                        help="how to measure peak memory (see above)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="TF intra- and inter-op threads (0: TF default)")
+    parser.add_argument("--_rss-child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args._rss_child:
+        fam, var, batch, jit, steps = args._rss_child
+        rss_child(fam, var, int(batch), jit, int(steps))
+        return 0
+
+    q = args.quick
+    args.rounds = args.rounds or (4 if q else 40)
+    args.warmup = args.warmup if args.warmup is not None else (3 if q else 10)
+    args.batch_sizes = args.batch_sizes or ([32] if q else [32, 64])
+    variants = ["keras_bn"] + [v for v in args.variants if v != "keras_bn"]
+    variants = [v for v in VARIANTS if v in variants]
+
+    import keras
+    import tensorflow as tf
+    import renorm_convert as rc
+
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    if args.memory == "allocator" and not allocator_works():
+        print("TF CPU allocator reports no usage; falling back to "
+              "--memory rss")
+        args.memory = "rss"
+    mem_label = ("TF CPU allocator peak during one step, above pre-step "
+                 "level" if args.memory == "allocator" else
+                 "max RSS growth after model build, fresh subprocess")
+
+    start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - start:6.1f}s]{msg}", flush=True)
+
+    print(f"TF {tf.__version__}, Keras {keras.__version__}, "
+          f"renorm_convert {rc.__version__}, python {platform.python_version()}"
+          f", {os.cpu_count()} CPUs, jit_compile={args.jit}, "
+          f"threads={args.threads or 'TF default'}")
+    print(f"rounds={args.rounds} steps/round={args.steps or 'per family'} "
+          f"warmup={args.warmup} batch sizes={args.batch_sizes} "
+          f"memory={args.memory}")
+    results = {}
+    for family in args.families:
+        for batch in args.batch_sizes:
+            log(f" {family} batch {batch}")
+            results[(family, batch)] = bench_family(
+                family, batch, variants, args, log)
+    log(" done")
+
+    print("\n" + "=" * 78)
+    for (family, batch), res in results.items():
+        print_table(family, batch, res, mem_label)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

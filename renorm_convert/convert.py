@@ -1,0 +1,279 @@
+"""convert / revert: rebuild a model with its normalization layers swapped.
+
+Functional and Sequential models (nested ones too) are rebuilt with
+`keras.models.clone_model(..., recursive=True)`, which keeps the graph, shared
+layers and input / output names; the weights, which clone_model does not copy,
+are moved here layer by layer. Subclassed models and custom layers that own
+BatchNormalization sublayers are copied and their tracked sublayers swapped
+in place, as PyTorch's `convert_sync_batchnorm` does.
+"""
+
+import re
+
+import keras
+from keras.src.saving import serialization_lib
+
+from renorm_convert.graph import is_graph_model
+from renorm_convert.layers import BatchRenormalization
+
+
+class ConversionError(ValueError):
+    """A model or layer cannot be converted; the message names it and why."""
+
+
+def _is_plain_bn(layer):
+    return isinstance(layer, keras.layers.BatchNormalization) and not isinstance(
+        layer, BatchRenormalization
+    )
+
+
+def _compile(pattern, name):
+    if pattern is None:
+        return None
+    try:
+        return re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise ValueError(
+            f"Expected `{name}` to be a regular expression. Received: "
+            f"{name}={pattern!r} ({e})"
+        ) from None
+
+
+def _selector(include, exclude):
+    inc, exc = _compile(include, "include"), _compile(exclude, "exclude")
+
+    def selected(layer):
+        if inc is not None and not inc.search(layer.name):
+            return False
+        return not (exc is not None and exc.search(layer.name))
+
+    return selected
+
+
+def convert(model, *, include=None, exclude=None, **layer_options):
+    """A copy of `model` with every BatchNormalization a BatchRenormalization.
+
+    Each new layer starts from the old one's gamma, beta and moving
+    statistics (see `BatchRenormalization.from_batchnorm`), so inference
+    outputs are unchanged; every other layer keeps its weights, trainable flag
+    and name. Layers that are already BatchRenormalization are kept as they
+    are. The input model is not modified.
+
+    Args:
+        model: A Keras model: Sequential, Functional (nested models, shared
+            layers, several inputs and outputs), or subclassed.
+        include: Regular expression; only layers whose name matches it are
+            converted.
+        exclude: Regular expression; layers whose name matches it are not.
+        **layer_options: Passed to every new layer (r_max, d_max,
+            renorm_momentum, microbatch_size, ...).
+
+    Returns:
+        The new `keras.Model`; `model.renorm_converted` lists the names of the
+        converted layers.
+
+    Example:
+    >>> renormed = convert(keras.applications.ResNet50(), r_max=1, d_max=0)
+    """
+    # Fail early, with the argument's name, on options the layer refuses.
+    BatchRenormalization(**layer_options)
+    selected = _selector(include, exclude)
+
+    def swap(layer):
+        if _is_plain_bn(layer) and selected(layer):
+            return BatchRenormalization.from_batchnorm(layer, **layer_options)
+        return None
+
+    return _transform(model, swap, "renorm_converted")
+
+
+def revert(model):
+    """A copy of `model` with every BatchRenormalization a plain
+    `keras.layers.BatchNormalization` (gamma, beta and the current moving
+    statistics), for people who do not have this package."""
+
+    def swap(layer):
+        if isinstance(layer, BatchRenormalization):
+            return layer.to_batchnorm()
+        return None
+
+    return _transform(model, swap, "renorm_reverted")
+
+
+def _transform(model, swap, record):
+    if not isinstance(model, keras.Model):
+        raise ConversionError(
+            "Expected a keras.Model. Received: "
+            f"{type(model).__name__}"
+        )
+    if not model.built:
+        raise ConversionError(
+            f"Model '{model.name}' is not built, so it has no weights to "
+            "keep. Build it first, e.g. `model.build((None, ...))` or call it "
+            "on a batch."
+        )
+    swapped = []
+    if is_graph_model(model):
+        new = _transform_graph_model(model, swap, swapped)
+    else:
+        new = _copy_subclassed(model)
+        _mirror(new, model, swap, swapped, model.name)
+    setattr(new, record, swapped)
+    return new
+
+
+def _transform_graph_model(model, swap, swapped):
+    pairs = []
+
+    def clone_function(layer):
+        replacement = swap(layer)
+        if replacement is not None:
+            swapped.append(layer.name)
+            return replacement
+        new = layer.__class__.from_config(layer.get_config())
+        pairs.append((layer, new))
+        return new
+
+    try:
+        new_model = keras.models.clone_model(
+            model, clone_function=clone_function, recursive=True
+        )
+    except Exception as e:  # clone_model raises many types for one cause
+        raise ConversionError(
+            f"Could not rebuild model '{model.name}': {type(e).__name__}: "
+            f"{e}"
+        ) from e
+    for old, new in pairs:
+        if _sublayer_items(old):
+            # A custom layer owning sublayers (maybe BatchNormalization).
+            _mirror(new, old, swap, swapped, old.name)
+        else:
+            _copy_weights(old, new)
+    return new_model
+
+
+def _copy_weights(old, new):
+    if not old.weights:
+        return
+    old_weights = old.get_weights()
+    if len(new.weights) != len(old_weights):
+        raise ConversionError(
+            f"Layer '{old.name}' ({type(old).__name__}) rebuilt from its "
+            f"config has {len(new.weights)} weights instead of "
+            f"{len(old_weights)}: its get_config() does not describe it. "
+            "Fix get_config() of that class."
+        )
+    new.set_weights(old_weights)
+
+
+def _copy_subclassed(model):
+    """A fresh, built instance of a subclassed model (weights not copied)."""
+    try:
+        config = serialization_lib.serialize_keras_object(model)
+        with keras.saving.custom_object_scope(
+            {type(model).__name__: type(model)}
+        ):
+            new = serialization_lib.deserialize_keras_object(config)
+        if not new.built:
+            new.build_from_config(model.get_build_config())
+    except Exception as e:
+        raise ConversionError(
+            f"Subclassed model '{model.name}' ({type(model).__name__}) cannot "
+            f"be copied: {type(e).__name__}: {e}. Give the class a "
+            "get_config() (and from_config()) that recreates it, or build it "
+            "as a Functional model."
+        ) from e
+    return new
+
+
+def _sublayer_items(layer):
+    """(attribute, index or None, sublayer) for the layers `layer` holds in
+    its attributes and in lists / tuples / dicts of them."""
+    items = []
+    for attr, value in vars(layer).items():
+        if attr in ("_layers", "_tracker") or attr.startswith(("_keras", "_self_")):
+            continue
+        if isinstance(value, keras.layers.Layer):
+            items.append((attr, None, value))
+        elif isinstance(value, (list, tuple)):
+            items += [(attr, i, v) for i, v in enumerate(value)
+                      if isinstance(v, keras.layers.Layer)]
+        elif isinstance(value, dict):
+            items += [(attr, k, v) for k, v in value.items()
+                      if isinstance(v, keras.layers.Layer)]
+    return items
+
+
+def _own_variables(layer):
+    return list(layer._trainable_variables) + list(
+        layer._non_trainable_variables)
+
+
+def _mirror(new, old, swap, swapped, path):
+    """Makes `new` (a fresh copy of `old`'s class) hold `old`'s weights, with
+    the sublayers that `swap` replaces replaced, recursively."""
+    new_items = {(a, i): v for a, i, v in _sublayer_items(new)}
+    for attr, index, old_sub in _sublayer_items(old):
+        sub_path = f"{path}/{old_sub.name}"
+        new_sub = new_items.get((attr, index))
+        if new_sub is None:
+            raise ConversionError(
+                f"Layer '{path}' ({type(old).__name__}) recreated from its "
+                f"config has no sublayer at `{attr}`"
+                f"{'' if index is None else f'[{index!r}]'}, where the "
+                f"original has '{old_sub.name}'. Give the class a get_config()"
+                " that recreates its sublayers."
+            )
+        replacement = swap(old_sub)
+        if replacement is not None:
+            swapped.append(sub_path)
+        elif is_graph_model(old_sub):
+            replacement = _transform_graph_model(old_sub, swap, swapped)
+        elif type(new_sub) is not type(old_sub):
+            replacement = _clone_with_weights(old_sub)
+        else:
+            _mirror(new_sub, old_sub, swap, swapped, sub_path)
+            continue
+        _put(new, attr, index, new_sub, replacement, sub_path)
+    own_new, own_old = _own_variables(new), _own_variables(old)
+    if len(own_new) != len(own_old):
+        raise ConversionError(
+            f"Layer '{path}' ({type(old).__name__}) recreated from its config "
+            f"has {len(own_new)} variables of its own instead of "
+            f"{len(own_old)}. Fix its get_config()."
+        )
+    for a, b in zip(own_new, own_old):
+        a.assign(b)
+
+
+def _clone_with_weights(layer):
+    new = layer.__class__.from_config(layer.get_config())
+    new.build_from_config(layer.get_build_config())
+    _copy_weights(layer, new)
+    return new
+
+
+def _put(layer, attr, index, old, new, path):
+    """Replaces sublayer `old` of a (possibly built) layer by `new`."""
+    container = getattr(layer, attr)
+    if index is not None and isinstance(container, tuple):
+        raise ConversionError(
+            f"Layer '{path.rsplit('/', 1)[0]}' keeps '{old.name}' in the tuple "
+            f"attribute `{attr}`, which cannot be changed in place; use a "
+            "list."
+        )
+    tracker = getattr(layer, "_tracker", None)
+    if tracker is not None and tracker.is_in_store("layers", old):
+        tracker.replace_tracked_value("layers", old, new)
+    # Bypass Layer.__setattr__ and the tracked containers' hooks: a built
+    # layer's tracker refuses new state, and `new` now stands where `old` was.
+    if index is None:
+        object.__setattr__(layer, attr, new)
+        # TensorFlow's checkpoint tracking keeps its own name -> object map.
+        names = getattr(layer, "_self_unconditional_dependency_names", None)
+        if isinstance(names, dict) and names.get(attr) is old:
+            names[attr] = new
+    elif isinstance(container, dict):
+        dict.__setitem__(container, index, new)
+    else:
+        list.__setitem__(container, index, new)
