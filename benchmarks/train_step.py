@@ -29,11 +29,14 @@ updates, plus the (identical) Python overhead of ``train_on_batch``.
 
 After a warm-up (tracing / compilation plus a few steps), the variants are
 run round-robin: in every round each variant runs ``--steps`` timed steps
-(default 5 for the ResNet, 20 for the cheaper MLP), and
+(default 4 for the ResNet, 10 for the cheaper MLP), and
 the order of the variants rotates from round to round, so slow phases of a
 shared, noisy machine fall on all variants alike. The reported time is the
-median of all timed steps of a variant; ratios are taken against the Keras BN
-baseline of the same family and batch size, measured in the same run.
+median of all timed steps of a variant; ratios ("vs BN") are ratios of these
+medians against the Keras BN baseline of the same family and batch size,
+measured in the same run, and decide PASS / FAIL. As a noise cross-check the
+"paired" column is the median over rounds of (variant's median in that round /
+baseline's median in the same round), which cancels slow load swings.
 
 Peak memory
 -----------
@@ -235,26 +238,33 @@ def bench_family(family, batch, variants, args, log):
             f"{count_bn(models[v])} BN layers) in "
             f"{time.perf_counter() - t0:.1f}s")
 
-    steps = args.steps or {"resnet": 2 if args.quick else 5,
-                           "mlp": 5 if args.quick else 20}[family]
+    steps = args.steps or {"resnet": 2 if args.quick else 4,
+                           "mlp": 5 if args.quick else 10}[family]
     times = {v: [] for v in variants}
+    per_round = {v: [] for v in variants}
     for r in range(args.rounds):
         k = r % len(variants)
         order = variants[k:] + variants[:k]
         for v in order:
             model = models[v]
+            block = []
             for _ in range(steps):
                 t0 = time.perf_counter()
                 model.train_on_batch(x, y)  # returns numpy: synchronous
-                times[v].append(time.perf_counter() - t0)
+                block.append(time.perf_counter() - t0)
+            times[v].extend(block)
+            per_round[v].append(np.median(block))
+    base = np.asarray(per_round["keras_bn"])
+    paired = {v: float(np.median(np.asarray(per_round[v]) / base))
+              for v in variants}
 
     mem = {}
     if args.memory == "allocator":
         for v in variants:
-            # min over a few steps: other threads' transient allocations can
-            # only add to a reading, never remove from it
-            mem[v] = min(allocator_peak_step(models[v], x, y)
-                         for _ in range(3))
+            # median over a few steps: the executor's op order (and so the
+            # peak) varies a little from step to step
+            mem[v] = float(np.median([allocator_peak_step(models[v], x, y)
+                                      for _ in range(5)]))
     del models
     if args.memory == "rss":
         for v in variants:
@@ -263,7 +273,7 @@ def bench_family(family, batch, variants, args, log):
     return {v: (float(np.median(times[v])) * 1e3,
                 float(np.percentile(times[v], 25)) * 1e3,
                 float(np.percentile(times[v], 75)) * 1e3,
-                mem.get(v)) for v in variants}
+                mem.get(v), paired[v], len(times[v])) for v in variants}
 
 
 def allocator_works():
@@ -300,17 +310,17 @@ def fmt_mem(b):
 def print_table(family, batch, res, mem_label):
     base_t = res["keras_bn"][0]
     base_m = res["keras_bn"][3]
-    print(f"\n{family}  batch={batch}   (time: median ms/step [IQR]; "
-          f"memory: {mem_label})")
+    n = res["keras_bn"][5]
+    print(f"\n{family}  batch={batch}   ({n} timed steps per variant)")
     hdr = (f"{'variant':<13}{'ms/step':>9} {'[p25 - p75]':>16}{'vs BN':>8}"
-           f"{'peak MiB':>10}{'vs BN':>8}  target")
+           f"{'paired':>8}{'peak MiB':>10}{'vs BN':>8}  target (time vs BN)")
     print(hdr)
-    print("-" * (len(hdr) + 16))
-    for v, (t, p25, p75, m) in res.items():
+    print("-" * len(hdr))
+    for v, (t, p25, p75, m, pr, _) in res.items():
         mratio = (f"{m / base_m:7.2f}x" if m is not None and base_m
                   else "    n/a")
         print(f"{v:<13}{t:9.2f} {f'[{p25:.2f} - {p75:.2f}]':>16}"
-              f"{t / base_t:7.3f}x{fmt_mem(m):>10}{mratio}  "
+              f"{t / base_t:7.3f}x{pr:7.3f}x{fmt_mem(m):>10}{mratio}  "
               f"{verdict(v, t / base_t)}")
     if "keras_renorm" in res and "rc" in res:
         print(f"rc vs keras_renorm (step time): "
@@ -324,10 +334,10 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="short smoke run: 4 rounds, batch 32 only")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="round-robin rounds (default 40, quick 4)")
+                        help="round-robin rounds (default 50, quick 4)")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per variant per round (default: "
-                             "resnet 5, mlp 20; quick: resnet 2, mlp 5)")
+                             "resnet 4, mlp 10; quick: resnet 2, mlp 5)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed steps after compilation (default 10, "
                              "quick 3)")
@@ -356,7 +366,7 @@ def main(argv=None):
         return 0
 
     q = args.quick
-    args.rounds = args.rounds or (4 if q else 40)
+    args.rounds = args.rounds or (4 if q else 50)
     args.warmup = args.warmup if args.warmup is not None else (3 if q else 10)
     args.batch_sizes = args.batch_sizes or ([32] if q else [32, 64])
     variants = ["keras_bn"] + [v for v in args.variants if v != "keras_bn"]
@@ -398,6 +408,9 @@ def main(argv=None):
     log(" done")
 
     print("\n" + "=" * 78)
+    print("ms/step: median [p25 - p75] of all timed steps; vs BN: ratio of "
+          "medians;\npaired: median over rounds of per-round ratios; "
+          f"peak MiB: {mem_label}")
     for (family, batch), res in results.items():
         print_table(family, batch, res, mem_label)
     print()

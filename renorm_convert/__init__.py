@@ -1,14 +1,21 @@
 """renorm_convert: convert Keras models to Batch Renormalization, fine-tune
 them, and export them to ONNX with the normalization folded away."""
 
+from renorm_convert import convert as convert_module
+from renorm_convert import schedule
+from renorm_convert.convert import ConversionError, convert, revert
+from renorm_convert import graph
+from renorm_convert.graph import GraphError, model_graph
 from renorm_convert.layers import BatchRenormalization
 from renorm_convert.schedule import RenormSchedule
-from renorm_convert import schedule
 
-__all__ = ["BatchRenormalization", "RenormSchedule"]
+__all__ = [
+    "BatchRenormalization",
+    "ConversionError",
+    "GraphError",
+    "RenormSchedule",
+    "convert",
+    "model_graph",
+    "revert",
+]
 __version__ = "0.1.0"
-
-from renorm_convert.graph import model_graph  # noqa: E402
-from renorm_convert.convert import convert, revert  # noqa: E402
-
-__all__ += ["model_graph", "convert", "revert"]

@@ -21,6 +21,13 @@ class ConversionError(ValueError):
     """A model or layer cannot be converted; the message names it and why."""
 
 
+def _brief(error, limit=240):
+    """An exception as one short line, for messages that embed it."""
+    text = " ".join(str(error).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(error).__name__}: {text}"
+
+
 def _is_plain_bn(layer):
     return isinstance(layer, keras.layers.BatchNormalization) and not isinstance(
         layer, BatchRenormalization
@@ -140,8 +147,7 @@ def _transform_graph_model(model, swap, swapped):
         )
     except Exception as e:  # clone_model raises many types for one cause
         raise ConversionError(
-            f"Could not rebuild model '{model.name}': {type(e).__name__}: "
-            f"{e}"
+            f"Could not rebuild model '{model.name}': {_brief(e)}"
         ) from e
     for old, new in pairs:
         if _sublayer_items(old):
@@ -179,7 +185,7 @@ def _copy_subclassed(model):
     except Exception as e:
         raise ConversionError(
             f"Subclassed model '{model.name}' ({type(model).__name__}) cannot "
-            f"be copied: {type(e).__name__}: {e}. Give the class a "
+            f"be copied ({_brief(e)}). Give the class a "
             "get_config() (and from_config()) that recreates it, or build it "
             "as a Functional model."
         ) from e

@@ -79,7 +79,6 @@ def model_graph(model):
             "contain subclassed layers) can be walked."
         )
     graph = nx.MultiDiGraph(name=model.name)
-    calls = {}
     sources = {}
     for i, tensor in enumerate(functional.inputs):
         layer = tensor._keras_history.operation
@@ -89,50 +88,119 @@ def model_graph(model):
                        path=layer.name, call=0, kind="input", inputs=[],
                        input_index=i)
         sources[id(tensor)] = (node_id, 0)
-    outputs = _walk(functional, "", graph, sources, calls)
+
+    def visit(site, args, kwargs):
+        inputs = [site.sources[id(t)] for t in site.node.input_tensors]
+        graph.add_node(site.node_id, layer=site.layer, layer_id=id(site.layer),
+                       class_name=type(site.layer).__name__,
+                       name=site.layer.name, path=site.path, call=site.call,
+                       kind="layer", inputs=[src for src, _ in inputs])
+        for index, ((src, out_index), tensor) in enumerate(
+            zip(inputs, site.node.input_tensors)
+        ):
+            graph.add_edge(src, site.node_id, input_index=index,
+                           output_index=out_index, shape=tuple(tensor.shape))
+        return [(site.node_id, i) for i in range(len(site.node.outputs))]
+
+    outputs = walk_calls(functional, sources, visit)
     graph.graph["outputs"] = outputs
     for index, (node_id, _) in enumerate(outputs):
         graph.nodes[node_id].setdefault("output_index", index)
     return graph
 
 
-def _walk(functional, prefix, graph, sources, calls):
-    """Adds the calls of `functional` to `graph`; returns its outputs'
-    (node id, output index) pairs. `sources` maps id(KerasTensor) of this
-    model's inputs to the pairs that produce them."""
+class CallSite:
+    """One call of a leaf layer met while walking a model."""
+
+    __slots__ = ("layer", "node", "path", "call", "node_id", "sources")
+
+    def __init__(self, layer, node, path, call, sources):
+        self.layer = layer
+        self.node = node
+        self.path = path
+        self.call = call
+        self.node_id = path if call == 0 else f"{path}#{call}"
+        self.sources = sources
+
+
+def walk_calls(model, sources, visit):
+    """Walks the leaf-layer calls of a Functional / Sequential model in
+    execution order, nested models expanded; returns the values of its
+    outputs.
+
+    `sources` maps id(KerasTensor) of the model's inputs to values of any
+    kind; `visit(site, args, kwargs)` receives a `CallSite` and the call's
+    arguments with every KerasTensor replaced by its value, and returns one
+    value per output of the call. `model_graph` walks with node ids as
+    values, `rebuild` with new tensors.
+    """
+    functional = _functional_of(model)
+    calls = {}
+    return _walk(functional, "", sources, calls, visit)
+
+
+def _walk(functional, prefix, sources, calls, visit):
     for depth in sorted(functional._nodes_by_depth, reverse=True):
-        for node in functional._nodes_by_depth[depth]:
+        # Within a depth, take each layer's calls in the order they were
+        # made, so that `call` numbers follow the model's code.
+        nodes = sorted(functional._nodes_by_depth[depth], key=_call_order)
+        for node in nodes:
             op = node.operation
             if op is None or node.is_input:
                 continue
-            inputs = [sources[id(t)] for t in node.input_tensors]
             inner = _functional_of_safe(op)
             if inner is not None:
                 inner_sources = {
-                    id(t): src for t, src in zip(inner.inputs, inputs)
+                    id(t): sources[id(s)]
+                    for t, s in zip(inner.inputs, node.input_tensors)
                 }
-                inner_outputs = _walk(inner, f"{prefix}{op.name}/", graph,
-                                      inner_sources, calls)
-                for tensor, src in zip(node.outputs, inner_outputs):
-                    sources[id(tensor)] = src
+                inner_outputs = _walk(inner, f"{prefix}{op.name}/",
+                                      inner_sources, calls, visit)
+                for tensor, value in zip(node.outputs, inner_outputs):
+                    sources[id(tensor)] = value
                 continue
             call = calls.get(id(op), 0)
             calls[id(op)] = call + 1
-            path = prefix + op.name
-            node_id = path if call == 0 else f"{path}#{call}"
-            graph.add_node(node_id, layer=op, layer_id=id(op),
-                           class_name=type(op).__name__, name=op.name,
-                           path=path, call=call, kind="layer",
-                           inputs=[src for src, _ in inputs])
-            for index, ((src, out_index), tensor) in enumerate(
-                zip(inputs, node.input_tensors)
-            ):
-                graph.add_edge(src, node_id, input_index=index,
-                               output_index=out_index,
-                               shape=tuple(tensor.shape))
-            for out_index, tensor in enumerate(node.outputs):
-                sources[id(tensor)] = (node_id, out_index)
+            site = CallSite(op, node, prefix + op.name, call, sources)
+            args, kwargs = node.arguments.fill_in(sources)
+            outputs = visit(site, args, kwargs)
+            for tensor, value in zip(node.outputs, outputs):
+                sources[id(tensor)] = value
     return [sources[id(t)] for t in tree.flatten(functional.outputs)]
+
+
+def rebuild(model, visit, name=None):
+    """A new flat Functional model: `model`'s graph, nested models inlined,
+    each leaf call replaced by what `visit(site, args, kwargs)` returns (a
+    tensor or a list of tensors). Inputs keep their names, shapes and dtypes;
+    outputs keep their order."""
+    functional = _functional_of(model)
+    new_inputs = []
+    sources = {}
+    for tensor in functional.inputs:
+        layer = tensor._keras_history.operation
+        new = keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype,
+                          name=layer.name)
+        new_inputs.append(new)
+        sources[id(tensor)] = new
+
+    def wrapped(site, args, kwargs):
+        return tree.flatten(visit(site, args, kwargs))
+
+    outputs = walk_calls(functional, sources, wrapped)
+    structure = functional._outputs_struct
+    outputs = tree.pack_sequence_as(structure, outputs)
+    inputs = new_inputs[0] if len(new_inputs) == 1 else new_inputs
+    return keras.Model(inputs, outputs, name=name or model.name)
+
+
+def _call_order(node):
+    op = node.operation
+    inbound = getattr(op, "_inbound_nodes", None) or []
+    for i, other in enumerate(inbound):
+        if other is node:
+            return i
+    return 0
 
 
 def consumers(graph, node_id):

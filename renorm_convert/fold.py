@@ -1,0 +1,304 @@
+"""fold: normalization folded into the layer that produces its input.
+
+Two levels, as in PyTorch's `torch.nn.utils.fusion`: pure NumPy weight maths
+(`fold_weights`, `scale_offset`), and the model plumbing (`fold_plan`,
+`fold`) that finds each normalization layer's producer in the model graph and
+rebuilds an inference-only model without the normalization layers.
+"""
+
+import keras
+import numpy as np
+
+from renorm_convert.graph import consumers, model_graph, rebuild
+
+# Producers whose output channels are a linear function of their weights:
+# class -> (name of the kernel to scale, axis of its output channels).
+# Depthwise kernels are (..., in, multiplier): handled by `_depthwise`.
+FOLDABLE = {
+    keras.layers.Dense: ("kernel", -1),
+    keras.layers.Conv1D: ("kernel", -1),
+    keras.layers.Conv2D: ("kernel", -1),
+    keras.layers.Conv3D: ("kernel", -1),
+    keras.layers.SeparableConv1D: ("pointwise_kernel", -1),
+    keras.layers.SeparableConv2D: ("pointwise_kernel", -1),
+    keras.layers.Conv1DTranspose: ("kernel", -2),
+    keras.layers.Conv2DTranspose: ("kernel", -2),
+    keras.layers.Conv3DTranspose: ("kernel", -2),
+    keras.layers.DepthwiseConv1D: ("kernel", None),
+    keras.layers.DepthwiseConv2D: ("kernel", None),
+}
+
+
+# --- weight maths (pure NumPy) ------------------------------------------------
+
+def scale_offset(mean, variance, epsilon, gamma=None, beta=None):
+    """Inference batch norm as `y = x * scale + offset` per channel.
+
+    `gamma` None means ones (scale=False), `beta` None means zeros
+    (center=False). Computed in float64, returned as float32.
+    """
+    mean = np.asarray(mean, np.float64)
+    scale = 1.0 / np.sqrt(np.asarray(variance, np.float64) + epsilon)
+    if gamma is not None:
+        scale = scale * np.asarray(gamma, np.float64)
+    offset = -mean * scale
+    if beta is not None:
+        offset = offset + np.asarray(beta, np.float64)
+    return scale.astype(np.float32), offset.astype(np.float32)
+
+
+def fold_weights(kernel, bias, mean, variance, epsilon, gamma=None, beta=None,
+                 channel_axis=-1):
+    """Kernel and bias of a linear layer followed by inference batch norm.
+
+    `kernel`'s output channels lie along `channel_axis`; `bias` None means
+    zeros. Returns `(kernel * s, (bias - mean) * s + beta)` with
+    `s = gamma / sqrt(variance + epsilon)`, as float32.
+    """
+    scale, offset = scale_offset(mean, variance, epsilon, gamma, beta)
+    kernel = np.asarray(kernel, np.float64)
+    shape = [1] * kernel.ndim
+    shape[channel_axis] = -1
+    new_kernel = kernel * scale.astype(np.float64).reshape(shape)
+    bias = np.zeros(len(scale)) if bias is None else np.asarray(bias,
+                                                               np.float64)
+    new_bias = bias * scale.astype(np.float64) + offset.astype(np.float64)
+    return new_kernel.astype(np.float32), new_bias.astype(np.float32)
+
+
+def _depthwise(kernel, bias, mean, variance, epsilon, gamma, beta):
+    """Depthwise kernels are (..., in, multiplier); channel = i * m + j."""
+    k = np.asarray(kernel)
+    flat = k.reshape(k.shape[:-2] + (-1,))
+    new, new_bias = fold_weights(flat, bias, mean, variance, epsilon, gamma,
+                                 beta)
+    return new.reshape(k.shape), new_bias
+
+
+# --- model plumbing -------------------------------------------------------------
+
+@keras.saving.register_keras_serializable(package="renorm_convert")
+class ChannelAffine(keras.layers.Layer):
+    """`y = x * scale + offset` per channel: a normalization layer that could
+    not be folded, at inference."""
+
+    def __init__(self, axis=-1, **kwargs):
+        super().__init__(**kwargs)
+        self.axis = axis
+
+    def build(self, input_shape):
+        channels = input_shape[self.axis]
+        self.scale = self.add_weight(name="scale", shape=(channels,),
+                                     initializer="ones", trainable=False)
+        self.offset = self.add_weight(name="offset", shape=(channels,),
+                                      initializer="zeros", trainable=False)
+        self._shape = [1] * len(input_shape)
+        self._shape[self.axis] = channels
+
+    def call(self, inputs, training=None):
+        scale = keras.ops.reshape(keras.ops.cast(self.scale, inputs.dtype),
+                                  self._shape)
+        offset = keras.ops.reshape(keras.ops.cast(self.offset, inputs.dtype),
+                                   self._shape)
+        return inputs * scale + offset
+
+    def get_config(self):
+        return {**super().get_config(), "axis": self.axis}
+
+
+def _norm_weights(layer):
+    """(mean, variance, epsilon, gamma or None, beta or None) of a BN."""
+    return (
+        layer.moving_mean.numpy(),
+        layer.moving_variance.numpy(),
+        layer.epsilon,
+        layer.gamma.numpy() if layer.scale else None,
+        layer.beta.numpy() if layer.center else None,
+    )
+
+
+def _channel_axis(layer, ndim):
+    if isinstance(layer, keras.layers.Dense):
+        return ndim - 1
+    if getattr(layer, "data_format", "channels_last") == "channels_first":
+        return 1
+    return ndim - 1
+
+
+def _unfoldable_reason(graph, node_id, calls_of):
+    """Why the normalization call `node_id` cannot be folded, or None.
+
+    A layer called several times (a shared layer, or one inside a submodel
+    called several times) folds only when every call reads the same producer
+    and that producer feeds nothing else in any of its calls.
+    """
+    data = graph.nodes[node_id]
+    layer = data["layer"]
+    producer_id = data["inputs"][0]
+    for other in calls_of[data["layer_id"]]:
+        other_producer = graph.nodes[graph.nodes[other]["inputs"][0]]
+        if other_producer["layer_id"] != graph.nodes[producer_id]["layer_id"]:
+            return "the normalization layer is shared by calls on " \
+                   "different inputs"
+    producer = graph.nodes[producer_id]
+    player = producer["layer"]
+    if producer["kind"] == "input":
+        return "its input is a model input"
+    if type(player) not in FOLDABLE:
+        return f"its input comes from {producer['class_name']} " \
+               f"'{producer['path']}', not a Conv or Dense layer"
+    if player.activation is not keras.activations.linear:
+        return f"'{producer['path']}' has a non-linear activation"
+    for call in calls_of[producer["layer_id"]]:
+        fed = consumers(graph, call)
+        if len(fed) != 1 or graph.nodes.get(fed[0], {}).get(
+                "layer_id") != data["layer_id"]:
+            return f"the output of '{producer['path']}' has other consumers"
+    ndim = len(next(iter(graph.in_edges(node_id, data=True)))[2]["shape"])
+    if layer.axis % ndim != _channel_axis(player, ndim):
+        return f"it normalizes axis {layer.axis}, not the channels of " \
+               f"'{producer['path']}'"
+    if getattr(player.dtype_policy, "quantization_mode", None) is not None:
+        return f"'{producer['path']}' is quantized"
+    return None
+
+
+def fold_plan(model, graph=None):
+    """Which normalization calls can be folded, into what.
+
+    Returns a list of dicts, one per normalization layer in graph order
+    (its first call; a layer called several times folds in all calls or
+    none), with
+    `path`, `producer` (the path of the layer producing its input), `layer`,
+    `producer_layer`, `foldable` and `reason` (None when foldable).
+    """
+    graph = model_graph(model) if graph is None else graph
+    calls_of = {}
+    for node_id, d in graph.nodes(data=True):
+        calls_of.setdefault(d["layer_id"], []).append(node_id)
+    plan = []
+    seen = set()
+    for node_id in graph.nodes:
+        data = graph.nodes[node_id]
+        if not isinstance(data["layer"], keras.layers.BatchNormalization):
+            continue
+        if data["layer_id"] in seen:
+            continue  # a layer called several times is planned once
+        seen.add(data["layer_id"])
+        producer_id = data["inputs"][0]
+        reason = _unfoldable_reason(graph, node_id, calls_of)
+        plan.append({
+            "node": node_id,
+            "path": data["path"],
+            "layer": data["layer"],
+            "producer": graph.nodes[producer_id]["path"],
+            "producer_layer": graph.nodes[producer_id]["layer"],
+            "channels": int(data["layer"].moving_mean.shape[0]),
+            "foldable": reason is None,
+            "reason": reason,
+        })
+    return plan
+
+
+def _folded_producer(player, name, norm):
+    """A copy of `player` named `name` with `norm` folded into its weights
+    (to assign once built)."""
+    config = player.get_config()
+    config["name"] = name
+    config["use_bias"] = True
+    config["bias_initializer"] = "zeros"
+    config["bias_regularizer"] = None
+    config["bias_constraint"] = None
+    new = type(player).from_config(config)
+    weights = {v.path.split("/")[-1]: v.numpy() for v in player.weights}
+    kernel_name, axis = FOLDABLE[type(player)]
+    stats = _norm_weights(norm)
+    if axis is None:
+        kernel, bias = _depthwise(weights[kernel_name], weights.get("bias"),
+                                  *stats)
+    else:
+        kernel, bias = fold_weights(weights[kernel_name], weights.get("bias"),
+                                    *stats, channel_axis=axis)
+    weights[kernel_name] = kernel
+    weights["bias"] = bias
+    return new, weights
+
+
+def _affine(norm, name):
+    new = ChannelAffine(axis=norm.axis, name=name)
+    scale, offset = scale_offset(*_norm_weights(norm))
+    return new, {"scale": scale, "offset": offset}
+
+
+def fold(model):
+    """An inference-only copy of `model` with its normalization folded.
+
+    Every BatchNormalization or BatchRenormalization whose input comes only
+    from a linear Conv*/Dense layer (and feeds nothing else) is folded into
+    that layer's kernel and bias (a bias is added if it had none); any other
+    normalization becomes one `ChannelAffine` (per-channel scale and offset).
+    Nested models are inlined. The input model is not modified.
+
+    Returns:
+        The folded `keras.Model`, with `folded` (paths of the folded layers)
+        and `unfolded` (path -> reason) attributes.
+    """
+    graph = model_graph(model)
+    plan = fold_plan(model, graph)
+    folded_norms = {id(p["layer"]): p for p in plan if p["foldable"]}
+    producers = {id(p["producer_layer"]): p for p in plan if p["foldable"]}
+    clones = {}
+    pending = []
+    used_names = set()
+
+    def clone(site):
+        layer = site.layer
+        if id(layer) in clones:
+            return clones[id(layer)]
+        if not isinstance(layer, keras.layers.Layer):
+            clones[id(layer)] = layer  # a stateless keras.ops operation
+            return layer
+        # Inlined submodels may repeat names; a flat model needs unique ones.
+        name = layer.name
+        if name in used_names:
+            name = site.path.replace("/", "_")
+        used_names.add(name)
+        if id(layer) in producers:
+            new, weights = _folded_producer(layer, name,
+                                            producers[id(layer)]["layer"])
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            new, weights = _affine(layer, name)
+        else:
+            config = layer.get_config()
+            config["name"] = name
+            new = type(layer).from_config(config)
+            weights = layer.get_weights() if layer.weights else None
+        clones[id(layer)] = new
+        if weights is not None:
+            pending.append((new, weights, layer))
+        return new
+
+    def visit(site, args, kwargs):
+        if id(site.layer) in folded_norms:
+            return args[0]
+        if isinstance(site.layer, keras.layers.BatchNormalization):
+            kwargs.pop("training", None)
+            kwargs.pop("mask", None)
+        return clone(site)(*args, **kwargs)
+
+    new_model = rebuild(model, visit)
+    for new, weights, old in pending:
+        if isinstance(weights, dict):
+            for v in new.weights:
+                v.assign(weights[v.path.split("/")[-1]])
+        else:
+            if len(new.weights) != len(weights):
+                raise ValueError(
+                    f"Layer '{old.name}' ({type(old).__name__}) rebuilt from "
+                    "its config has different weights; fix its get_config()."
+                )
+            new.set_weights(weights)
+    new_model.folded = [p["path"] for p in plan if p["foldable"]]
+    new_model.unfolded = {p["path"]: p["reason"] for p in plan
+                          if not p["foldable"]}
+    return new_model

@@ -1,0 +1,261 @@
+"""convert / revert: inference parity on real architectures and custom models."""
+
+import keras
+import numpy as np
+import pytest
+
+import renorm_convert as rc
+from helpers import (max_rel_diff, nested_model, randomize_statistics,
+                     sample_inputs, weights_snapshot)
+
+TOL = 1e-5
+
+APPS = [
+    ("InceptionV3", (75, 75, 3), 94),
+    ("ResNet50", (32, 32, 3), 53),
+    ("MobileNetV2", (32, 32, 3), 52),
+    pytest.param("DenseNet121", (32, 32, 3), 121, marks=pytest.mark.slow),
+    pytest.param("EfficientNetB0", (32, 32, 3), 49, marks=pytest.mark.slow),
+    pytest.param("NASNetMobile", (32, 32, 3), 192, marks=pytest.mark.slow),
+]
+
+
+def _count(model, cls):
+    return sum(type(l) is cls for l in
+               model._flatten_layers(include_self=False, recursive=True))
+
+
+def _check_parity(model, expected_converted=None, x=None, **options):
+    randomize_statistics(model, seed=1)
+    x = sample_inputs(model) if x is None else x
+    before = weights_snapshot(model)
+    reference = model(x, training=False)
+    converted = rc.convert(model, **options)
+    assert max_rel_diff(reference, converted(x, training=False)) <= TOL
+    bn = keras.layers.BatchNormalization
+    assert _count(converted, bn) == 0
+    n = _count(converted, rc.BatchRenormalization)
+    assert n == len(converted.renorm_converted) == _count(model, bn)
+    if expected_converted is not None:
+        assert n == expected_converted
+    reverted = rc.revert(converted)
+    assert _count(reverted, rc.BatchRenormalization) == 0
+    assert max_rel_diff(reference, reverted(x, training=False)) <= TOL
+    # The input model is untouched: same weights, same layer classes.
+    after = weights_snapshot(model)
+    assert before.keys() == after.keys()
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+    assert _count(model, rc.BatchRenormalization) == 0
+    return converted, x
+
+
+@pytest.mark.parametrize("name,shape,n_bn", APPS)
+def test_keras_applications_parity(name, shape, n_bn):
+    model = getattr(keras.applications, name)(weights=None, input_shape=shape,
+                                              classes=10)
+    converted, _ = _check_parity(model, n_bn)
+    assert [t.name for t in converted.inputs] == [t.name for t in model.inputs]
+    assert len(converted.weights) == len(model.weights) + 3 * n_bn
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_nested_shared_multi_io_parity(channels_first):
+    model = nested_model(channels_first)
+    converted, x = _check_parity(model)
+    # 5 BN calls of 5 layers: the shared one stays one shared layer.
+    assert sorted(converted.renorm_converted) == [
+        "inner_bn", "join_bn", "seq_bn", "seq_bn2", "shared_bn"]
+    shared = converted.get_layer("shared_bn")
+    assert isinstance(shared, rc.BatchRenormalization)
+    assert len(shared._inbound_nodes) == 2
+    assert [t.name for t in converted.inputs] == ["image_a", "image_b"]
+    assert converted.output_names == model.output_names
+    assert not converted.get_layer("frozen_dense").trainable
+    seq_bn = converted.get_layer("seq").get_layer("seq_bn")
+    assert not seq_bn.center and seq_bn.scale
+    assert seq_bn.axis == model.get_layer("seq").get_layer("seq_bn").axis
+    assert converted.get_layer("inner").get_layer("inner_bn").axis == (
+        1 if channels_first else -1)
+
+
+def test_training_mode_with_r_max_1_d_max_0_is_the_original():
+    model = nested_model()
+    randomize_statistics(model, seed=2)
+    x = sample_inputs(model, batch=8)
+    converted = rc.convert(model, r_max=1.0, d_max=0.0)
+    clone = rc.revert(rc.convert(model))  # a copy of the original
+    for _ in range(3):
+        ours = converted(x, training=True)
+        theirs = clone(x, training=True)
+        assert max_rel_diff(theirs, ours) <= 1e-5
+    # The moving means were updated alike (renorm, as Keras's, averages the
+    # stddev rather than the variance, so moving_variance differs slightly).
+    bn = clone.get_layer("join_bn")
+    rn = converted.get_layer("join_bn")
+    np.testing.assert_allclose(rn.moving_mean, bn.moving_mean, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_convert_twice_changes_nothing():
+    model = nested_model()
+    randomize_statistics(model)
+    once = rc.convert(model, r_max=2.0)
+    twice = rc.convert(once)
+    assert twice.renorm_converted == []
+    assert _count(twice, rc.BatchRenormalization) == 5
+    a, b = weights_snapshot(once), weights_snapshot(twice)
+    assert sorted(v.shape for v in a.values()) == sorted(
+        v.shape for v in b.values())
+    for va, vb in zip(once.weights, twice.weights):
+        np.testing.assert_array_equal(va.numpy(), vb.numpy())
+    assert twice.get_layer("join_bn").r_max == 2.0
+
+
+def test_include_exclude_and_options():
+    model = nested_model()
+    randomize_statistics(model)
+    only = rc.convert(model, include=r"^(join|shared)_bn$", microbatch_size=2,
+                      renorm_momentum=0.9, r_max=1.5, d_max=0.5)
+    assert sorted(only.renorm_converted) == ["join_bn", "shared_bn"]
+    layer = only.get_layer("join_bn")
+    assert (layer.microbatch_size, layer.renorm_momentum, layer.r_max,
+            layer.d_max) == (2, 0.9, 1.5, 0.5)
+    assert type(only.get_layer("inner").get_layer("inner_bn")) is (
+        keras.layers.BatchNormalization)
+    rest = rc.convert(model, exclude="seq")
+    assert sorted(rest.renorm_converted) == ["inner_bn", "join_bn",
+                                             "shared_bn"]
+    with pytest.raises(ValueError, match="include"):
+        rc.convert(model, include="(")
+    with pytest.raises(ValueError, match="r_max=0.5"):
+        rc.convert(model, r_max=0.5)
+
+
+def test_synchronized_and_keras_renorm_are_kept():
+    inputs = keras.Input((4,))
+    x = keras.layers.BatchNormalization(synchronized=True, name="sync")(inputs)
+    x = keras.layers.BatchNormalization(
+        renorm=True, renorm_clipping={"rmax": 2.0, "rmin": 0.5, "dmax": 1.0},
+        name="keras_renorm")(x)
+    model = keras.Model(inputs, x)
+    randomize_statistics(model)
+    converted, _ = _check_parity(model)
+    assert converted.get_layer("sync").synchronized
+    native = converted.get_layer("keras_renorm")
+    assert (native.r_max, native.d_max) == (2.0, 1.0)
+    np.testing.assert_array_equal(
+        native.renorm_stddev, model.get_layer("keras_renorm").renorm_stddev)
+
+
+def test_sequential_model():
+    model = keras.Sequential([
+        keras.Input((10,)),
+        keras.layers.Dense(8),
+        keras.layers.BatchNormalization(),
+        keras.layers.Dense(3),
+    ])
+    converted, _ = _check_parity(model, 1)
+    assert isinstance(converted, keras.Sequential)
+
+
+class Block(keras.layers.Layer):
+    """A custom layer owning BatchNormalization sublayers."""
+
+    def __init__(self, units=6, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.dense = keras.layers.Dense(units)
+        self.norms = [keras.layers.BatchNormalization(),
+                      keras.layers.BatchNormalization(center=False)]
+
+    def call(self, x, training=None):
+        x = self.norms[0](self.dense(x), training=training)
+        return self.norms[1](x, training=training)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+class Subclassed(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.block = Block(8)
+        self.bn = keras.layers.BatchNormalization()
+        self.head = keras.layers.Dense(2)
+
+    def call(self, x, training=None):
+        return self.head(self.bn(self.block(x, training=training),
+                                 training=training))
+
+
+def test_custom_layer_with_bn_sublayers_in_functional_model():
+    inputs = keras.Input((5,))
+    outputs = keras.layers.Dense(2)(Block(name="block")(inputs))
+    model = keras.Model(inputs, outputs)
+    converted, _ = _check_parity(model, 2)
+    block = converted.get_layer("block")
+    assert all(isinstance(n, rc.BatchRenormalization) for n in block.norms)
+    assert len(converted.trainable_weights) == len(model.trainable_weights)
+
+
+def test_subclassed_model():
+    model = Subclassed()
+    model(np.zeros((2, 5), "float32"))
+    x = np.random.default_rng(0).normal(size=(4, 5)).astype("float32")
+    converted, _ = _check_parity(model, 3, x=x)
+    assert type(converted) is Subclassed
+    assert isinstance(converted.bn, rc.BatchRenormalization)
+    assert isinstance(converted.block.norms[1], rc.BatchRenormalization)
+
+
+class Opaque(keras.Model):
+    """No get_config: cannot be recreated."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.bn = keras.layers.BatchNormalization()
+        self.dense = keras.layers.Dense(width)
+
+    def call(self, x):
+        return self.dense(self.bn(x))
+
+
+def test_subclassed_model_that_cannot_be_copied_says_why():
+    model = Opaque(3)
+    model(np.zeros((2, 4), "float32"))
+    with pytest.raises(rc.convert_module.ConversionError,
+                       match=r"'opaque'.*\(Opaque\).*get_config"):
+        rc.convert(model)
+
+
+def test_unbuilt_model_says_so():
+    model = keras.Sequential([keras.layers.Dense(2),
+                              keras.layers.BatchNormalization()])
+    with pytest.raises(ValueError, match="not built"):
+        rc.convert(model)
+
+
+def test_keras2_h5_model_converts(tmp_path):
+    import tf_keras
+
+    inputs = tf_keras.Input((6, 6, 2))
+    x = tf_keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    x = tf_keras.layers.BatchNormalization(name="bn", scale=False)(x)
+    x = tf_keras.layers.Activation("relu")(x)
+    x = tf_keras.layers.Flatten()(x)
+    outputs = tf_keras.layers.Dense(3, name="dense")(x)
+    old = tf_keras.Model(inputs, outputs)
+    rng = np.random.default_rng(0)
+    bn = old.get_layer("bn")
+    bn.set_weights([rng.uniform(-1, 1, 4).astype("float32"),
+                    rng.uniform(-1, 1, 4).astype("float32"),
+                    rng.uniform(0.5, 2, 4).astype("float32")])
+    path = tmp_path / "keras2.h5"
+    old.save(path)
+    x = rng.normal(size=(3, 6, 6, 2)).astype("float32")
+    expected = old.predict(x, verbose=0)
+    loaded = keras.models.load_model(path, compile=False)
+    converted = rc.convert(loaded)
+    assert converted.renorm_converted == ["bn"]
+    assert max_rel_diff(expected, converted(x, training=False)) <= TOL
