@@ -19,3 +19,9 @@ __all__ = [
     "revert",
 ]
 __version__ = "0.1.0"
+
+from renorm_convert.fold import ChannelAffine, fold  # noqa: E402
+from renorm_convert.export import ExportError, ExportReport, export_onnx  # noqa: E402
+
+__all__ += ["ChannelAffine", "fold", "ExportError", "ExportReport",
+            "export_onnx"]

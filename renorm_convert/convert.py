@@ -13,7 +13,7 @@ import re
 import keras
 from keras.src.saving import serialization_lib
 
-from renorm_convert.graph import is_graph_model
+from renorm_convert.graph import clone_layer, is_graph_model
 from renorm_convert.layers import BatchRenormalization
 
 
@@ -137,13 +137,23 @@ def _transform_graph_model(model, swap, swapped):
         if replacement is not None:
             swapped.append(layer.name)
             return replacement
-        new = layer.__class__.from_config(layer.get_config())
+        new = clone_layer(layer)
         pairs.append((layer, new))
         return new
 
+    input_tensors = None
+    if not isinstance(model, keras.Sequential):
+        # clone_model names new inputs after the input tensors; keep the
+        # input layers' names, which are what users and exporters see.
+        input_tensors = keras.tree.map_structure(
+            lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype,
+                                  name=t._keras_history.operation.name),
+            model.input,
+        )
     try:
         new_model = keras.models.clone_model(
-            model, clone_function=clone_function, recursive=True
+            model, clone_function=clone_function, recursive=True,
+            input_tensors=input_tensors,
         )
     except Exception as e:  # clone_model raises many types for one cause
         raise ConversionError(
@@ -253,7 +263,7 @@ def _mirror(new, old, swap, swapped, path):
 
 
 def _clone_with_weights(layer):
-    new = layer.__class__.from_config(layer.get_config())
+    new = clone_layer(layer)
     new.build_from_config(layer.get_build_config())
     _copy_weights(layer, new)
     return new

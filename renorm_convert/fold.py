@@ -9,7 +9,7 @@ rebuilds an inference-only model without the normalization layers.
 import keras
 import numpy as np
 
-from renorm_convert.graph import consumers, model_graph, rebuild
+from renorm_convert.graph import clone_layer, consumers, model_graph, rebuild
 
 # Producers whose output channels are a linear function of their weights:
 # class -> (name of the kernel to scale, axis of its output channels).
@@ -203,13 +203,9 @@ def fold_plan(model, graph=None):
 def _folded_producer(player, name, norm):
     """A copy of `player` named `name` with `norm` folded into its weights
     (to assign once built)."""
-    config = player.get_config()
-    config["name"] = name
-    config["use_bias"] = True
-    config["bias_initializer"] = "zeros"
-    config["bias_regularizer"] = None
-    config["bias_constraint"] = None
-    new = type(player).from_config(config)
+    new = clone_layer(player, name=name, use_bias=True,
+                      bias_initializer="zeros", bias_regularizer=None,
+                      bias_constraint=None)
     weights = {v.path.split("/")[-1]: v.numpy() for v in player.weights}
     kernel_name, axis = FOLDABLE[type(player)]
     stats = _norm_weights(norm)
@@ -269,9 +265,7 @@ def fold(model):
         elif isinstance(layer, keras.layers.BatchNormalization):
             new, weights = _affine(layer, name)
         else:
-            config = layer.get_config()
-            config["name"] = name
-            new = type(layer).from_config(config)
+            new = clone_layer(layer, name=name)
             weights = layer.get_weights() if layer.weights else None
         clones[id(layer)] = new
         if weights is not None:

@@ -13,6 +13,20 @@ import keras
 import networkx as nx
 from keras.src import tree
 from keras.src.models.functional import Functional
+from keras.src.saving.serialization_lib import SafeModeScope
+
+
+def clone_layer(layer, **overrides):
+    """A new, unbuilt layer from `layer`'s config (with `overrides`).
+
+    The layer is already in memory, so recreating it runs no code that is
+    not already running: Keras's safe mode (which refuses to deserialize a
+    Lambda's Python code from files) is lifted for this copy only.
+    """
+    config = layer.get_config()
+    config.update(overrides)
+    with SafeModeScope(False):
+        return type(layer).from_config(config)
 
 
 class GraphError(ValueError):

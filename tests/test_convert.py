@@ -55,7 +55,10 @@ def test_keras_applications_parity(name, shape, n_bn):
     model = getattr(keras.applications, name)(weights=None, input_shape=shape,
                                               classes=10)
     converted, _ = _check_parity(model, n_bn)
-    assert [t.name for t in converted.inputs] == [t.name for t in model.inputs]
+    def names(m):
+        return [t._keras_history.operation.name for t in m.inputs]
+
+    assert names(converted) == names(model) == names(rc.revert(converted))
     assert len(converted.weights) == len(model.weights) + 3 * n_bn
 
 

@@ -1,0 +1,221 @@
+"""export_onnx: fold, convert with tf2onnx, write atomically, verify with
+onnxruntime.
+
+tf2onnx is the established TensorFlow -> ONNX converter (Keras's own
+`model.export(format="onnx")` uses it). It never emits an ONNX
+BatchNormalization: it lowers normalization to Mul / Add and folds those into a
+Conv only while that Conv has no bias, so trained models keep a Mul and an Add
+per normalization. Folding in Keras first (`fold`) leaves nothing to lower.
+"""
+
+import collections
+import dataclasses
+import os
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from renorm_convert.fold import fold
+
+
+class ExportError(ValueError):
+    """The model cannot be exported; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class ExportReport:
+    """What `export_onnx` wrote and measured."""
+
+    path: str
+    opset: int
+    folded: int
+    unfolded: dict
+    op_counts: dict
+    max_abs_diff: float = None
+    output_scale: float = None
+    file_size: int = 0
+    input_names: list = dataclasses.field(default_factory=list)
+    output_names: list = dataclasses.field(default_factory=list)
+
+    @property
+    def relative_diff(self):
+        if self.max_abs_diff is None:
+            return None
+        return self.max_abs_diff / max(self.output_scale or 0.0, 1e-12)
+
+    def as_dict(self):
+        return {**dataclasses.asdict(self), "relative_diff": self.relative_diff}
+
+
+def _input_specs(model):
+    specs = []
+    for tensor in model.inputs:
+        shape = (None,) + tuple(tensor.shape[1:])
+        name = tensor._keras_history.operation.name
+        specs.append(tf.TensorSpec(shape, tensor.dtype, name=name))
+    return specs
+
+
+def _rename(onnx_model, old, new):
+    """Renames a graph value everywhere it is used."""
+    if old == new:
+        return
+    graph = onnx_model.graph
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+    for value in list(graph.input) + list(graph.output) + list(
+            graph.value_info):
+        if value.name == old:
+            value.name = new
+
+
+def op_counts(onnx_model):
+    """ONNX op type -> number of nodes."""
+    return dict(sorted(collections.Counter(
+        node.op_type for node in onnx_model.graph.node).items()))
+
+
+def to_onnx(model, opset=None):
+    """The ONNX ModelProto of `model` as it stands (no folding), with the
+    Keras input and output names and a dynamic batch dimension."""
+    import tf2onnx
+    from keras.src.export.tf2onnx_lib import patch_tf2onnx
+
+    specs = _input_specs(model)
+    single = len(specs) == 1
+
+    @tf.function(input_signature=specs)
+    def serve(*inputs):
+        outputs = model(inputs[0] if single else list(inputs), training=False)
+        return outputs
+
+    patch_tf2onnx()  # Keras's own fix for tf2onnx under NumPy 2
+    try:
+        onnx_model, _ = tf2onnx.convert.from_function(
+            serve, input_signature=specs, opset=opset)
+    except Exception as e:
+        text = " ".join(str(e).split())[:300]
+        raise ExportError(
+            f"tf2onnx could not convert model '{model.name}': "
+            f"{type(e).__name__}: {text}. Try another --opset, or replace the "
+            "layer whose op it names."
+        ) from e
+    _check_ops(onnx_model, model.name)
+    for value, spec in zip(onnx_model.graph.input, specs):
+        _rename(onnx_model, value.name, spec.name)
+    for value, name in zip(list(onnx_model.graph.output), model.output_names):
+        _rename(onnx_model, value.name, name)
+    return onnx_model
+
+
+def _check_ops(onnx_model, name):
+    """tf2onnx keeps a TensorFlow op it cannot convert as a node of that
+    name, which no runtime can run: refuse the file, naming the op."""
+    import onnx
+
+    bad = [
+        node for node in onnx_model.graph.node
+        if not onnx.defs.has(node.op_type, node.domain)
+        and node.domain in ("", "ai.onnx")
+    ]
+    if bad:
+        ops = sorted({n.op_type for n in bad})
+        where = bad[0].name.rsplit("/", 1)[0]
+        raise ExportError(
+            f"tf2onnx cannot convert the TensorFlow op(s) {', '.join(ops)} of "
+            f"model '{name}' (first at '{where}'); replace the layer that "
+            "uses it, or try another --opset."
+        )
+
+
+def _write_atomically(onnx_model, path):
+    directory = os.path.dirname(os.path.abspath(path)) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(onnx_model.SerializeToString())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def sample_inputs(model, batch=4, seed=0):
+    """Random inputs of the model's shape (every unknown size but the batch
+    must be known)."""
+    rng = np.random.default_rng(seed)
+    xs = []
+    for tensor in model.inputs:
+        dims = tuple(tensor.shape[1:])
+        if any(d is None for d in dims):
+            raise ExportError(
+                f"Input '{tensor.name}' has unknown dimensions {dims}; give "
+                "the model a fixed input shape to verify it, or export with "
+                "verify=False."
+            )
+        x = rng.normal(size=(batch,) + dims)
+        xs.append(x.astype(keras.backend.standardize_dtype(tensor.dtype)))
+    return xs
+
+
+def run_onnx(path, inputs, optimize=True):
+    """Runs an ONNX file in onnxruntime on the CPU; returns its outputs."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = (
+            ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    session = ort.InferenceSession(path, options,
+                                   providers=["CPUExecutionProvider"])
+    feed = {i.name: x for i, x in zip(session.get_inputs(), inputs)}
+    return session.run(None, feed)
+
+
+def export_onnx(model, path, *, opset=None, verify=True):
+    """Exports `model` to ONNX with its normalization folded.
+
+    Folds every normalization layer it can into the producing Conv / Dense
+    layer (`fold`), converts with tf2onnx, keeps the input and output names,
+    leaves the batch dimension dynamic, and writes `path` atomically (nothing
+    is left behind on failure). With `verify`, runs the file in onnxruntime
+    on random inputs and compares with the Keras model's inference output.
+
+    Args:
+        model: A Keras model (BatchNormalization or BatchRenormalization
+            layers, nested models, several inputs / outputs).
+        path: Where to write the `.onnx` file.
+        opset: ONNX opset; tf2onnx's default when None.
+        verify: Compare onnxruntime's output with Keras's.
+
+    Returns:
+        An `ExportReport`.
+    """
+    import onnx  # noqa: F401  (fail here, clearly, if it is missing)
+
+    folded = fold(model)
+    onnx_model = to_onnx(folded, opset=opset)
+    _write_atomically(onnx_model, path)
+    report = ExportReport(
+        path=str(path),
+        opset=int(onnx_model.opset_import[0].version),
+        folded=len(folded.folded),
+        unfolded=dict(folded.unfolded),
+        op_counts=op_counts(onnx_model),
+        file_size=os.path.getsize(path),
+        input_names=[i.name for i in onnx_model.graph.input],
+        output_names=[o.name for o in onnx_model.graph.output],
+    )
+    if verify:
+        xs = sample_inputs(model)
+        expected = model(xs[0] if len(xs) == 1 else xs, training=False)
+        expected = [np.asarray(e) for e in keras.tree.flatten(expected)]
+        got = run_onnx(str(path), xs)
+        report.max_abs_diff = max(
+            float(np.abs(e - g).max()) for e, g in zip(expected, got))
+        report.output_scale = max(float(np.abs(e).max()) for e in expected)
+    return report

@@ -1,0 +1,236 @@
+"""fold and export_onnx: NumPy references, parity, onnxruntime, op counts."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import renorm_convert as rc
+from helpers import max_rel_diff, nested_model, randomize_statistics, sample_inputs
+from renorm_convert.export import op_counts, run_onnx, to_onnx
+from renorm_convert.fold import fold_weights, scale_offset
+
+
+def test_fold_weights_matches_numpy_dense_then_batchnorm():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 5))
+    kernel, bias = rng.normal(size=(5, 3)), rng.normal(size=3)
+    mean, var = rng.normal(size=3), rng.uniform(0.1, 2, 3)
+    gamma, beta, eps = rng.normal(size=3), rng.normal(size=3), 1e-3
+    reference = (x @ kernel + bias - mean) / np.sqrt(var + eps) * gamma + beta
+    k, b = fold_weights(kernel, bias, mean, var, eps, gamma, beta)
+    np.testing.assert_allclose(x @ k + b, reference, rtol=1e-5, atol=1e-5)
+    # Missing gamma / beta / bias are ones / zeros.
+    reference = (x @ kernel - mean) / np.sqrt(var + eps)
+    k, b = fold_weights(kernel, None, mean, var, eps)
+    np.testing.assert_allclose(x @ k + b, reference, rtol=1e-5, atol=1e-5)
+    s, o = scale_offset(mean, var, eps, None, beta)
+    np.testing.assert_allclose(x[:, :3] * s + o,
+                               (x[:, :3] - mean) / np.sqrt(var + eps) + beta,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_fold_weights_transposed_axis():
+    rng = np.random.default_rng(1)
+    kernel = rng.normal(size=(3, 3, 4, 2))  # (..., out, in)
+    mean, var = rng.normal(size=4), rng.uniform(0.5, 2, 4)
+    k, _ = fold_weights(kernel, None, mean, var, 1e-3, channel_axis=-2)
+    expected = kernel / np.sqrt(var + 1e-3)[None, None, :, None]
+    np.testing.assert_allclose(k, expected, rtol=1e-6)
+
+
+def _producer_model(producer, shape, axis=-1, center=True, scale=True):
+    inputs = keras.Input(shape)
+    x = producer(inputs)
+    x = keras.layers.BatchNormalization(axis=axis, center=center,
+                                        scale=scale)(x)
+    return keras.Model(inputs, keras.layers.Activation("relu")(x))
+
+
+PRODUCERS = [
+    (lambda: keras.layers.Dense(6), (5,), -1),
+    (lambda: keras.layers.Dense(6, use_bias=False), (4, 5), -1),
+    (lambda: keras.layers.Conv1D(6, 3), (9, 2), -1),
+    (lambda: keras.layers.Conv2D(6, 3), (8, 8, 2), -1),
+    # Output width 7 != 6 channels: Keras 3.15's ops.add takes a (1, C, 1, 1)
+    # bias for channels-last when the last size equals C (its BiasAdd
+    # shortcut), which breaks channels-first Conv biases in Keras itself.
+    (lambda: keras.layers.Conv2D(6, 3, data_format="channels_first"),
+     (2, 9, 9), 1),
+    (lambda: keras.layers.Conv3D(4, 2), (5, 5, 5, 2), -1),
+    (lambda: keras.layers.DepthwiseConv2D(3, depth_multiplier=2), (8, 8, 3), -1),
+    (lambda: keras.layers.DepthwiseConv1D(3, use_bias=False), (9, 3), -1),
+    (lambda: keras.layers.SeparableConv1D(5, 3), (9, 3), -1),
+    (lambda: keras.layers.SeparableConv2D(5, 3, depth_multiplier=2),
+     (8, 8, 3), -1),
+    (lambda: keras.layers.Conv2DTranspose(4, 3, strides=2), (5, 5, 3), -1),
+    (lambda: keras.layers.Conv1DTranspose(4, 3), (6, 3), -1),
+]
+
+
+@pytest.mark.parametrize("make,shape,axis", PRODUCERS)
+@pytest.mark.parametrize("renorm", [False, True])
+def test_fold_each_producer(make, shape, axis, renorm):
+    model = _producer_model(make(), shape, axis)
+    if renorm:
+        model = rc.convert(model)
+    randomize_statistics(model, seed=3)
+    folded = rc.fold(model)
+    assert len(folded.folded) == 1 and folded.unfolded == {}
+    assert not any(isinstance(l, (keras.layers.BatchNormalization,
+                                  rc.ChannelAffine)) for l in folded.layers)
+    x = sample_inputs(model, batch=3)
+    assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("center,scale", [(False, True), (True, False),
+                                          (False, False)])
+def test_fold_without_gamma_or_beta(center, scale):
+    model = _producer_model(keras.layers.Conv2D(4, 3, use_bias=False),
+                            (6, 6, 2), center=center, scale=scale)
+    randomize_statistics(model, seed=4)
+    folded = rc.fold(model)
+    assert len(folded.folded) == 1
+    x = sample_inputs(model)
+    assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
+
+
+def test_unfoldable_cases_become_channel_affine():
+    inputs = keras.Input((6, 6, 3))
+    a = keras.layers.BatchNormalization(name="bn_input")(inputs)
+    c = keras.layers.Conv2D(4, 3, name="conv_shared_out")(a)
+    b1 = keras.layers.BatchNormalization(name="bn_two_consumers")(c)
+    side = keras.layers.ReLU(name="side")(c)
+    r = keras.layers.Conv2D(4, 3, activation="relu", name="conv_relu")(b1)
+    b2 = keras.layers.BatchNormalization(name="bn_after_relu_conv")(r)
+    side = keras.layers.Conv2D(4, 3, name="side_conv")(side)
+    cat = keras.layers.Concatenate(name="cat")([b2, side])
+    b3 = keras.layers.BatchNormalization(name="bn_after_concat")(cat)
+    model = keras.Model(inputs, b3)
+    randomize_statistics(model, seed=5)
+    folded = rc.fold(rc.convert(model))
+    assert folded.folded == []
+    assert set(folded.unfolded) == {"bn_input", "bn_two_consumers",
+                                    "bn_after_relu_conv", "bn_after_concat"}
+    assert "model input" in folded.unfolded["bn_input"]
+    assert "other consumers" in folded.unfolded["bn_two_consumers"]
+    assert "non-linear activation" in folded.unfolded["bn_after_relu_conv"]
+    assert "Concatenate" in folded.unfolded["bn_after_concat"]
+    assert sum(isinstance(l, rc.ChannelAffine) for l in folded.layers) == 4
+    x = sample_inputs(model)
+    assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
+
+
+def test_fold_nested_shared_model():
+    model = rc.convert(nested_model(channels_first=True))
+    randomize_statistics(model, seed=6)
+    folded = rc.fold(model)
+    # inner_bn folds in both calls of the inner model; seq's two BN fold.
+    assert sorted(folded.folded) == ["inner/inner_bn", "seq/seq_bn",
+                                     "seq/seq_bn2"]
+    x = sample_inputs(model)
+    assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
+    assert [t._keras_history.operation.name for t in folded.inputs] == [
+        "image_a", "image_b"]
+
+
+def _conv_net(separable=False):
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = inputs
+    for i, filters in enumerate((8, 16)):
+        if separable and i:
+            x = keras.layers.SeparableConv2D(filters, 3, padding="same")(x)
+        else:
+            x = keras.layers.Conv2D(filters, 3, padding="same")(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(4, name="logits")(x)
+    return keras.Model(inputs, outputs)
+
+
+def _zero_conv_biases(model):
+    for v in model.weights:
+        if v.path.endswith("/bias") and not v.path.startswith(
+                ("logits", "predictions")):
+            v.assign(np.zeros(v.shape, "float32"))
+
+
+def _assert_no_normalization_left(ours, reference):
+    """Same ops as tf2onnx's export of bias-free BN convolutions, except the
+    Mul / Add tf2onnx leaves after depthwise convolutions (MobileNetV2)."""
+    assert "BatchNormalization" not in ours
+    assert ours.get("Mul", 0) == 0
+    assert {k: v for k, v in ours.items() if k not in ("Mul", "Add")} == {
+        k: v for k, v in reference.items() if k not in ("Mul", "Add")}
+    left = reference.get("Mul", 0)
+    assert ours.get("Add", 0) == reference.get("Add", 0) - left
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _conv_net(),
+    lambda: _conv_net(separable=True),
+    lambda: keras.applications.MobileNetV2(weights=None, alpha=0.35,
+                                           input_shape=(32, 32, 3), classes=5),
+])
+def test_export_matches_plain_export_op_counts(tmp_path, make):
+    original = make()
+    randomize_statistics(original, seed=7)
+    _zero_conv_biases(original)
+    # tf2onnx folds BN into bias-free convolutions itself: the reference.
+    reference = op_counts(to_onnx(original))
+    converted = rc.convert(original)
+    report = rc.export_onnx(converted, tmp_path / "m.onnx")
+    _assert_no_normalization_left(report.op_counts, reference)
+    assert "BatchNormalization" not in report.op_counts
+    assert report.unfolded == {}
+    assert report.relative_diff <= 1e-4
+    assert report.folded == len(converted.renorm_converted)
+    # Once convolutions have biases (any training gives them), a plain
+    # export keeps a Mul and an Add per normalization; ours does not change.
+    randomize_statistics(converted, seed=8)
+    plain = op_counts(to_onnx(converted))
+    assert plain.get("Mul", 0) > 0 == report.op_counts.get("Mul", 0)
+    again = rc.export_onnx(converted, tmp_path / "m2.onnx")
+    assert again.op_counts == report.op_counts
+    assert again.relative_diff <= 1e-4
+
+
+def test_export_names_dynamic_batch_and_several_outputs(tmp_path):
+    model = rc.convert(nested_model())
+    randomize_statistics(model, seed=9)
+    path = tmp_path / "nested.onnx"
+    report = rc.export_onnx(model, path)
+    assert report.input_names == ["image_a", "image_b"]
+    assert report.output_names == ["probs", "score"]
+    assert report.relative_diff <= 1e-4
+    assert report.file_size == os.path.getsize(path)
+    # The batch dimension is dynamic: run at another batch size.
+    xs = sample_inputs(model, batch=7, seed=2)
+    got = run_onnx(str(path), xs)
+    assert max_rel_diff(model(xs, training=False), got) <= 1e-4
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_export_of_unconvertible_op_says_which_and_leaves_no_file(tmp_path):
+    import tensorflow as tf
+
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(4)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    # tf2onnx has no conversion for Igamma and keeps it as an unknown op.
+    x = keras.layers.Lambda(lambda t: tf.math.igamma(tf.abs(t) + 1.0, 2.0),
+                            output_shape=(4,), name="gamma_fn")(x)
+    model = keras.Model(inputs, x)
+    path = tmp_path / "igamma.onnx"
+    with pytest.raises(rc.ExportError, match="Igamma.*gamma_fn"):
+        rc.export_onnx(model, path)
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_to_missing_directory_leaves_nothing(tmp_path):
+    model = _conv_net()
+    with pytest.raises(OSError):
+        rc.export_onnx(model, tmp_path / "missing" / "m.onnx")
+    assert os.listdir(tmp_path) == []
