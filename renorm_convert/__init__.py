@@ -1,13 +1,17 @@
 """renorm_convert: convert Keras models to Batch Renormalization, fine-tune
 them, and export them to ONNX with the normalization folded away."""
 
-from renorm_convert import convert as convert_module
-from renorm_convert import schedule
-from renorm_convert.convert import ConversionError, convert, revert
-from renorm_convert import graph
-from renorm_convert.graph import GraphError, model_graph
-from renorm_convert.layers import BatchRenormalization
-from renorm_convert.schedule import RenormSchedule
+from renorm_convert._logs import filtered_stderr
+
+with filtered_stderr():
+    import tensorflow  # noqa: F401  (its native start-up logs, filtered)
+
+from renorm_convert import convert as convert_module  # noqa: E402
+from renorm_convert import graph, schedule  # noqa: E402
+from renorm_convert.convert import ConversionError, convert, revert  # noqa: E402
+from renorm_convert.graph import GraphError, model_graph  # noqa: E402
+from renorm_convert.layers import BatchRenormalization  # noqa: E402
+from renorm_convert.schedule import RenormSchedule  # noqa: E402
 
 __all__ = [
     "BatchRenormalization",

@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import os
 import tempfile
+import warnings
 
 import keras
 import numpy as np
@@ -92,7 +93,9 @@ def to_onnx(model, opset=None):
         outputs = model(inputs[0] if single else list(inputs), training=False)
         return outputs
 
-    patch_tf2onnx()  # Keras's own fix for tf2onnx under NumPy 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        patch_tf2onnx()  # Keras's own fix for tf2onnx under NumPy 2
     try:
         onnx_model, _ = tf2onnx.convert.from_function(
             serve, input_signature=specs, opset=opset)

@@ -1,0 +1,144 @@
+"""Loading and saving models for the command line: clear errors for bad files,
+atomic writes, inputs never overwritten."""
+
+import importlib
+import inspect
+import os
+import tempfile
+import zipfile
+
+import keras
+
+MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+
+
+class UsageError(ValueError):
+    """Bad input from the user: the message says what and how to fix it."""
+
+
+def import_custom_objects(modules):
+    """Imports each `module.path` (which registers its classes) and returns
+    the Keras layers, models and functions it defines, by class name."""
+    objects = {}
+    for name in modules or ():
+        try:
+            module = importlib.import_module(name)
+        except Exception as e:
+            raise UsageError(
+                f"--custom-objects {name}: cannot import it ({type(e).__name__}"
+                f": {e}). Give an importable module path (on PYTHONPATH)."
+            ) from None
+        for attr, value in vars(module).items():
+            if inspect.isclass(value) and issubclass(
+                value, (keras.layers.Layer, keras.losses.Loss,
+                        keras.metrics.Metric)):
+                objects[attr] = value
+    return objects
+
+
+def load(path, *, safe_mode=True, custom_objects=None):
+    """Loads a `.keras` or Keras-2 `.h5` model, with a one-line UsageError
+    for every way the file can be wrong."""
+    path = str(path)
+    if not os.path.exists(path):
+        raise UsageError(f"{path}: no such file.")
+    if os.path.isdir(path):
+        raise UsageError(
+            f"{path}: is a directory; give a .keras or .h5 model file "
+            "(a SavedModel directory can be re-saved with model.save('m.keras'))."
+        )
+    if not path.lower().endswith(MODEL_SUFFIXES):
+        raise UsageError(
+            f"{path}: not a Keras model file; expected a name ending in "
+            f"{', '.join(MODEL_SUFFIXES)}."
+        )
+    if path.lower().endswith(".keras") and not zipfile.is_zipfile(path):
+        raise UsageError(
+            f"{path}: not a valid .keras file (it is not a complete zip "
+            "archive: truncated or corrupted). Save the model again."
+        )
+    try:
+        with keras.saving.custom_object_scope(custom_objects or {}):
+            model = keras.models.load_model(path, compile=False,
+                                            safe_mode=safe_mode)
+    except Exception as e:
+        raise UsageError(_explain_load_error(path, e)) from None
+    if not isinstance(model, keras.Model):
+        raise UsageError(f"{path}: holds a {type(model).__name__}, not a model.")
+    return model
+
+
+def _explain_load_error(path, error):
+    text = " ".join(str(error).split())
+    if "Lambda" in text and "safe_mode" in text:
+        return (
+            f"{path}: has a Lambda layer whose Python code would run on "
+            "loading; refused in safe mode. Pass --unsafe if you trust the file."
+        )
+    if "Could not locate" in text or "Unknown layer" in text or (
+            "custom" in text.lower() and "class" in text.lower()):
+        cls = _class_name_in(text)
+        return (
+            f"{path}: uses the class {cls}, which is not registered. Pass "
+            "--custom-objects your.module (a module that defines it, "
+            "decorated with @keras.saving.register_keras_serializable())."
+        )
+    if isinstance(error, (OSError, zipfile.BadZipFile, EOFError)) or any(
+            w in text for w in ("truncated", "signature", "Unable to open",
+                                "Unable to synchronously open", "BadZipFile",
+                                "not a zip", "File is not")):
+        return (
+            f"{path}: cannot be read as a Keras model (truncated or corrupted "
+            f"file: {text[:160]})."
+        )
+    return f"{path}: cannot be loaded as a Keras model ({type(error).__name__}: {text[:200]})."
+
+
+def _class_name_in(text):
+    for marker in ("class '", "class_name': '", "layer: '", "Could not locate class '"):
+        if marker in text:
+            return "'" + text.split(marker, 1)[1].split("'", 1)[0] + "'"
+    return "(see the model's config)"
+
+
+def check_output(output, inputs, suffixes):
+    """Refuses an output path that is an input, has the wrong suffix, or lies
+    in a directory that does not exist."""
+    output = str(output)
+    if not output.lower().endswith(suffixes):
+        raise UsageError(
+            f"-o {output}: the output name must end in {' or '.join(suffixes)}."
+        )
+    for path in inputs:
+        if os.path.exists(output) and os.path.exists(path) and os.path.samefile(
+                output, path):
+            raise UsageError(
+                f"-o {output}: is the input file; give another output path "
+                "(inputs are never overwritten)."
+            )
+    directory = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(directory):
+        raise UsageError(
+            f"-o {output}: the directory {directory} does not exist; create "
+            "it first."
+        )
+    if not os.access(directory, os.W_OK):
+        raise UsageError(f"-o {output}: the directory {directory} is not writable.")
+
+
+def save_atomically(model, path):
+    """Saves `model` to `path` through a temporary file in the same
+    directory, so that `path` is either the old file or the whole new one."""
+    path = str(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    suffix = os.path.splitext(path)[1] or ".keras"
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        os.unlink(tmp)  # Keras refuses to overwrite without asking
+        model.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

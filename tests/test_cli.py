@@ -1,0 +1,149 @@
+"""The command line: every subcommand, and one-line errors with exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+import renorm_convert as rc
+from helpers import nested_model, randomize_statistics
+from renorm_convert.cli import main
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    model = nested_model()
+    randomize_statistics(model, seed=1)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    return path
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_json(model_file, capsys):
+    code, out, _ = _run(capsys, "inspect", model_file, "--json")
+    assert code == 0
+    data = json.loads(out)
+    paths = {row["path"]: row for row in data["layers"]}
+    assert set(paths) == {"inner/inner_bn", "shared_bn", "join_bn",
+                          "seq/seq_bn", "seq/seq_bn2"}
+    assert paths["inner/inner_bn"]["producer"] == "inner/inner_conv"
+    assert paths["inner/inner_bn"]["foldable"]
+    assert paths["join_bn"]["channels"] == 8
+    assert not paths["join_bn"]["foldable"]
+    assert data["totals"]["foldable"] == 3
+    code, out, _ = _run(capsys, "inspect", model_file)
+    assert code == 0 and "5 normalization layers" in out
+
+
+def test_convert_revert_export(model_file, tmp_path, capsys):
+    out_path = tmp_path / "renorm.keras"
+    code, out, _ = _run(capsys, "convert", model_file, "-o", out_path,
+                        "--r-max", "2", "--microbatch", "4")
+    assert code == 0, out
+    assert "converted 5 BatchNormalization" in out
+    assert "inference parity" in out
+    converted = keras.models.load_model(out_path)
+    layer = converted.get_layer("join_bn")
+    assert isinstance(layer, rc.BatchRenormalization)
+    assert (layer.r_max, layer.microbatch_size) == (2.0, 4)
+    original = keras.models.load_model(model_file)
+    x = [np.ones((2, 8, 8, 3), "float32")] * 2
+    for a, b in zip(original(x), converted(x)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    back = tmp_path / "back.keras"
+    code, out, _ = _run(capsys, "revert", out_path, "-o", back)
+    assert code == 0 and "reverted 5 layers" in out
+
+    onnx_path = tmp_path / "model.onnx"
+    code, out, _ = _run(capsys, "export", out_path, "-o", onnx_path)
+    assert code == 0, out
+    assert "folded 3 normalization layers" in out
+    assert "onnxruntime vs Keras" in out
+    assert onnx_path.exists()
+
+
+def _one_line_error(capsys, argv, match):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2, (out, err)
+    lines = [l for l in err.splitlines() if not l.startswith("[renorm")]
+    assert len(lines) == 1, err
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+def test_bad_inputs(model_file, tmp_path, capsys):
+    out = tmp_path / "out.keras"
+    _one_line_error(capsys, ["convert", tmp_path / "missing.keras", "-o", out],
+                    "no such file")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    _one_line_error(capsys, ["convert", text, "-o", out], "not a Keras model")
+    truncated = tmp_path / "truncated.keras"
+    truncated.write_bytes(model_file.read_bytes()[:2000])
+    _one_line_error(capsys, ["convert", truncated, "-o", out],
+                    "truncated or corrupted")
+    fake_h5 = tmp_path / "fake.h5"
+    fake_h5.write_bytes(b"\x89HDF\r\n" + b"\0" * 100)
+    _one_line_error(capsys, ["inspect", fake_h5], "corrupted")
+    _one_line_error(capsys, ["convert", model_file, "-o", model_file],
+                    "is the input file")
+    _one_line_error(capsys, ["convert", model_file, "-o",
+                             tmp_path / "nodir" / "x.keras"], "does not exist")
+    _one_line_error(capsys, ["convert", model_file, "-o", out, "--r-max",
+                             "0.5"], "r_max=0.5")
+    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    plain_path = tmp_path / "plain.keras"
+    plain.save(plain_path)
+    _one_line_error(capsys, ["convert", plain_path, "-o", out],
+                    "no BatchNormalization")
+    assert not out.exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["model.keras", "notes.txt", "truncated.keras", "fake.h5",
+         "plain.keras"])
+
+
+@keras.saving.register_keras_serializable(package="cli_test")
+class Doubler(keras.layers.Layer):
+    def call(self, x):
+        return 2 * x
+
+
+def test_unknown_custom_layer_and_lambda(tmp_path, capsys):
+    inputs = keras.Input((3,))
+    x = keras.layers.BatchNormalization()(Doubler()(inputs))
+    path = tmp_path / "custom.keras"
+    keras.Model(inputs, x).save(path)
+    keras.saving.get_custom_objects().pop("cli_test>Doubler")
+    _one_line_error(capsys, ["inspect", path], "--custom-objects")
+    keras.saving.get_custom_objects()["cli_test>Doubler"] = Doubler
+
+    inputs = keras.Input((3,))
+    x = keras.layers.Lambda(lambda t: t + 1)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    lam = tmp_path / "lambda.keras"
+    keras.Model(inputs, x).save(lam)
+    _one_line_error(capsys, ["inspect", lam], "--unsafe")
+    code, out, err = _run(capsys, "convert", lam, "-o",
+                          tmp_path / "lam_out.keras", "--unsafe")
+    assert code == 0 and "warning: --unsafe" in err
+
+
+def test_help_explains_each_command():
+    for command in ("inspect", "convert", "revert", "export"):
+        result = subprocess.run(
+            [sys.executable, "-m", "renorm_convert.cli", command, "--help"],
+            capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0
+        assert "usage: renorm-convert " + command in result.stdout
+        assert len(result.stdout.splitlines()) > 5
