@@ -107,6 +107,25 @@ def revert(model):
     return _transform(model, swap, "renorm_reverted")
 
 
+def copy_model(model):
+    """A copy of `model` with the same layers, weights and statistics
+    (e.g. to re-create it inside a `tf.distribute` strategy scope)."""
+    return _transform(model, lambda layer: None, "copied")
+
+
+def recast(model, dtype_policy):
+    """A copy of `model` whose layers compute under `dtype_policy`
+    (e.g. "mixed_float16"); weights and statistics stay float32."""
+    policy = keras.dtype_policies.get(dtype_policy)
+
+    def swap(layer):
+        if isinstance(layer, keras.layers.InputLayer) or is_graph_model(layer):
+            return None
+        return _clone_with_weights(layer, dtype=policy)
+
+    return _transform(model, swap, "recast")
+
+
 def _transform(model, swap, record):
     if not isinstance(model, keras.Model):
         raise ConversionError(
@@ -262,10 +281,13 @@ def _mirror(new, old, swap, swapped, path):
         a.assign(b)
 
 
-def _clone_with_weights(layer):
-    new = clone_layer(layer)
-    new.build_from_config(layer.get_build_config())
-    _copy_weights(layer, new)
+def _clone_with_weights(layer, **overrides):
+    new = clone_layer(layer, **overrides)
+    build_config = layer.get_build_config()
+    if build_config:
+        new.build_from_config(build_config)
+    if layer.weights:
+        _copy_weights(layer, new)
     return new
 
 

@@ -142,3 +142,18 @@ def save_atomically(model, path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_atomically(path, payload):
+    """Writes bytes to `path` through a temporary file and a rename."""
+    path = str(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

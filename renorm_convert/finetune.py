@@ -1,0 +1,441 @@
+"""fine_tune: train a converted model with the renorm schedule, microbatches,
+non-i.i.d. batches, mixed precision, XLA, tf.distribute, and resume."""
+
+import csv
+import io as _io
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from renorm_convert import data as data_lib
+from renorm_convert.convert import copy_model, recast
+from renorm_convert.io import write_atomically
+from renorm_convert.schedule import RenormSchedule, renorm_layers
+
+PRECISIONS = {"float16": "mixed_float16", "bfloat16": "mixed_bfloat16",
+              "mixed_float16": "mixed_float16",
+              "mixed_bfloat16": "mixed_bfloat16"}
+
+
+class FineTuneError(ValueError):
+    """Bad fine-tuning arguments: the message says what and how to fix it."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; `model` holds the last good weights."""
+
+    def __init__(self, message, model, history):
+        super().__init__(message)
+        self.model = model
+        self.history = history
+
+
+def use_gpu_memory_growth():
+    """Lets TensorFlow grow GPU memory as needed (several processes can then
+    share a GPU); returns the GPUs found."""
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass  # already initialised: the setting is fixed by now
+    return gpus
+
+
+def make_strategy(strategy):
+    """None, a tf.distribute.Strategy, or "mirrored" / "multi-worker"."""
+    if strategy is None or isinstance(strategy, tf.distribute.Strategy):
+        return strategy
+    if strategy == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if strategy == "multi-worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise FineTuneError(
+                "strategy 'multi-worker' needs TF_CONFIG describing the "
+                "cluster and this worker's index (see README).")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise FineTuneError(f"unknown strategy {strategy!r}: use None, 'mirrored' "
+                        "or 'multi-worker'.")
+
+
+def _output_is_probability(model):
+    layer = model.layers[-1]
+    activation = getattr(layer, "activation", None)
+    return activation is keras.activations.softmax or (
+        getattr(activation, "__name__", "") == "softmax")
+
+
+def replace_head(model, num_classes):
+    """A model whose last Dense layer is a new one with `num_classes` units
+    (same activation), for fine-tuning on another label set."""
+    last = model.layers[-1]
+    if len(model.outputs) != 1 or not isinstance(last, keras.layers.Dense):
+        raise FineTuneError(
+            f"head={num_classes}: model '{model.name}' does not end in one "
+            "Dense layer to replace; give it a head yourself.")
+    features = last.input
+    new = keras.layers.Dense(num_classes, activation=last.activation,
+                             name=f"{last.name}_head{num_classes}")
+    return keras.Model(model.inputs, new(features), name=model.name)
+
+
+def _is_norm(layer):
+    return isinstance(layer, keras.layers.BatchNormalization)
+
+
+def freeze_all_but_normalization(model):
+    """Trains only normalization parameters (Frankle et al., "Training
+    BatchNorm and only BatchNorm"); returns how many layers stay trainable."""
+    count = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if list(layer._flatten_layers(include_self=False, recursive=False)):
+            continue  # containers follow their leaves
+        layer.trainable = _is_norm(layer)
+        count += int(_is_norm(layer))
+    return count
+
+
+def gradient_report(model, x, y, loss):
+    """Mean absolute gradient of normalization parameters and of the other
+    weights, per layer type, on one batch (as in the "Yet Another Batch
+    Norm Analysis" report)."""
+    variables = model.trainable_variables
+    with tf.GradientTape() as tape:
+        pred = model(x, training=True)
+        value = loss(y, pred)
+    grads = tape.gradient(value, variables)
+    owner = {}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        for v in layer.trainable_variables:
+            owner.setdefault(id(v), layer)
+    sums = {}
+    for v, g in zip(variables, grads):
+        if g is None:
+            continue
+        layer = owner.get(id(v))
+        kind = type(layer).__name__ if layer is not None else "?"
+        group = "normalization" if _is_norm(layer) else "other"
+        key = (group, kind, v.path.split("/")[-1])
+        s = sums.setdefault(key, [0.0, 0])
+        s[0] += float(tf.reduce_sum(tf.abs(tf.cast(g, tf.float32))))
+        s[1] += int(np.prod(g.shape))
+    rows = [{"group": k[0], "layer_type": k[1], "weight": k[2],
+             "mean_abs_grad": total / max(n, 1), "count": n}
+            for k, (total, n) in sorted(sums.items())]
+    by_group = {}
+    for r in rows:
+        t = by_group.setdefault(r["group"], [0.0, 0])
+        t[0] += r["mean_abs_grad"] * r["count"]
+        t[1] += r["count"]
+    summary = {g: t[0] / max(t[1], 1) for g, t in by_group.items()}
+    return {"rows": rows, "summary": summary}
+
+
+class StepLog(keras.callbacks.Callback):
+    """Records loss, metrics and the clipping bounds at every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = []
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        row = {"step": int(self.model.optimizer.iterations.numpy()),
+               "epoch": self.epoch}
+        row.update({k: float(v) for k, v in (logs or {}).items()
+                    if np.ndim(v) == 0})
+        self.steps.append(row)
+
+
+class NanGuard(keras.callbacks.Callback):
+    """Stops at the first non-finite loss and puts back the weights of the
+    last epoch that ended well (or of the start)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tripped_at = None
+        self._good = None
+        self.good_epoch = None
+
+    def on_train_begin(self, logs=None):
+        self._good = [v.numpy() for v in self.model.variables]
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.tripped_at is None:
+            self._good = [v.numpy() for v in self.model.variables]
+            self.good_epoch = epoch + 1
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.tripped_at = int(self.model.optimizer.iterations.numpy())
+            self.model.stop_training = True
+            for v, value in zip(self.model.variables, self._good):
+                v.assign(value)
+
+
+def _prepare_model(model, *, head, train_only, microbatch_size, precision):
+    if precision is not None:
+        if precision not in PRECISIONS:
+            raise FineTuneError(f"mixed_precision={precision!r}: use 'float16' "
+                                "or 'bfloat16'.")
+        model = recast(model, PRECISIONS[precision])
+    else:
+        model = copy_model(model)
+    if head is not None:
+        model = replace_head(model, int(head))
+    if microbatch_size is not None:
+        for layer in renorm_layers(model):
+            layer.microbatch_size = int(microbatch_size)
+    if train_only == "norm":
+        if freeze_all_but_normalization(model) == 0:
+            raise FineTuneError("train_only='norm': the model has no "
+                                "normalization layer.")
+    elif train_only is not None:
+        raise FineTuneError(f"train_only={train_only!r}: only 'norm' is "
+                            "supported.")
+    return model
+
+
+def _optimizer(name, learning_rate):
+    try:
+        return keras.optimizers.get({"class_name": name,
+                                     "config": {"learning_rate": learning_rate}})
+    except ValueError:
+        raise FineTuneError(
+            f"unknown optimizer {name!r}: use a Keras optimizer name such as "
+            "rmsprop (the paper's), adam, sgd or adamw.") from None
+
+
+def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
+              optimizer="adam", learning_rate=1e-3, head=None,
+              train_only=None, schedule="auto", microbatch_size=None,
+              non_iid_classes=None, scaling="unit", mixed_precision=None,
+              jit_compile=False, strategy=None, checkpoint_dir=None,
+              history_path=None, plot=None, tensorboard_dir=None,
+              gradient_report_path=None, callbacks=(), seed=0,
+              verbose="auto"):
+    """Fine-tunes a (converted) model; returns Keras's History.
+
+    Args:
+        model: A Keras model, usually from `convert`. It is not modified: the
+            model trained is a copy, at `history.trained_model`.
+        train: A `data.Split` (its validation part is used unless
+            `validation` is given), or a `tf.data.Dataset` of batches.
+        validation: A `data.Split` or `tf.data.Dataset`, or None.
+        epochs, batch_size: As in `fit` (batch_size for Splits).
+        optimizer, learning_rate: A Keras optimizer name (e.g. "rmsprop", as
+            in the paper, or "adam") and its learning rate.
+        head: Replace the last Dense layer by one with this many classes.
+        train_only: "norm" trains only the normalization parameters.
+        schedule: "auto" (`RenormSchedule.for_run` over this run's steps), a
+            `RenormSchedule`, or None (keep the layers' r_max / d_max).
+        microbatch_size: Set on every BatchRenormalization layer.
+        non_iid_classes: K: each batch holds K classes, batch_size / K
+            examples each (the paper's Figure 3).
+        scaling: How images are scaled ("unit", "symmetric", "raw").
+        mixed_precision: "float16" or "bfloat16" (statistics stay float32).
+        jit_compile: Compile the train step with XLA.
+        strategy: None, "mirrored", "multi-worker" or a tf.distribute
+            strategy.
+        checkpoint_dir: Resume from / back up to this directory
+            (`keras.callbacks.BackupAndRestore`).
+        history_path: Write the history as PATH.csv (per epoch),
+            PATH.steps.csv (per step) and PATH.json.
+        plot: Write a PNG of the curves here.
+        tensorboard_dir: Write TensorBoard logs here.
+        gradient_report_path: Write the gradient diagnostics (JSON) here.
+        callbacks: More Keras callbacks.
+        seed: Seeds weights of new layers, data order and dropout.
+
+    Raises:
+        NonFiniteLoss: the loss became NaN / inf; the exception holds the
+            model with the last good weights.
+    """
+    use_gpu_memory_growth()
+    keras.utils.set_random_seed(seed)
+    strategy = make_strategy(strategy)
+    scope = strategy.scope() if strategy is not None else _NullScope()
+    with scope:
+        model = _prepare_model(model, head=head, train_only=train_only,
+                               microbatch_size=microbatch_size,
+                               precision=mixed_precision)
+        train_ds, steps, val_ds, sample = _datasets(
+            model, train, validation, batch_size=batch_size, epochs=epochs,
+            seed=seed, non_iid_classes=non_iid_classes, scaling=scaling,
+            head=head)
+        probabilities = _output_is_probability(model)
+        loss = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=not probabilities)
+        model.compile(optimizer=_optimizer(optimizer, learning_rate),
+                      loss=loss, metrics=["accuracy"],
+                      jit_compile=bool(jit_compile))
+    total = steps * epochs
+    if schedule == "auto":
+        schedule = RenormSchedule.for_run(max(total, 1))
+    all_callbacks = []
+    if schedule is not None and renorm_layers(model):
+        all_callbacks.append(schedule)
+    step_log, guard = StepLog(), NanGuard()
+    all_callbacks += [step_log, guard]
+    if checkpoint_dir:
+        all_callbacks.append(keras.callbacks.BackupAndRestore(
+            checkpoint_dir, delete_checkpoint=True))
+    if tensorboard_dir:
+        all_callbacks.append(keras.callbacks.TensorBoard(tensorboard_dir))
+    all_callbacks += list(callbacks)
+    report = None
+    if gradient_report_path:
+        report = gradient_report(model, sample[0], sample[1], loss)
+        write_atomically(gradient_report_path,
+                         json.dumps(report, indent=2).encode())
+    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
+                        steps_per_epoch=steps, callbacks=all_callbacks,
+                        verbose=verbose, shuffle=False)
+    history.trained_model = model
+    history.steps = step_log.steps
+    history.gradient_report = report
+    if history_path:
+        write_history(history, history_path)
+    if plot:
+        plot_history(history, plot)
+    if guard.tripped_at is not None:
+        kept = (f"the weights after epoch {guard.good_epoch}"
+                if guard.good_epoch else "the starting weights")
+        raise NonFiniteLoss(
+            f"the loss became NaN or infinite at step {guard.tripped_at}; "
+            f"training stopped and the model keeps {kept}. Lower the learning "
+            "rate, or lengthen the schedule's warm-up.", model, history)
+    return history
+
+
+class _NullScope:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _datasets(model, train, validation, *, batch_size, epochs, seed,
+              non_iid_classes, scaling, head):
+    if isinstance(train, tf.data.Dataset):
+        steps = int(train.cardinality().numpy())
+        if steps < 1:
+            raise FineTuneError("the training dataset must have a known, "
+                                "finite number of batches.")
+        sample = next(iter(train))
+        return train.repeat(epochs), steps, validation, sample
+    if not isinstance(train, data_lib.Split):
+        raise FineTuneError(
+            "train must be a renorm_convert.data.Split or a tf.data.Dataset; "
+            f"got {type(train).__name__}.")
+    shape = data_lib.model_image_shape(model)
+    outputs = int(model.outputs[0].shape[-1])
+    classes = train.num_classes if head is None else int(head)
+    if max(train.y_train.max(), train.y_val.max()) >= outputs:
+        raise FineTuneError(
+            f"labels go up to {int(max(train.y_train.max(), train.y_val.max()))}"
+            f" but the model has {outputs} outputs; pass head={classes} to "
+            "replace the classification head.")
+    train_ds, steps = data_lib.training_dataset(
+        train, shape, batch_size, epochs=epochs, seed=seed,
+        non_iid_classes=non_iid_classes, scaling=scaling)
+    val = validation if validation is not None else train
+    val_ds = val if isinstance(val, tf.data.Dataset) else (
+        data_lib.evaluation_dataset(val, shape, scaling=scaling)
+        if len(val.y_val) else None)
+    sample = next(iter(train_ds))
+    return train_ds, steps, val_ds, sample
+
+
+def write_history(history, path):
+    """PATH.csv (per epoch), PATH.steps.csv (per step) and PATH.json."""
+    base = str(path)
+    for suffix in (".csv", ".json"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    epochs = history.history
+    keys = list(epochs)
+    rows = [{"epoch": i + 1, **{k: epochs[k][i] for k in keys}}
+            for i in range(len(epochs.get("loss", [])))]
+    write_atomically(base + ".csv", _csv(rows))
+    write_atomically(base + ".steps.csv", _csv(getattr(history, "steps", [])))
+    payload = {"epochs": rows, "steps": getattr(history, "steps", [])}
+    write_atomically(base + ".json", json.dumps(payload, indent=1).encode())
+
+
+def _csv(rows):
+    buffer = _io.StringIO()
+    if rows:
+        fields = []
+        for r in rows:
+            fields += [k for k in r if k not in fields]
+        writer = csv.DictWriter(buffer, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def plot_history(history, path, title=None):
+    """A PNG of training loss / accuracy per step, validation accuracy per
+    epoch, and r_max / d_max per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = getattr(history, "steps", [])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    if steps:
+        x = [s["step"] for s in steps]
+        axes[0].plot(x, [s.get("loss") for s in steps], lw=0.8)
+        axes[0].set(xlabel="step", ylabel="training loss (running mean in epoch)")
+        axes[2].plot(x, [s.get("r_max", 1.0) for s in steps], label="r_max")
+        axes[2].plot(x, [s.get("d_max", 0.0) for s in steps], label="d_max")
+        axes[2].set(xlabel="step", title="renorm clipping bounds")
+        axes[2].legend()
+    h = history.history
+    epoch_steps = _epoch_end_steps(steps, len(h.get("loss", [])))
+    for key, label in (("accuracy", "train"), ("val_accuracy", "validation")):
+        if key in h:
+            axes[1].plot(epoch_steps, h[key], marker="o", label=label)
+    axes[1].set(xlabel="step", ylabel="accuracy", title="accuracy per epoch")
+    axes[1].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    buffer = _io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    write_atomically(path, buffer.getvalue())
+
+
+def _epoch_end_steps(steps, n_epochs):
+    ends = {}
+    for s in steps:
+        ends[s["epoch"]] = s["step"]
+    return [ends.get(e, e + 1) for e in range(n_epochs)]
+
+
+def accuracy(model, split, scaling="unit", batch_size=256):
+    """Top-1 accuracy of `model` on the validation part of `split`."""
+    shape = data_lib.model_image_shape(model)
+    ds = data_lib.evaluation_dataset(split, shape, batch_size, scaling)
+    correct = 0
+    for x, y in ds:
+        pred = model(x, training=False)
+        correct += int(tf.reduce_sum(tf.cast(
+            tf.argmax(pred, -1) == tf.cast(y, tf.int64), tf.int32)))
+    return correct / len(split.y_val)
+
+
+__all__ = ["fine_tune", "FineTuneError", "NonFiniteLoss", "gradient_report",
+           "replace_head", "freeze_all_but_normalization", "accuracy"]
