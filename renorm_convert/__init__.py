@@ -30,7 +30,7 @@ from renorm_convert.export import ExportError, ExportReport, export_onnx  # noqa
 __all__ += ["ChannelAffine", "fold", "ExportError", "ExportReport",
             "export_onnx"]
 
-from renorm_convert import data  # noqa: E402
+from renorm_convert import data, io  # noqa: E402
 from renorm_convert.finetune import FineTuneError, NonFiniteLoss, fine_tune  # noqa: E402
 
 __all__ += ["data", "fine_tune", "FineTuneError", "NonFiniteLoss"]

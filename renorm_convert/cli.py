@@ -196,6 +196,71 @@ def cmd_export(args):
     return EXIT_OK
 
 
+def cmd_finetune(args):
+    """Fine-tune MODEL (usually the output of `convert`) on real data with the
+    paper's r_max / d_max relaxation schedule (scaled to the run), and write
+    it to -o OUT.keras. Data sources: fashion-mnist[:DIR] (Debian's
+    dataset-fashion-mnist), digits (scikit-learn), npz:PATH, or a directory
+    with one sub-directory of images per class."""
+    import renorm_convert as rc
+    from renorm_convert import data as data_lib
+    from renorm_convert.finetune import NonFiniteLoss, accuracy
+    from renorm_convert.io import check_output, save_atomically
+
+    check_output(args.output, [args.model], (".keras",))
+    if args.epochs < 1:
+        raise _usage(f"--epochs must be >= 1; got {args.epochs}.")
+    split = data_lib.load_source(args.data).subset(
+        train=args.train_size, val=args.val_size, seed=args.seed)
+    data_lib.check_batching(split, args.batch_size, args.non_iid,
+                            args.microbatch)
+    model = _load(args)
+    start_acc = None
+    if not args.head and len(split.y_val):
+        start_acc = accuracy(model, split, args.scaling)
+        print(f"validation accuracy before: {start_acc:.4f}")
+    prefix = os.path.splitext(args.output)[0]
+    _progress(f"fine-tuning on {split.name}: {len(split.y_train)} examples, "
+              f"{args.epochs} epoch(s) of {len(split.y_train) // args.batch_size}"
+              " steps")
+    try:
+        history = rc.fine_tune(
+            model, split, epochs=args.epochs, batch_size=args.batch_size,
+            optimizer=args.optimizer, learning_rate=args.lr, head=args.head,
+            train_only=args.train_only, microbatch_size=args.microbatch,
+            momentum=args.momentum,
+            non_iid_classes=args.non_iid, scaling=args.scaling,
+            mixed_precision=args.mixed_precision, jit_compile=args.xla,
+            strategy=args.strategy, checkpoint_dir=args.checkpoint_dir,
+            history_path=args.history or prefix + ".history",
+            plot=args.plot, tensorboard_dir=args.tensorboard,
+            gradient_report_path=args.grad_report, seed=args.seed,
+            verbose=2 if args.quiet_progress else "auto")
+    except NonFiniteLoss as e:
+        save_atomically(e.model, args.output)
+        print(f"renorm-convert finetune: {e}; wrote that model to "
+              f"{args.output}", file=sys.stderr)
+        return EXIT_INTERNAL
+    trained = history.trained_model
+    save_atomically(trained, args.output)
+    if len(split.y_val):
+        end_acc = accuracy(trained, split, args.scaling)
+        before = f"{start_acc:.4f} -> " if start_acc is not None else ""
+        print(f"validation accuracy: {before}{end_acc:.4f}")
+    if history.gradient_report:
+        summary = history.gradient_report["summary"]
+        print("mean |gradient|: " + ", ".join(
+            f"{k} {v:.3g}" for k, v in summary.items()))
+    steps = history.steps
+    if steps:
+        print(f"trained {steps[-1]['step']} steps; final r_max "
+              f"{steps[-1].get('r_max', float('nan')):.2f}, d_max "
+              f"{steps[-1].get('d_max', float('nan')):.2f}")
+    print(f"wrote {args.output}, {args.history or prefix + '.history'}"
+          ".csv/.steps.csv/.json" + (f", {args.plot}" if args.plot else ""))
+    return EXIT_OK
+
+
 def format_export_report(report, elapsed=None):
     lines = [f"wrote {report.path} ({report.file_size / 1e6:.2f} MB, opset "
              f"{report.opset}" + (f", {elapsed:.1f} s)" if elapsed else ")")]
@@ -295,6 +360,57 @@ def build_parser():
     _add_load_options(p)
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("finetune", help="fine-tune with the renorm schedule",
+                       description=_doc(cmd_finetune))
+    p.add_argument("model", metavar="MODEL", help=".keras or .h5 file")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.keras")
+    p.add_argument("--data", required=True, metavar="SOURCE",
+                   help="fashion-mnist[:DIR], digits, npz:PATH, or an image "
+                        "directory")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--microbatch", type=int, metavar="M",
+                   help="normalize groups of M examples separately")
+    p.add_argument("--momentum", type=float,
+                   help="momentum of every normalization layer's moving "
+                        "statistics (0.9 suits runs of a few thousand steps; "
+                        "default: keep the model's)")
+    p.add_argument("--non-iid", type=int, metavar="K",
+                   help="each batch from K classes (the paper's Figure 3)")
+    p.add_argument("--optimizer", default="adam",
+                   help="Keras optimizer name: adam, rmsprop (the paper's), "
+                        "sgd, ... (default adam)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--head", type=int, metavar="N",
+                   help="replace the last Dense layer by one with N classes")
+    p.add_argument("--train-only", choices=["norm"],
+                   help="train only the normalization parameters")
+    p.add_argument("--mixed-precision", choices=["float16", "bfloat16"])
+    p.add_argument("--xla", action="store_true", help="jit_compile the step")
+    p.add_argument("--strategy", choices=["mirrored", "multi-worker"],
+                   help="tf.distribute strategy (multi-worker reads TF_CONFIG)")
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="back up every epoch here; rerunning the same command "
+                        "resumes")
+    p.add_argument("--plot", metavar="PNG", help="write the curves here")
+    p.add_argument("--history", metavar="PREFIX",
+                   help="history files prefix (default: OUT.history)")
+    p.add_argument("--tensorboard", metavar="DIR", help="TensorBoard logs")
+    p.add_argument("--grad-report", metavar="JSON",
+                   help="print and save mean |gradient| of normalization "
+                        "parameters versus other weights")
+    p.add_argument("--scaling", choices=["unit", "symmetric", "raw"],
+                   default="unit", help="pixel scaling the model expects: "
+                   "[0,1] (default), [-1,1], or [0,255]")
+    p.add_argument("--train-size", type=int, metavar="N",
+                   help="use N training examples (default all)")
+    p.add_argument("--val-size", type=int, metavar="N",
+                   help="use N validation examples (default all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet-progress", action="store_true",
+                   help="one line per epoch instead of a progress bar")
+    _add_load_options(p)
+    p.set_defaults(func=cmd_finetune)
     return parser
 
 
@@ -306,7 +422,9 @@ def main(argv=None):
         return EXIT_USAGE
     _quiet_tensorflow()
     from renorm_convert.convert import ConversionError
+    from renorm_convert.data import DataError
     from renorm_convert.export import ExportError
+    from renorm_convert.finetune import FineTuneError
     from renorm_convert.io import UsageError
 
     from renorm_convert._logs import filtered_stderr
@@ -314,7 +432,8 @@ def main(argv=None):
     try:
         with filtered_stderr():
             return args.func(args)
-    except (_Usage, UsageError, ConversionError, ExportError) as e:
+    except (_Usage, UsageError, ConversionError, ExportError, DataError,
+            FineTuneError) as e:
         print(f"renorm-convert {args.command}: error: {_one_line(e)}",
               file=sys.stderr)
         return EXIT_USAGE

@@ -181,7 +181,8 @@ class NanGuard(keras.callbacks.Callback):
                 v.assign(value)
 
 
-def _prepare_model(model, *, head, train_only, microbatch_size, precision):
+def _prepare_model(model, *, head, train_only, microbatch_size, precision,
+                   momentum):
     if precision is not None:
         if precision not in PRECISIONS:
             raise FineTuneError(f"mixed_precision={precision!r}: use 'float16' "
@@ -194,6 +195,15 @@ def _prepare_model(model, *, head, train_only, microbatch_size, precision):
     if microbatch_size is not None:
         for layer in renorm_layers(model):
             layer.microbatch_size = int(microbatch_size)
+    if momentum is not None:
+        if not 0.0 <= float(momentum) < 1.0:
+            raise FineTuneError(f"momentum={momentum}: expected a value in "
+                                "[0, 1).")
+        for layer in model._flatten_layers(include_self=False,
+                                           recursive=True):
+            if _is_norm(layer):
+                layer.momentum = float(momentum)
+                layer.renorm_momentum = float(momentum)
     if train_only == "norm":
         if freeze_all_but_normalization(model) == 0:
             raise FineTuneError("train_only='norm': the model has no "
@@ -217,6 +227,7 @@ def _optimizer(name, learning_rate):
 def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
               optimizer="adam", learning_rate=1e-3, head=None,
               train_only=None, schedule="auto", microbatch_size=None,
+              momentum=None,
               non_iid_classes=None, scaling="unit", mixed_precision=None,
               jit_compile=False, strategy=None, checkpoint_dir=None,
               history_path=None, plot=None, tensorboard_dir=None,
@@ -238,6 +249,10 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
         schedule: "auto" (`RenormSchedule.for_run` over this run's steps), a
             `RenormSchedule`, or None (keep the layers' r_max / d_max).
         microbatch_size: Set on every BatchRenormalization layer.
+        momentum: Set as `momentum` and `renorm_momentum` of every
+            normalization layer. Keras's 0.99 lags behind fast optimizers on
+            short runs (a few thousand steps or fewer) and can make renorm
+            unstable there; 0.9 suits them.
         non_iid_classes: K: each batch holds K classes, batch_size / K
             examples each (the paper's Figure 3).
         scaling: How images are scaled ("unit", "symmetric", "raw").
@@ -266,7 +281,7 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
     with scope:
         model = _prepare_model(model, head=head, train_only=train_only,
                                microbatch_size=microbatch_size,
-                               precision=mixed_precision)
+                               precision=mixed_precision, momentum=momentum)
         train_ds, steps, val_ds, sample = _datasets(
             model, train, validation, batch_size=batch_size, epochs=epochs,
             seed=seed, non_iid_classes=non_iid_classes, scaling=scaling,
@@ -277,6 +292,10 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
         model.compile(optimizer=_optimizer(optimizer, learning_rate),
                       loss=loss, metrics=["accuracy"],
                       jit_compile=bool(jit_compile))
+    done = resumed_epochs(checkpoint_dir)
+    if done:
+        # BackupAndRestore restarts at epoch `done`; the data must too.
+        train_ds = train_ds.skip(done * steps)
     total = steps * epochs
     if schedule == "auto":
         schedule = RenormSchedule.for_run(max(total, 1))
@@ -314,6 +333,19 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
             f"training stopped and the model keeps {kept}. Lower the learning "
             "rate, or lengthen the schedule's warm-up.", model, history)
     return history
+
+
+def resumed_epochs(checkpoint_dir):
+    """Epochs already done by an interrupted run backed up in
+    `checkpoint_dir` (Keras BackupAndRestore's metadata), else 0."""
+    if not checkpoint_dir:
+        return 0
+    path = os.path.join(checkpoint_dir, "training_metadata.json")
+    try:
+        with open(path) as f:
+            return int(json.load(f).get("epoch", 0))
+    except (OSError, ValueError):
+        return 0
 
 
 class _NullScope:

@@ -1,0 +1,225 @@
+"""fine_tune and data on small real slices of Fashion-MNIST and digits."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import renorm_convert as rc
+from renorm_convert import data
+from renorm_convert.finetune import accuracy
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    if not os.path.isdir(data.FASHION_MNIST_DIR) and not os.environ.get("CI"):
+        pytest.skip("Debian's dataset-fashion-mnist is not installed "
+                    "(`sudo apt-get install dataset-fashion-mnist`)")
+    return data.load_fashion_mnist()
+
+
+@pytest.fixture
+def small(fashion):
+    return fashion.subset(train=1536, val=500, seed=1)
+
+
+def small_cnn(num_classes=10, synchronized=False):
+    inputs = keras.Input((28, 28, 1))
+    x = inputs
+    for filters in (8, 16):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization(synchronized=synchronized)(x)
+        x = keras.layers.ReLU()(x)
+        x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_fashion_mnist_is_the_real_dataset(fashion):
+    assert fashion.x_train.shape == (60000, 28, 28, 1)
+    assert fashion.x_val.shape == (10000, 28, 28, 1)
+    assert np.bincount(fashion.y_train).tolist() == [6000] * 10
+    assert fashion.x_train.dtype == np.uint8 and fashion.x_train.max() == 255
+
+
+def test_missing_fashion_mnist_says_how_to_install(tmp_path):
+    with pytest.raises(data.DataError, match="apt-get install "
+                       "dataset-fashion-mnist"):
+        data.load_fashion_mnist(str(tmp_path))
+
+
+def test_other_sources(tmp_path):
+    digits = data.load_source("digits")
+    assert digits.num_classes == 10 and digits.x_train.shape[1:] == (8, 8, 1)
+    assert len(digits.y_train) + len(digits.y_val) == 1797
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.integers(0, 255, (50, 12, 12)),
+             y=rng.integers(0, 3, 50))
+    npz = data.load_source(str(tmp_path / "d.npz"))
+    assert npz.x_train.shape[1:] == (12, 12, 1) and len(npz.y_val) == 10
+    for label in ("cat", "dog"):
+        folder = tmp_path / "images" / label
+        folder.mkdir(parents=True)
+        for i in range(3):
+            image = tf.cast(tf.fill((10, 10, 3), 40 * i), tf.uint8)
+            (folder / f"{i}.png").write_bytes(tf.io.encode_png(image).numpy())
+    images = data.load_source(str(tmp_path / "images"))
+    assert images.num_classes == 2
+    assert len(images.y_train) + len(images.y_val) == 6
+    with pytest.raises(data.DataError, match="unknown data source"):
+        data.load_source("imagenet")
+
+
+def test_adapt_grey_28_to_inception_75x75x3():
+    grey = np.full((2, 28, 28, 1), 51, np.uint8)
+    grey[1] = 255
+    x = data.adapt(grey, (75, 75, 3), scaling="symmetric").numpy()
+    assert x.shape == (2, 75, 75, 3)
+    np.testing.assert_allclose(x[0], 51 / 127.5 - 1, atol=1e-6)
+    np.testing.assert_allclose(x[1], 1.0, atol=1e-6)
+    colour = np.zeros((1, 8, 8, 3), np.float32)
+    colour[..., 0] = 16
+    back = data.adapt(colour, (8, 8, 1), value_range=16).numpy()
+    np.testing.assert_allclose(back, 1 / 3, atol=1e-6)
+
+
+def test_non_iid_batches_hold_k_classes():
+    labels = np.repeat(np.arange(10), 100)
+    idx = data.epoch_indices(labels, 32, seed=3, epoch=0, non_iid_classes=2)
+    assert len(idx) == (1000 // 32) * 32
+    for batch in idx.reshape(-1, 32):
+        counts = np.bincount(labels[batch], minlength=10)
+        assert sorted(counts[counts > 0].tolist()) == [16, 16]
+    again = data.epoch_indices(labels, 32, seed=3, epoch=0, non_iid_classes=2)
+    np.testing.assert_array_equal(idx, again)
+    other = data.epoch_indices(labels, 32, seed=3, epoch=1, non_iid_classes=2)
+    assert not np.array_equal(idx, other)
+    iid = data.epoch_indices(labels, 32, seed=3, epoch=0)
+    assert len(set(iid.tolist())) == len(iid)
+
+
+def test_fine_tune_raises_accuracy_and_runs_the_schedule(small, tmp_path):
+    model = rc.convert(small_cnn())
+    before = accuracy(model, small)
+    history = rc.fine_tune(model, small, epochs=3, batch_size=32,
+                           microbatch_size=4, momentum=0.9,
+                           learning_rate=5e-3,
+                           history_path=tmp_path / "h",
+                           plot=tmp_path / "curves.png", verbose=0,
+                           gradient_report_path=tmp_path / "grads.json")
+    after = accuracy(history.trained_model, small)
+    assert after > before + 0.2, (before, after)
+    steps = history.steps
+    assert len(steps) == 3 * (1536 // 32)
+    assert (steps[0]["r_max"], steps[0]["d_max"]) == (1.0, 0.0)
+    assert (steps[-1]["r_max"], steps[-1]["d_max"]) == (3.0, 5.0)
+    layers = rc.schedule.renorm_layers(history.trained_model)
+    assert all(l.microbatch_size == 4 and l.r_max == 3.0 for l in layers)
+    # The input model was not touched.
+    assert all(l.microbatch_size is None for l in
+               rc.schedule.renorm_layers(model))
+    with open(tmp_path / "h.json") as f:
+        saved = json.load(f)
+    assert len(saved["steps"]) == len(steps)
+    assert saved["epochs"][-1]["val_accuracy"] == pytest.approx(
+        history.history["val_accuracy"][-1])
+    assert (tmp_path / "h.csv").read_text().startswith("epoch,")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    report = json.loads((tmp_path / "grads.json").read_text())
+    assert set(report["summary"]) == {"normalization", "other"}
+    assert all(v > 0 for v in report["summary"].values())
+
+
+def test_resume_after_interruption_ends_at_the_same_step(small, tmp_path):
+    model = rc.convert(small_cnn())
+    part = small.subset(train=320, val=64)
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 0:
+                raise KeyboardInterrupt("killed after one epoch")
+
+    kwargs = dict(epochs=3, batch_size=32, verbose=0, seed=4)
+    ckpt = str(tmp_path / "ckpt")
+    with pytest.raises(KeyboardInterrupt):
+        rc.fine_tune(model, part, checkpoint_dir=ckpt,
+                     callbacks=[Interrupt()], **kwargs)
+    assert os.path.exists(os.path.join(ckpt, "training_metadata.json"))
+    resumed = rc.fine_tune(model, part, checkpoint_dir=ckpt, **kwargs)
+    straight = rc.fine_tune(model, part, **kwargs)
+    assert len(resumed.history["loss"]) == 2  # epochs 2 and 3
+    steps = int(straight.trained_model.optimizer.iterations.numpy())
+    assert steps == 3 * 10
+    assert int(resumed.trained_model.optimizer.iterations.numpy()) == steps
+    # Same data in the same order and the same optimizer state: the same
+    # weights, to float round-off.
+    for a, b in zip(resumed.trained_model.weights,
+                    straight.trained_model.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4,
+                                   atol=1e-5)
+
+
+def test_mirrored_two_replicas_agree(small):
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
+    strategy = tf.distribute.MirroredStrategy(devices)
+    model = rc.convert(small_cnn(synchronized=True))
+    part = small.subset(train=256, val=64)
+    history = rc.fine_tune(model, part, epochs=1, batch_size=32,
+                           strategy=strategy, verbose=0)
+    trained = history.trained_model
+    assert int(trained.optimizer.iterations.numpy()) == 8
+    checked = 0
+    for v in trained.weights:
+        values = getattr(v.value, "values", None)
+        if values is None:
+            continue
+        first = values[0].numpy()
+        for other in values[1:]:
+            np.testing.assert_array_equal(first, other.numpy())
+        checked += 1
+    assert checked == len(trained.weights)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_model(small):
+    model = rc.convert(small_cnn())
+    start = [v.numpy() for v in model.weights]
+    with pytest.raises(rc.NonFiniteLoss, match="NaN or infinite") as info:
+        rc.fine_tune(model, small.subset(train=320), epochs=1, batch_size=32,
+                     optimizer="sgd", learning_rate=1e12, verbose=0)
+    kept = info.value.model
+    for a, b in zip(kept.weights, start):
+        np.testing.assert_array_equal(a.numpy(), b)
+
+
+def test_head_train_only_norm_and_mixed_precision(small):
+    model = rc.convert(small_cnn(num_classes=4))
+    history = rc.fine_tune(model, small.subset(train=256, val=64), epochs=1,
+                           batch_size=32, head=10, train_only="norm",
+                           mixed_precision="bfloat16", verbose=0)
+    trained = history.trained_model
+    assert trained.outputs[0].shape[-1] == 10
+    trainable = {v.path.split("/")[-1] for v in trained.trainable_weights}
+    assert trainable == {"gamma", "beta"}
+    frozen = [l for l in trained.layers if isinstance(l, keras.layers.Conv2D)]
+    for layer in frozen:
+        original = model.get_layer(layer.name)
+        np.testing.assert_array_equal(layer.kernel.numpy(),
+                                      original.kernel.numpy())
+    norm = rc.schedule.renorm_layers(trained)[0]
+    assert norm.compute_dtype == "bfloat16"
+    assert all(v.dtype == "float32" for v in norm.variables)
+
+
+def test_labels_beyond_the_head(small):
+    model = rc.convert(small_cnn(num_classes=4))
+    with pytest.raises(rc.FineTuneError, match="head=10"):
+        rc.fine_tune(model, small, epochs=1, verbose=0)
+
+
+def test_non_iid_batch_size_must_divide(small):
+    with pytest.raises(data.DataError, match="multiple"):
+        data.check_batching(small, 30, non_iid_classes=4)
