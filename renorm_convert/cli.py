@@ -204,10 +204,14 @@ def cmd_finetune(args):
     with one sub-directory of images per class."""
     import renorm_convert as rc
     from renorm_convert import data as data_lib
-    from renorm_convert.finetune import NonFiniteLoss, accuracy
+    from renorm_convert.finetune import (NonFiniteLoss, accuracy, is_chief,
+                                         make_strategy)
     from renorm_convert.io import check_output, save_atomically
 
     check_output(args.output, [args.model], (".keras",))
+    # A multi-worker strategy must exist before TensorFlow's first op.
+    strategy = make_strategy(args.strategy)
+    chief = args.strategy != "multi-worker" or is_chief()
     if args.epochs < 1:
         raise _usage(f"--epochs must be >= 1; got {args.epochs}.")
     split = data_lib.load_source(args.data).subset(
@@ -231,7 +235,7 @@ def cmd_finetune(args):
             momentum=args.momentum,
             non_iid_classes=args.non_iid, scaling=args.scaling,
             mixed_precision=args.mixed_precision, jit_compile=args.xla,
-            strategy=args.strategy, checkpoint_dir=args.checkpoint_dir,
+            strategy=strategy, checkpoint_dir=args.checkpoint_dir,
             history_path=args.history or prefix + ".history",
             plot=args.plot, tensorboard_dir=args.tensorboard,
             gradient_report_path=args.grad_report, seed=args.seed,
@@ -242,6 +246,9 @@ def cmd_finetune(args):
               f"{args.output}", file=sys.stderr)
         return EXIT_INTERNAL
     trained = history.trained_model
+    if not chief:
+        print("worker done (the chief writes the outputs)")
+        return EXIT_OK
     save_atomically(trained, args.output)
     if len(split.y_val):
         end_acc = accuracy(trained, split, args.scaling)

@@ -57,9 +57,63 @@ def make_strategy(strategy):
             raise FineTuneError(
                 "strategy 'multi-worker' needs TF_CONFIG describing the "
                 "cluster and this worker's index (see README).")
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except RuntimeError as e:
+            raise FineTuneError(
+                f"cannot start the multi-worker strategy now ({e}): create "
+                "tf.distribute.MultiWorkerMirroredStrategy() at the start of "
+                "the program, before any TensorFlow op, and pass it as "
+                "`strategy`.") from None
     raise FineTuneError(f"unknown strategy {strategy!r}: use None, 'mirrored' "
                         "or 'multi-worker'.")
+
+
+def is_multi_worker(strategy):
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def is_chief():
+    """False on the non-chief workers of a TF_CONFIG cluster: they train but
+    write no files."""
+    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    task = config.get("task", {})
+    if task.get("type") in (None, "chief"):
+        return True
+    has_chief = "chief" in config.get("cluster", {})
+    return task.get("type") == "worker" and task.get("index", 0) == 0 and (
+        not has_chief)
+
+
+def _patch_for_multi_worker(model, strategy, sample):
+    """Works around Keras 3's `fit` under MultiWorkerMirroredStrategy
+    (keras-team/keras#20585): its symbolic build reduces a data batch across
+    workers ("Attempt to convert a value (PerReplica...)") and its step
+    reduces scalar logs along axis 0 ("Invalid reduction dimension 0").
+    Build from a local batch instead, and return the logs of the first local
+    replica: Keras's metric variables are already aggregated across workers
+    when read, and the gradients are all-reduced by the strategy as usual."""
+
+    def symbolic_build(iterator=None, data_batch=None):
+        with strategy.scope():
+            model._symbolic_build(data_batch=sample)
+
+    def local(value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return strategy.experimental_local_results(value)[0]
+        return value
+
+    def make(step):
+        @tf.function
+        def function(iterator):
+            outputs = strategy.run(step, args=(next(iterator),))
+            return keras.tree.map_structure(local, outputs)
+
+        return function
+
+    model._maybe_symbolic_build = symbolic_build
+    model.train_function = make(model.train_step)
+    model.test_function = make(model.test_step)
 
 
 def _output_is_probability(model):
@@ -292,6 +346,12 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
         model.compile(optimizer=_optimizer(optimizer, learning_rate),
                       loss=loss, metrics=["accuracy"],
                       jit_compile=bool(jit_compile))
+    if is_multi_worker(strategy):
+        _patch_for_multi_worker(model, strategy, sample)
+        if checkpoint_dir and not is_chief():
+            # Workers must not write over the chief's backup.
+            checkpoint_dir = os.path.join(checkpoint_dir, "worker-" + str(
+                json.loads(os.environ["TF_CONFIG"])["task"]["index"]))
     done = resumed_epochs(checkpoint_dir)
     if done:
         # BackupAndRestore restarts at epoch `done`; the data must too.
@@ -313,17 +373,19 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
     report = None
     if gradient_report_path:
         report = gradient_report(model, sample[0], sample[1], loss)
-        write_atomically(gradient_report_path,
-                         json.dumps(report, indent=2).encode())
+        if not is_multi_worker(strategy) or is_chief():
+            write_atomically(gradient_report_path,
+                             json.dumps(report, indent=2).encode())
     history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
                         steps_per_epoch=steps, callbacks=all_callbacks,
                         verbose=verbose, shuffle=False)
     history.trained_model = model
     history.steps = step_log.steps
     history.gradient_report = report
-    if history_path:
+    chief = not is_multi_worker(strategy) or is_chief()
+    if history_path and chief:
         write_history(history, history_path)
-    if plot:
+    if plot and chief:
         plot_history(history, plot)
     if guard.tripped_at is not None:
         kept = (f"the weights after epoch {guard.good_epoch}"

@@ -223,3 +223,38 @@ def test_labels_beyond_the_head(small):
 def test_non_iid_batch_size_must_divide(small):
     with pytest.raises(data.DataError, match="multiple"):
         data.check_batching(small, 30, non_iid_classes=4)
+
+
+def test_multi_worker_two_processes(tmp_path):
+    """Two workers on 127.0.0.1 in a private network namespace (the gRPC
+    server listens on every interface), bounded in time."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("unshare") or subprocess.run(
+            ["unshare", "-n", "true"], capture_output=True).returncode:
+        pytest.skip("needs `unshare -n` (a private network namespace)")
+    worker = os.path.join(os.path.dirname(__file__), "multiworker_worker.py")
+    outs = [tmp_path / f"w{i}.npz" for i in range(2)]
+    logs = [tmp_path / f"w{i}.log" for i in range(2)]
+    py = sys.executable
+    script = (
+        "ip link set lo up && "
+        f"({py} {worker} 0 23456 23457 {outs[0]} > {logs[0]} 2>&1 &) && "
+        f"{py} {worker} 1 23456 23457 {outs[1]} > {logs[1]} 2>&1; "
+        "for i in $(seq 60); do [ -f " + str(outs[0]) + " ] && break; "
+        "sleep 1; done"
+    )
+    result = subprocess.run(["timeout", "240", "unshare", "-n", "bash", "-c",
+                             script], capture_output=True, text=True)
+    detail = "\n".join(l.read_text()[-2000:] for l in logs if l.exists())
+    assert result.returncode == 0 and all(o.exists() for o in outs), detail
+    w0, w1 = (np.load(o) for o in outs)
+    assert int(w0["steps"]) == int(w1["steps"]) > 0
+    names = [k for k in w0.files if k.startswith("arr_")]
+    assert len(names) > 5
+    for k in names:
+        np.testing.assert_array_equal(w0[k], w1[k], err_msg=k)
+    assert int(w0["steps"]) == 2 * (256 // 32)
+    assert np.isfinite(float(w0["loss"]))

@@ -1,0 +1,40 @@
+"""One worker of the two-worker test (run by test_multi_worker_two_processes):
+fine-tunes a converted model on scikit-learn's digits under
+MultiWorkerMirroredStrategy and saves its final weights."""
+
+import json
+import os
+import sys
+
+index, port0, port1, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+os.environ["TF_CONFIG"] = json.dumps({
+    "cluster": {"worker": [f"127.0.0.1:{port0}", f"127.0.0.1:{port1}"]},
+    "task": {"type": "worker", "index": index},
+})
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Collective ops must be configured before TensorFlow's first op.
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+
+import renorm_convert as rc  # noqa: E402
+from renorm_convert import data  # noqa: E402
+
+keras.utils.set_random_seed(0)
+inputs = keras.Input((8, 8, 1))
+x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+x = keras.layers.BatchNormalization(synchronized=True)(x)
+x = keras.layers.ReLU()(x)
+x = keras.layers.GlobalAveragePooling2D()(x)
+outputs = keras.layers.Dense(10, activation="softmax")(x)
+model = rc.convert(keras.Model(inputs, outputs))
+split = data.load_digits().subset(train=256, val=64)
+history = rc.fine_tune(model, split, epochs=2, batch_size=32,
+                       strategy=strategy, verbose=0, momentum=0.9)
+trained = history.trained_model
+np.savez(out, *[v.numpy() for v in trained.weights],
+         steps=int(trained.optimizer.iterations.numpy()),
+         loss=history.history["loss"][-1])
+print("worker", index, "done")
