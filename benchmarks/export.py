@@ -64,6 +64,8 @@ Examples::
     python benchmarks/export.py                  # MobileNetV2, ~4-6 min
     python benchmarks/export.py --quick          # ~2 min smoke run
     python benchmarks/export.py --model resnet50 --reps 2
+    python benchmarks/export.py --threads 1   # less thread-pool contention
+                                              # on a small, shared machine
 """
 
 import argparse
@@ -198,10 +200,11 @@ def op_counts(path):
 
 # --- 3. latency -------------------------------------------------------------
 
-def ort_session(path, optimize):
+def ort_session(path, optimize, threads=0):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
@@ -209,14 +212,14 @@ def ort_session(path, optimize):
                                 providers=["CPUExecutionProvider"])
 
 
-def make_runners(model, paths, xs_np):
+def make_runners(model, paths, xs_np, threads=0):
     """variant -> callable(batch) returning NumPy outputs."""
     import tensorflow as tf
 
     runners = {}
     for tag, path in paths.items():
         for optimize in (True, False):
-            sess = ort_session(path, optimize)
+            sess = ort_session(path, optimize, threads)
             in_name = sess.get_inputs()[0].name
             feeds = {b: {in_name: x} for b, x in xs_np.items()}
             key = f"{tag}_{'opt' if optimize else 'noopt'}"
@@ -284,6 +287,10 @@ def main(argv=None):
                              "(default mobilenetv2: 20 3, resnet50: 10 2)")
     parser.add_argument("--batch-sizes", type=int, nargs=2, default=(1, 32),
                         help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="latency only: onnxruntime intra-op threads and "
+                             "TF intra- / inter-op threads (0: each library's "
+                             "default)")
     parser.add_argument("--_export-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -307,6 +314,9 @@ def main(argv=None):
     import tf2onnx
     import renorm_convert as rc
 
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     start = time.perf_counter()
 
     def log(msg):
@@ -319,7 +329,7 @@ def main(argv=None):
     app, shape = MODELS[args.model]
     print(f"model={app} input={shape} export reps={args.reps} warm exports="
           f"{args.warm_exports} latency rounds={args.rounds} "
-          f"iters/round={iters}")
+          f"iters/round={iters} threads={args.threads or 'library default'}")
 
     tmp = tempfile.mkdtemp(prefix="rc_export_bench_")
     paths = {v: os.path.join(tmp, f"{v}.onnx") for v in EXPORTS}
@@ -353,7 +363,7 @@ def main(argv=None):
     xs_np = {b: rc.export.sample_inputs(model, b, seed=1)[0] for b in batches}
     runners = make_runners(
         model, {"ours": paths["rc_export"], "plain": paths["keras_export"]},
-        xs_np)
+        xs_np, args.threads)
     times, per_round = bench_latency(runners, batches, args.rounds, iters,
                           warmup=3, log=log)
     log("done")
@@ -399,7 +409,7 @@ def main(argv=None):
 
     print(f"\n3. Latency, ms per call: median [p25 - p75] over "
           f"{args.rounds} rounds x iters calls; onnxruntime CPU "
-          f"(default threads), Keras: tf.function(model(x, training=False))")
+          f"(threads: {args.threads or 'default'}), Keras: tf.function(model(x, training=False))")
     verdicts = []
     for b in batches:
         med = {v: float(np.median(times[(v, b)])) * 1e3 for v in LATENCY}

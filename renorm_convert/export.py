@@ -11,7 +11,6 @@ per normalization. Folding in Keras first (`fold`) leaves nothing to lower.
 import collections
 import dataclasses
 import os
-import tempfile
 import warnings
 
 import keras
@@ -19,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from renorm_convert.fold import fold
+from renorm_convert.io import write_atomically
 
 
 class ExportError(ValueError):
@@ -134,19 +134,6 @@ def _check_ops(onnx_model, name):
         )
 
 
-def _write_atomically(onnx_model, path):
-    directory = os.path.dirname(os.path.abspath(path)) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(onnx_model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def sample_inputs(model, batch=4, seed=0):
     """Random inputs of the model's shape (every unknown size but the batch
     must be known)."""
@@ -202,7 +189,7 @@ def export_onnx(model, path, *, opset=None, verify=True):
 
     folded = fold(model)
     onnx_model = to_onnx(folded, opset=opset)
-    _write_atomically(onnx_model, path)
+    write_atomically(path, onnx_model.SerializeToString())
     report = ExportReport(
         path=str(path),
         opset=int(onnx_model.opset_import[0].version),

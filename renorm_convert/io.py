@@ -137,11 +137,18 @@ def save_atomically(model, path):
     try:
         os.unlink(tmp)  # Keras refuses to overwrite without asking
         model.save(tmp)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask_mode():
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_atomically(path, payload):
@@ -152,6 +159,7 @@ def write_atomically(path, payload):
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
+        os.chmod(tmp, _umask_mode())  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
