@@ -14,7 +14,7 @@ import keras
 from keras.src.saving import serialization_lib
 
 from renorm_convert.graph import clone_layer, is_graph_model
-from renorm_convert.layers import BatchRenormalization
+from renorm_convert.layers import BatchRenormalization, build_with_values
 
 
 class ConversionError(ValueError):
@@ -156,8 +156,10 @@ def _transform_graph_model(model, swap, swapped):
         if replacement is not None:
             swapped.append(layer.name)
             return replacement
-        new = clone_layer(layer)
-        pairs.append((layer, new))
+        new = _clone_prebuilt(layer)
+        if new is None:
+            new = clone_layer(layer)
+            pairs.append((layer, new))
         return new
 
     input_tensors = None
@@ -185,6 +187,24 @@ def _transform_graph_model(model, swap, swapped):
         else:
             _copy_weights(old, new)
     return new_model
+
+
+def _clone_prebuilt(layer):
+    """A clone of a plain (no sublayers) built layer whose weights are
+    created with the original's values, by name; None where that does not
+    apply (the caller then copies weights after the rebuild)."""
+    if not layer.weights or not layer.built or _sublayer_items(layer):
+        return None
+    build_config = layer.get_build_config()
+    values = {v.path.split("/")[-1]: v.numpy() for v in layer.weights}
+    if not build_config or len(values) != len(layer.weights):
+        return None
+    new = clone_layer(layer)
+    used = build_with_values(new, None, values,
+                             build=lambda: new.build_from_config(build_config))
+    if sorted(used) != sorted(values) or len(new.weights) != len(values):
+        return None
+    return new
 
 
 def _copy_weights(old, new):

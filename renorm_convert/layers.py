@@ -306,8 +306,8 @@ class BatchRenormalization(keras.layers.BatchNormalization):
             config.update(options)
             new = cls.from_config(config)
             if layer.built:
-                new.build(_built_shape(layer))
-                new.set_weights(layer.get_weights())
+                build_with_values(new, _built_shape(layer),
+                                  _state_by_name(layer))
             return new
         if layer.renorm and layer.renorm_clipping:
             # Keras's renorm layer: keep its clipping unless overridden.
@@ -319,7 +319,6 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         config.update(options)
         new = cls.from_config(config)
         if layer.built:
-            new.build(_built_shape(layer))
             state = _state_by_name(layer)
             if "moving_stddev" not in state:
                 std = np.sqrt(state["moving_variance"].astype(np.float64)
@@ -327,7 +326,7 @@ class BatchRenormalization(keras.layers.BatchNormalization):
                 state["moving_stddev"] = std
                 state["renorm_stddev"] = std
                 state["renorm_mean"] = state["moving_mean"]
-            _assign_by_name(new, state)
+            build_with_values(new, _built_shape(layer), state)
         return new
 
     def to_batchnorm(self):
@@ -339,9 +338,7 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         config.pop("renorm_momentum", None)
         new = keras.layers.BatchNormalization.from_config(config)
         if self.built:
-            new.build(_built_shape(self))
-            state = _state_by_name(self)
-            _assign_by_name(new, {k: state[k] for k in BN_STATE if k in state})
+            build_with_values(new, _built_shape(self), _state_by_name(self))
         return new
 
 
@@ -362,8 +359,33 @@ def _state_by_name(layer):
     }
 
 
-def _assign_by_name(layer, state):
-    names = {v.path.split("/")[-1]: v for v in layer.variables}
-    for key, value in state.items():
-        if key in names:
-            names[key].assign(value)
+def build_with_values(layer, input_shape, values, build=None):
+    """Builds `layer` with each weight named in `values` created directly
+    with that value: weights move by name, and no initializer runs and no
+    assignment follows (this is most of the cost of converting a model).
+    `build` (no arguments) replaces `layer.build(input_shape)`. Returns the
+    names of the weights created from `values`."""
+    used = []
+    add_weight = layer.add_weight
+
+    def add_weight_with_value(*args, name=None, initializer=None, **kwargs):
+        if name in values:
+            value = values[name]
+            used.append(name)
+
+            def initializer(shape, dtype=None):
+                return np.asarray(value, dtype=dtype or value.dtype)
+
+        return add_weight(*args, name=name, initializer=initializer, **kwargs)
+
+    # Bypass Layer.__setattr__ (attribute tracking) for this instance hook.
+    object.__setattr__(layer, "add_weight", add_weight_with_value)
+    try:
+        if build is None:
+            layer.build(input_shape)
+        else:
+            build()
+    finally:
+        object.__delattr__(layer, "add_weight")
+    layer.built = True
+    return used

@@ -1,0 +1,302 @@
+"""Training throughput of `rc.fine_tune` on a converted model against the
+original BatchNormalization model.
+
+What is measured
+----------------
+Images per second of Keras ``fit`` on the two reference models shipped in
+``models/`` (``inception_fmnist.keras``: 19 BN layers; ``resnet_fmnist.keras``:
+9 BN layers; both 28x28x1 inputs, softmax heads), trained on real
+Fashion-MNIST images (``data.load_fashion_mnist().subset(train=N)``, N =
+``--batches`` x ``--batch-size``). Variants per model:
+
+  bn_fit     the BN model: a copy compiled like fine_tune compiles (Adam
+             1e-3, SparseCategoricalCrossentropy, accuracy, jit_compile=False)
+             and trained with plain ``model.fit`` on
+             ``data.training_dataset(split, shape, batch, epochs=1, seed=0)``
+             (shows fine_tune's own overhead: its StepLog / NanGuard
+             callbacks)
+  bn         ``rc.fine_tune(bn_model, split, ...)``                  (baseline)
+  rc         ``rc.fine_tune(rc.convert(bn_model), split, ...)`` with the
+             default "auto" renorm schedule (RenormSchedule callback)
+  rc_mb4     as rc, with ``microbatch_size=4``
+  rc_nosched as rc, with ``schedule=None`` (optional, ``--variants``; splits
+             the schedule callback's cost from the layer's own cost)
+
+fine_tune is called with ``epochs=1, batch_size=--batch-size, verbose=0``
+and the same data, seed and pipeline for every variant (fine_tune builds the
+same ``data.training_dataset`` internally). No validation runs: the split's
+validation part is replaced by an empty one for ``validation=`` (fine_tune
+then evaluates nothing; ``subset(val=0)`` itself cannot be used, fine_tune
+takes the max of the split's validation labels).
+
+Timing: a Keras callback, appended after fine_tune's own callbacks, records
+``time.perf_counter()`` at every ``on_train_batch_end``; the time of batch k
+is the interval since the end of batch k - 1, i.e. everything ``fit`` does
+per batch (data fetch, the train step, every callback). The first
+``--warmup`` batches of every run (tracing, first steps) are not timed; each
+fine_tune call copies and compiles the model afresh, so every run traces
+again and its warm-up is skipped again. The time before the first batch ends
+(model copy, compile, tracing, first step) is reported as "1st batch s".
+
+The variants are run round-robin: in every round each model runs every
+variant once (one fit of ``--batches`` batches), and the order of the
+variants rotates from round to round, so slow phases of a shared, noisy
+machine fall on all variants alike. Reported: images/s = batch size / median
+of all timed batch times of a variant ([p25 - p75] of the per-batch images/s);
+"vs BN" is the ratio of these against ``bn`` of the same model measured in the
+same run; "paired" is the median over rounds of (variant's images/s in that
+round / bn's images/s in the same round), a noise cross-check.
+
+Target (printed as PASS / FAIL): ``rc`` at least 0.95x the images/s of ``bn``
+on every model. Microbatches (``rc_mb4``) and the other variants are reported
+without a target.
+
+Examples::
+
+    python benchmarks/finetune.py            # full run, ~5 min on 2 cores
+    python benchmarks/finetune.py --quick    # ~1.5 min smoke run
+    python benchmarks/finetune.py --rounds 5 --variants bn rc rc_nosched
+"""
+
+import argparse
+import dataclasses
+import gc
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODELS_DIR = os.path.join(os.path.dirname(HERE), "models")
+MODELS = ("inception_fmnist", "resnet_fmnist")
+VARIANTS = ("bn_fit", "bn", "rc", "rc_mb4", "rc_nosched")
+DEFAULT_VARIANTS = ("bn_fit", "bn", "rc", "rc_mb4")
+BASELINE = "bn"
+TARGET = 0.95  # rc images/s at least this times bn's
+SEED = 0
+
+
+def batch_times_callback():
+    """A Keras callback recording perf_counter at fit start (`start`) and at
+    every batch end (`ends`)."""
+    import keras
+
+    class BatchTimes(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.start = None
+            self.ends = []
+
+        def on_train_begin(self, logs=None):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(time.perf_counter())
+
+    return BatchTimes()
+
+
+# --- one run ----------------------------------------------------------------
+
+def run_variant(variant, bn_model, rc_model, split, noval, batch):
+    """Trains one variant for one epoch of `split`; returns (callback,
+    wall seconds of the whole call)."""
+    import keras
+    import renorm_convert as rc
+    from renorm_convert import data
+
+    cb = batch_times_callback()
+    t0 = time.perf_counter()
+    if variant == "bn_fit":
+        keras.utils.set_random_seed(SEED)
+        model = keras.models.clone_model(bn_model)
+        model.set_weights(bn_model.get_weights())
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-3),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=False),
+            metrics=["accuracy"], jit_compile=False)
+        ds, steps = data.training_dataset(
+            split, data.model_image_shape(model), batch, epochs=1, seed=SEED)
+        model.fit(ds, epochs=1, steps_per_epoch=steps, callbacks=[cb],
+                  verbose=0, shuffle=False)
+    else:
+        kwargs = dict(validation=noval, epochs=1, batch_size=batch, verbose=0,
+                      seed=SEED, callbacks=[cb])
+        source = bn_model if variant == "bn" else rc_model
+        if variant == "rc_mb4":
+            kwargs["microbatch_size"] = 4
+        elif variant == "rc_nosched":
+            kwargs["schedule"] = None
+        history = rc.fine_tune(source, split, **kwargs)
+        del history
+    wall = time.perf_counter() - t0
+    gc.collect()  # untimed: the copy of this run is not charged to the next
+    return cb, wall
+
+
+def bench(args, variants, log):
+    import keras
+    import renorm_convert as rc
+    from renorm_convert import data
+
+    n_train = args.batches * args.batch_size
+    full = data.load_fashion_mnist()
+    split = full.subset(train=n_train, val=1, seed=SEED)
+    noval = dataclasses.replace(split, x_val=split.x_val[:0],
+                                y_val=split.y_val[:0])
+    models = {}
+    for name in args.models:
+        bn_model = keras.models.load_model(
+            os.path.join(MODELS_DIR, f"{name}.keras"))
+        t0 = time.perf_counter()
+        rc_model = rc.convert(bn_model)
+        n_bn = sum(isinstance(l, keras.layers.BatchNormalization)
+                   and not isinstance(l, rc.BatchRenormalization)
+                   for l in bn_model._flatten_layers())
+        n_rc = sum(isinstance(l, rc.BatchRenormalization)
+                   for l in rc_model._flatten_layers())
+        models[name] = (bn_model, rc_model)
+        log(f" loaded {name}: input {data.model_image_shape(bn_model)}, "
+            f"{bn_model.count_params():,} params, {n_bn} BN -> {n_rc} "
+            f"BatchRenormalization (convert {time.perf_counter() - t0:.1f}s)")
+
+    step_times = {(m, v): [] for m in args.models for v in variants}
+    per_round = {(m, v): [] for m in args.models for v in variants}
+    first = {(m, v): [] for m in args.models for v in variants}
+    walls = {(m, v): [] for m in args.models for v in variants}
+    for r in range(args.rounds):
+        k = r % len(variants)
+        order = variants[k:] + variants[:k]
+        for name in args.models:
+            bn_model, rc_model = models[name]
+            for v in order:
+                cb, wall = run_variant(v, bn_model, rc_model, split, noval,
+                                       args.batch_size)
+                ends = np.asarray(cb.ends)
+                if len(ends) != args.batches:
+                    raise RuntimeError(f"{name}/{v}: {len(ends)} batches, "
+                                       f"expected {args.batches}")
+                dt = np.diff(ends)[args.warmup - 1:] if args.warmup else (
+                    np.diff(np.concatenate([[cb.start], ends])))
+                step_times[(name, v)].extend(dt.tolist())
+                per_round[(name, v)].append(float(np.median(dt)))
+                first[(name, v)].append(ends[0] - cb.start)
+                walls[(name, v)].append(wall)
+                log(f" round {r + 1}/{args.rounds} {name:<16} {v:<10} "
+                    f"{args.batch_size / np.median(dt):7.1f} img/s  "
+                    f"(1st batch {ends[0] - cb.start:5.1f}s, call "
+                    f"{wall:5.1f}s)")
+    return step_times, per_round, first, walls
+
+
+# --- report -----------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 round of 24 batches, warm-up 4")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="round-robin rounds (default 3, quick 1)")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="batches per fit (default 64, quick 24)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed first batches of every fit (default 5, "
+                             "quick 4)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--models", nargs="+", choices=MODELS,
+                        default=list(MODELS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS,
+                        default=list(DEFAULT_VARIANTS),
+                        help=f"{BASELINE} is always included (the baseline)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="TF intra- and inter-op threads (0: TF default)")
+    args = parser.parse_args(argv)
+
+    q = args.quick
+    args.rounds = args.rounds or (1 if q else 3)
+    args.batches = args.batches or (24 if q else 64)
+    if args.warmup is None:
+        args.warmup = 4 if q else 5
+    if not 0 <= args.warmup < args.batches - 1:
+        parser.error("--warmup must leave at least two timed batches")
+    variants = [v for v in VARIANTS
+                if v in set(args.variants) | {BASELINE}]
+
+    import keras
+    import tensorflow as tf
+    import renorm_convert as rc
+
+    if args.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - start:6.1f}s]{msg}", flush=True)
+
+    print(f"TF {tf.__version__}, Keras {keras.__version__}, "
+          f"renorm_convert {rc.__version__}, python "
+          f"{platform.python_version()}, {os.cpu_count()} CPUs, "
+          f"threads={args.threads or 'TF default'}")
+    print(f"rounds={args.rounds} batches/fit={args.batches} "
+          f"(warm-up {args.warmup} untimed) batch size={args.batch_size} "
+          f"variants={variants}")
+    step_times, per_round, first, walls = bench(args, variants, log)
+    log(" done")
+
+    b = args.batch_size
+    print("\n" + "=" * 78)
+    print("img/s: batch size / median of all timed batch times "
+          "([p25 - p75] of per-batch img/s);\nvs BN: ratio against "
+          f"'{BASELINE}' (rc.fine_tune of the BN model); paired: median over "
+          "rounds of\nper-round ratios; 1st batch s: median time from fit "
+          "start to the end of batch 1\n(tracing); call s: median wall time "
+          "of the whole call (copy, compile, fit)")
+    verdicts = []
+    for name in args.models:
+        n = len(step_times[(name, BASELINE)])
+        print(f"\n{name}  batch={b}   ({n} timed batches per variant, "
+              f"{args.rounds} rounds)")
+        hdr = (f"{'variant':<12}{'img/s':>8} {'[p25 - p75]':>16}{'vs BN':>8}"
+               f"{'paired':>8}{'ms/batch':>10}{'1st batch s':>12}"
+               f"{'call s':>8}  target")
+        print(hdr)
+        print("-" * len(hdr))
+        base = b / np.median(step_times[(name, BASELINE)])
+        base_r = np.asarray(per_round[(name, BASELINE)])
+        for v in variants:
+            t = np.asarray(step_times[(name, v)])
+            ips = b / np.median(t)
+            p25, p75 = np.percentile(b / t, [25, 75])
+            paired = float(np.median(base_r / np.asarray(per_round[(name, v)])))
+            ratio = ips / base
+            target = ""
+            if v == "rc":
+                ok = ratio >= TARGET
+                verdicts.append(ok)
+                target = f"{'PASS' if ok else 'FAIL'} (>= {TARGET:.2f}x)"
+            print(f"{v:<12}{ips:8.1f} {f'[{p25:.1f} - {p75:.1f}]':>16}"
+                  f"{ratio:7.3f}x{paired:7.3f}x{np.median(t) * 1e3:10.1f}"
+                  f"{np.median(first[(name, v)]):12.1f}"
+                  f"{np.median(walls[(name, v)]):8.1f}  {target}")
+        if "bn_fit" in variants:
+            fit = b / np.median(step_times[(name, "bn_fit")])
+            print(f"fine_tune overhead on the BN model (bn vs plain fit): "
+                  f"{base / fit:.3f}x img/s")
+
+    if verdicts:
+        print(f"\nOverall: {'PASS' if all(verdicts) else 'FAIL'} "
+              f"({sum(verdicts)}/{len(verdicts)} models: rc >= {TARGET:.2f}x "
+              "bn images/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
