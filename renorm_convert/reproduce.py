@@ -195,7 +195,7 @@ def _plot(result):
             f"non-i.i.d. batches: {cfg['classes_per_batch']} classes x "
             f"{cfg['batch_size'] // cfg['classes_per_batch']}")
     ax.set(xlabel="training step", ylabel="validation accuracy (%)",
-           title=f"{cfg['data']}, batch {cfg['batch_size']}, {what}; "
+           title=f"{cfg['data']}, batch {cfg['batch_size']}, {what}\n"
                  f"mean ± std over {cfg['seeds']} seeds")
     ax.grid(alpha=0.3)
     ax.legend()
