@@ -9,18 +9,22 @@ Images per second of Keras ``fit`` on the two reference models shipped in
 Fashion-MNIST images (``data.load_fashion_mnist().subset(train=N)``, N =
 ``--batches`` x ``--batch-size``). Variants per model:
 
+  bn         ``rc.fine_tune(bn_model, split, ...)``                  (baseline)
+  rc         ``rc.fine_tune(rc.convert(bn_model), split, ...)`` with the
+             default "auto" renorm schedule (RenormSchedule callback)
+  rc_mb4     as rc, with ``microbatch_size=4``
+
+and two optional ones (``--variants``, not run by default: every variant
+costs a model copy, a compile and a trace per round):
+
   bn_fit     the BN model: a copy compiled like fine_tune compiles (Adam
              1e-3, SparseCategoricalCrossentropy, accuracy, jit_compile=False)
              and trained with plain ``model.fit`` on
              ``data.training_dataset(split, shape, batch, epochs=1, seed=0)``
              (shows fine_tune's own overhead: its StepLog / NanGuard
              callbacks)
-  bn         ``rc.fine_tune(bn_model, split, ...)``                  (baseline)
-  rc         ``rc.fine_tune(rc.convert(bn_model), split, ...)`` with the
-             default "auto" renorm schedule (RenormSchedule callback)
-  rc_mb4     as rc, with ``microbatch_size=4``
-  rc_nosched as rc, with ``schedule=None`` (optional, ``--variants``; splits
-             the schedule callback's cost from the layer's own cost)
+  rc_nosched as rc, with ``schedule=None`` (splits the schedule callback's
+             cost from the layer's own cost)
 
 fine_tune is called with ``epochs=1, batch_size=--batch-size, verbose=0``
 and the same data, seed and pipeline for every variant (fine_tune builds the
@@ -45,7 +49,12 @@ machine fall on all variants alike. Reported: images/s = batch size / median
 of all timed batch times of a variant ([p25 - p75] of the per-batch images/s);
 "vs BN" is the ratio of these against ``bn`` of the same model measured in the
 same run; "paired" is the median over rounds of (variant's images/s in that
-round / bn's images/s in the same round), a noise cross-check.
+round / bn's images/s in the same round), a noise cross-check. On a shared
+machine the per-batch times switch between an unloaded and a loaded level
+(often 2x apart) as other jobs come and go, which moves medians; "p90 img/s"
+(the 90th percentile of per-batch images/s, i.e. the fast phase) and its
+ratio are a second cross-check that is less sensitive to how much of a run
+fell into a loaded phase. The verdict uses the medians.
 
 Target (printed as PASS / FAIL): ``rc`` at least 0.95x the images/s of ``bn``
 on every model. Microbatches (``rc_mb4``) and the other variants are reported
@@ -54,8 +63,8 @@ without a target.
 Examples::
 
     python benchmarks/finetune.py            # full run, ~5 min on 2 cores
-    python benchmarks/finetune.py --quick    # ~1.5 min smoke run
-    python benchmarks/finetune.py --rounds 5 --variants bn rc rc_nosched
+    python benchmarks/finetune.py --quick    # ~1 min smoke run
+    python benchmarks/finetune.py --variants bn_fit bn rc rc_mb4 rc_nosched
 """
 
 import argparse
@@ -75,7 +84,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MODELS_DIR = os.path.join(os.path.dirname(HERE), "models")
 MODELS = ("inception_fmnist", "resnet_fmnist")
 VARIANTS = ("bn_fit", "bn", "rc", "rc_mb4", "rc_nosched")
-DEFAULT_VARIANTS = ("bn_fit", "bn", "rc", "rc_mb4")
+DEFAULT_VARIANTS = ("bn", "rc", "rc_mb4")
 BASELINE = "bn"
 TARGET = 0.95  # rc images/s at least this times bn's
 SEED = 0
@@ -203,12 +212,11 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 1 round of 24 batches, warm-up 4")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="round-robin rounds (default 3, quick 1)")
+                        help="round-robin rounds (default 4, quick 1)")
     parser.add_argument("--batches", type=int, default=None,
-                        help="batches per fit (default 64, quick 24)")
+                        help="batches per fit (default 40, quick 24)")
     parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed first batches of every fit (default 5, "
-                             "quick 4)")
+                        help="untimed first batches of every fit (default 4)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--models", nargs="+", choices=MODELS,
                         default=list(MODELS))
@@ -220,10 +228,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     q = args.quick
-    args.rounds = args.rounds or (1 if q else 3)
-    args.batches = args.batches or (24 if q else 64)
+    args.rounds = args.rounds or (1 if q else 4)
+    args.batches = args.batches or (24 if q else 40)
     if args.warmup is None:
-        args.warmup = 4 if q else 5
+        args.warmup = 4
     if not 0 <= args.warmup < args.batches - 1:
         parser.error("--warmup must leave at least two timed batches")
     variants = [v for v in VARIANTS
@@ -256,25 +264,28 @@ def main(argv=None):
     print("img/s: batch size / median of all timed batch times "
           "([p25 - p75] of per-batch img/s);\nvs BN: ratio against "
           f"'{BASELINE}' (rc.fine_tune of the BN model); paired: median over "
-          "rounds of\nper-round ratios; 1st batch s: median time from fit "
-          "start to the end of batch 1\n(tracing); call s: median wall time "
-          "of the whole call (copy, compile, fit)")
+          "rounds of\nper-round ratios; p90 img/s: 90th percentile of "
+          "per-batch img/s (the fast,\nunloaded phase) and its ratio; 1st "
+          "batch s: median time from fit start to the\nend of batch 1 "
+          "(tracing); call s: median wall time of the whole call")
     verdicts = []
     for name in args.models:
         n = len(step_times[(name, BASELINE)])
         print(f"\n{name}  batch={b}   ({n} timed batches per variant, "
               f"{args.rounds} rounds)")
         hdr = (f"{'variant':<12}{'img/s':>8} {'[p25 - p75]':>16}{'vs BN':>8}"
-               f"{'paired':>8}{'ms/batch':>10}{'1st batch s':>12}"
-               f"{'call s':>8}  target")
+               f"{'paired':>8}{'p90 img/s':>10}{'vs BN':>8}"
+               f"{'1st batch s':>12}{'call s':>8}  target")
         print(hdr)
         print("-" * len(hdr))
-        base = b / np.median(step_times[(name, BASELINE)])
+        base_t = np.asarray(step_times[(name, BASELINE)])
+        base = b / np.median(base_t)
+        base_fast = np.percentile(b / base_t, 90)
         base_r = np.asarray(per_round[(name, BASELINE)])
         for v in variants:
             t = np.asarray(step_times[(name, v)])
             ips = b / np.median(t)
-            p25, p75 = np.percentile(b / t, [25, 75])
+            p25, p75, fast = np.percentile(b / t, [25, 75, 90])
             paired = float(np.median(base_r / np.asarray(per_round[(name, v)])))
             ratio = ips / base
             target = ""
@@ -283,7 +294,8 @@ def main(argv=None):
                 verdicts.append(ok)
                 target = f"{'PASS' if ok else 'FAIL'} (>= {TARGET:.2f}x)"
             print(f"{v:<12}{ips:8.1f} {f'[{p25:.1f} - {p75:.1f}]':>16}"
-                  f"{ratio:7.3f}x{paired:7.3f}x{np.median(t) * 1e3:10.1f}"
+                  f"{ratio:7.3f}x{paired:7.3f}x{fast:10.1f}"
+                  f"{fast / base_fast:7.3f}x"
                   f"{np.median(first[(name, v)]):12.1f}"
                   f"{np.median(walls[(name, v)]):8.1f}  {target}")
         if "bn_fit" in variants:
