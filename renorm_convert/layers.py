@@ -216,61 +216,104 @@ class BatchRenormalization(keras.layers.BatchNormalization):
     def _call_microbatched(self, inputs):
         m = self.microbatch_size
         x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        batch = x.shape[0]
+        if batch is not None:
+            normalize = (self._normalize_groups if batch % m == 0
+                         else self._normalize_padded)
+            y, mean, variance = normalize(x)
+        else:
+            # Inside `fit` the batch size is unknown when tracing: whole
+            # groups take the cheap path, a ragged last batch the padded one.
+            y, mean, variance = tf.cond(
+                tf.equal(tf.shape(x)[0] % m, 0),
+                lambda: self._normalize_groups(x),
+                lambda: self._normalize_padded(x),
+            )
+        self._update_renorm_statistics(
+            ops.stop_gradient(mean), ops.stop_gradient(variance)
+        )
+        return ops.cast(y, self.compute_dtype)
+
+    def _grouped_shape(self, x, groups):
+        """(groups, m, ...) with every size known at trace time kept
+        static, so that reshapes need no shape arithmetic at run time."""
+        dynamic = tf.shape(x)
+        rest = [d if d is not None else dynamic[i + 1]
+                for i, d in enumerate(x.shape[1:])]
+        return [groups, self.microbatch_size] + rest
+
+    def _normalize_groups(self, x):
+        """The batch is a whole number of groups."""
+        ndim = len(x.shape)
+        axis = self.axis % ndim
+        xg = tf.reshape(x, self._grouped_shape(x, -1))
+        red = [1] + [a + 1 for a in range(1, ndim) if a != axis]
+        if axis == ndim - 1:
+            # Channels last: keep dims so every per-group tensor broadcasts
+            # against the batch with no reshape (fewer ops, in both passes).
+            mean, variance = ops.moments(xg, axes=red, keepdims=True)
+            y = self._normalize_with(xg, mean, variance)
+            flat_mean = ops.reshape(mean, [-1, x.shape[axis]])
+            flat_var = ops.reshape(variance, [-1, x.shape[axis]])
+        else:
+            mean, variance = ops.moments(xg, axes=red)
+            bshape = [1] * (ndim + 1)
+            bshape[0] = -1
+            bshape[axis + 1] = x.shape[axis]
+            y = self._normalize_with(xg, mean, variance, bshape)
+            flat_mean, flat_var = mean, variance
+        y = tf.reshape(y, tf.shape(x))
+        return y, ops.mean(flat_mean, axis=0), ops.mean(flat_var, axis=0)
+
+    def _normalize_with(self, xg, mean, variance, bshape=None):
+        """Applies r, d, gamma and beta with each group's own moments.
+        The moments broadcast against `xg` as they are (channels last, kept
+        dims) or once reshaped to `bshape` (moments of shape (groups,
+        channels))."""
+        r, d, mean, variance = self._renorm_correction_and_moments(
+            mean, variance
+        )
+        gamma = ops.cast(self.gamma, xg.dtype) if self.scale else None
+        beta = ops.cast(self.beta, xg.dtype) if self.center else None
+        gamma, beta = self._compose_transforms(r, d, gamma, beta, xg.dtype)
+        inv = ops.rsqrt(variance + self.epsilon) * gamma
+        offset = beta - mean * inv
+        if bshape is not None:
+            inv = ops.reshape(inv, bshape)
+            offset = ops.reshape(offset, bshape)
+        return xg * inv + offset
+
+    def _normalize_padded(self, x):
+        """The batch ends with a smaller group: pad to whole groups and mask
+        the padding out of every moment."""
+        m = self.microbatch_size
         ndim = len(x.shape)
         axis = self.axis % ndim
         batch = tf.shape(x)[0]
-        static_batch = x.shape[0]
-        ragged = static_batch is None or static_batch % m != 0
-        if ragged:
-            # Pad to whole groups; the padding is masked out of every moment.
-            pad = (-batch) % m
-            x = tf.pad(x, [[0, pad]] + [[0, 0]] * (ndim - 1))
-            valid = ops.cast(tf.range(batch + pad) < batch, x.dtype)
-        groups = tf.shape(x)[0] // m
-        xg = tf.reshape(x, tf.concat([[groups, m], tf.shape(x)[1:]], 0))
-        # xg is (groups, m, ...): reduce over the examples of a group and all
-        # non-channel axes; channels keep their position, shifted by one.
+        pad = (-batch) % m
+        xp = tf.pad(x, [[0, pad]] + [[0, 0]] * (ndim - 1))
+        groups = (batch + pad) // m
+        valid = ops.cast(tf.range(batch + pad) < batch, x.dtype)
+        xg = tf.reshape(xp, self._grouped_shape(xp, groups))
         red = [1] + [a + 1 for a in range(1, ndim) if a != axis]
         bshape = [1] * (ndim + 1)
         bshape[0] = -1
         bshape[axis + 1] = x.shape[axis]
-        if not ragged:
-            mean, variance = ops.moments(xg, axes=red)
-            weights = None
-        else:
-            w = tf.reshape(valid, tf.concat([[groups, m], [1] * (ndim - 1)], 0))
-            per_example = 1.0
-            for a in range(1, ndim):
-                if a != axis:
-                    per_example = per_example * ops.cast(tf.shape(x)[a], x.dtype)
-            count = ops.reshape(ops.sum(w, axis=1), [-1, 1]) * per_example
-            safe = ops.maximum(count, 1.0)
-            mean = ops.sum(xg * w, axis=red) / safe
-            centered = (xg - ops.reshape(mean, bshape)) * w
-            variance = ops.sum(ops.square(centered), axis=red) / safe
-            weights = ops.reshape(ops.sum(w, axis=1), [-1, 1])
-        r, d, mean, variance = self._renorm_correction_and_moments(
-            mean, variance
-        )
-        gamma = ops.cast(self.gamma, x.dtype) if self.scale else None
-        beta = ops.cast(self.beta, x.dtype) if self.center else None
-        gamma, beta = self._compose_transforms(r, d, gamma, beta, x.dtype)
-        inv = ops.rsqrt(variance + self.epsilon) * gamma
-        offset = beta - mean * inv
-        y = xg * ops.reshape(inv, bshape) + ops.reshape(offset, bshape)
-        y = tf.reshape(y, tf.shape(x))
-        if ragged:
-            y = y[:batch]
-            total = ops.sum(weights)
-            group_mean = ops.sum(mean * weights, axis=0) / total
-            group_var = ops.sum(variance * weights, axis=0) / total
-        else:
-            group_mean = ops.mean(mean, axis=0)
-            group_var = ops.mean(variance, axis=0)
-        self._update_renorm_statistics(
-            ops.stop_gradient(group_mean), ops.stop_gradient(group_var)
-        )
-        return ops.cast(y, self.compute_dtype)
+        w = tf.reshape(valid, tf.concat([[groups, m], [1] * (ndim - 1)], 0))
+        per_example = 1.0
+        for a in range(1, ndim):
+            if a != axis:
+                per_example = per_example * ops.cast(tf.shape(x)[a], x.dtype)
+        sizes = ops.reshape(ops.sum(w, axis=1), [-1, 1])
+        safe = ops.maximum(sizes * per_example, 1.0)
+        mean = ops.sum(xg * w, axis=red) / safe
+        centered = (xg - ops.reshape(mean, bshape)) * w
+        variance = ops.sum(ops.square(centered), axis=red) / safe
+        y = self._normalize_with(xg, mean, variance, bshape)
+        y = tf.reshape(y, tf.shape(xp))[:batch]
+        total = ops.sum(sizes)
+        return (y, ops.sum(mean * sizes, axis=0) / total,
+                ops.sum(variance * sizes, axis=0) / total)
 
     def get_config(self):
         config = super().get_config()

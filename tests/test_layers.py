@@ -224,6 +224,24 @@ def test_microbatches_match_numpy(shape, axis, m):
                                    rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize("batch", [12, 10])
+def test_microbatches_with_unknown_batch_size(batch):
+    """Traced with an unknown batch size (as in `fit`): whole groups and a
+    ragged last group both match NumPy."""
+    layer = rc.BatchRenormalization(microbatch_size=4, r_max=R_MAX,
+                                    d_max=D_MAX)
+    layer.build((None, 3, 3, 5))
+    _random_state(layer, np.random.default_rng(8))
+    x = _inputs((batch, 3, 3, 5), seed=batch)
+    expected, state = _np_microbatch(x, layer, 4, -1)
+    f = tf.function(lambda t: layer(t, training=True),
+                    input_signature=[tf.TensorSpec((None, 3, 3, 5))])
+    np.testing.assert_allclose(f(x), expected, rtol=1e-4, atol=1e-4)
+    for name, value in state.items():
+        np.testing.assert_allclose(getattr(layer, name).numpy(), value,
+                                   rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_microbatch_gradients_match_per_group_keras_renorm():
     """Each group must behave as Keras's renorm applied to it alone."""
     shape, m = (12, 3, 3, 4), 4
