@@ -147,3 +147,52 @@ def test_help_explains_each_command():
         assert result.returncode == 0
         assert "usage: renorm-convert " + command in result.stdout
         assert len(result.stdout.splitlines()) > 5
+
+
+def test_finetune_bad_inputs(tmp_path, capsys):
+    model = rc.convert(keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3),
+        keras.layers.BatchNormalization(), keras.layers.Flatten(),
+        keras.layers.Dense(3, activation="softmax")]))
+    path = tmp_path / "m.keras"
+    model.save(path)
+    out = tmp_path / "out.keras"
+    base = ["finetune", path, "-o", out]
+    _one_line_error(capsys, base + ["--data", "imagenet"],
+                    "unknown data source")
+    _one_line_error(capsys, base + ["--data", "digits", "--non-iid", "3",
+                                    "--batch-size", "32"], "multiple")
+    _one_line_error(capsys, base + ["--data", "digits"], "head=10")
+    flat = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2),
+                             keras.layers.BatchNormalization()])
+    flat_path = tmp_path / "flat.keras"
+    flat.save(flat_path)
+    _one_line_error(capsys, ["finetune", flat_path, "-o", out, "--data",
+                             "digits"], "image input")
+    _one_line_error(capsys, base + ["--data", "digits", "--head", "10",
+                                    "--optimizer", "nope"],
+                    "unknown optimizer")
+    assert not out.exists()
+
+
+def test_finetune_command(tmp_path, capsys):
+    model = rc.convert(keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3),
+        keras.layers.BatchNormalization(), keras.layers.Flatten(),
+        keras.layers.Dense(10, activation="softmax")]))
+    path = tmp_path / "m.keras"
+    model.save(path)
+    out = tmp_path / "tuned.keras"
+    code, stdout, err = _run(capsys, "finetune", path, "-o", out, "--data",
+                             "digits", "--epochs", "2", "--microbatch", "4",
+                             "--optimizer", "rmsprop", "--momentum", "0.9",
+                             "--plot", tmp_path / "p.png", "--grad-report",
+                             tmp_path / "g.json", "--quiet-progress")
+    assert code == 0, err
+    assert "validation accuracy:" in stdout and "final r_max 3.00" in stdout
+    assert "mean |gradient|: normalization" in stdout
+    tuned = keras.models.load_model(out)
+    assert rc.schedule.renorm_layers(tuned)[0].microbatch_size == 4
+    for suffix in (".csv", ".steps.csv", ".json"):
+        assert (tmp_path / f"tuned.history{suffix}").exists()
+    assert (tmp_path / "p.png").exists()
