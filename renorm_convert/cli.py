@@ -239,7 +239,8 @@ def cmd_finetune(args):
             history_path=args.history or prefix + ".history",
             plot=args.plot, tensorboard_dir=args.tensorboard,
             gradient_report_path=args.grad_report, seed=args.seed,
-            verbose=2 if args.quiet_progress else "auto")
+            verbose=2 if args.quiet_progress or not sys.stdout.isatty()
+            else "auto")
     except NonFiniteLoss as e:
         save_atomically(e.model, args.output)
         print(f"renorm-convert finetune: {e}; wrote that model to "

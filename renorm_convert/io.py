@@ -54,8 +54,9 @@ def load(path, *, safe_mode=True, custom_objects=None):
         )
     if path.lower().endswith(".keras") and not zipfile.is_zipfile(path):
         raise UsageError(
-            f"{path}: not a valid .keras file (it is not a complete zip "
-            "archive: truncated or corrupted). Save the model again."
+            f"{path}: not a valid .keras file (a .keras file is a zip "
+            "archive; this one is not, or is truncated). Save the model "
+            "again with model.save()."
         )
     try:
         with keras.saving.custom_object_scope(custom_objects or {}):

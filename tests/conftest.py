@@ -33,6 +33,16 @@ def _seeded():
     keras.mixed_precision.set_global_policy("float32")
 
 
+@pytest.fixture(scope="session")
+def mirrored():
+    """One MirroredStrategy over two logical CPUs for the whole session: two
+    strategies in one process reuse collective-op instance keys, and the
+    second one's all-reduces then collide with the first's."""
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
+    assert len(devices) == 2, "two logical CPU devices are set up above"
+    return tf.distribute.MirroredStrategy(devices)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -227,7 +227,7 @@ class Opaque(keras.Model):
 def test_subclassed_model_that_cannot_be_copied_says_why():
     model = Opaque(3)
     model(np.zeros((2, 4), "float32"))
-    with pytest.raises(rc.convert_module.ConversionError,
+    with pytest.raises(rc.ConversionError,
                        match=r"'opaque'.*\(Opaque\).*get_config"):
         rc.convert(model)
 
@@ -239,6 +239,7 @@ def test_unbuilt_model_says_so():
         rc.convert(model)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_keras2_h5_model_converts(tmp_path):
     import tf_keras
 

@@ -163,9 +163,8 @@ def test_resume_after_interruption_ends_at_the_same_step(small, tmp_path):
                                    atol=1e-5)
 
 
-def test_mirrored_two_replicas_agree(small):
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
-    strategy = tf.distribute.MirroredStrategy(devices)
+def test_mirrored_two_replicas_agree(small, mirrored):
+    strategy = mirrored
     model = rc.convert(small_cnn(synchronized=True))
     part = small.subset(train=256, val=64)
     history = rc.fine_tune(model, part, epochs=1, batch_size=32,

@@ -333,10 +333,8 @@ def test_jit_compile_matches_eager(microbatch):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
-def test_mirrored_synchronized_uses_global_moments():
-    devices = tf.config.list_logical_devices("CPU")
-    assert len(devices) >= 2, "conftest sets up two logical CPU devices"
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+def test_mirrored_synchronized_uses_global_moments(mirrored):
+    strategy = mirrored
     x = _inputs((16, 5))
     with strategy.scope():
         layer = rc.BatchRenormalization(synchronized=True, r_max=R_MAX,
