@@ -302,7 +302,8 @@ def training_dataset(split, shape, batch_size, *, epochs, seed=0,
                       non_iid_classes=non_iid_classes) for e in range(epochs)
     ])
     return _gather_dataset(split.x_train, split.y_train, order, batch_size,
-                           shape, split.value_range, scaling), steps
+                           shape, split.value_range, scaling,
+                           whole_batches=True), steps
 
 
 def evaluation_dataset(split, shape, batch_size=256, scaling="unit"):
@@ -311,10 +312,14 @@ def evaluation_dataset(split, shape, batch_size=256, scaling="unit"):
                            split.value_range, scaling)
 
 
-def _gather_dataset(x, y, order, batch_size, shape, value_range, scaling):
+def _gather_dataset(x, y, order, batch_size, shape, value_range, scaling,
+                    whole_batches=False):
     x_const = tf.constant(x)
     y_const = tf.constant(y)
-    ds = tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+    # Training orders are whole batches: saying so gives the batches a
+    # static size, so layers trace one code path (no ragged-batch branch).
+    ds = tf.data.Dataset.from_tensor_slices(order).batch(
+        batch_size, drop_remainder=whole_batches)
     ds = ds.map(
         lambda i: (adapt(tf.gather(x_const, i), shape, value_range, scaling),
                    tf.gather(y_const, i)),

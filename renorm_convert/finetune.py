@@ -434,9 +434,13 @@ def _datasets(model, train, validation, *, batch_size, epochs, seed,
     shape = data_lib.model_image_shape(model)
     outputs = int(model.outputs[0].shape[-1])
     classes = train.num_classes if head is None else int(head)
-    if max(train.y_train.max(), train.y_val.max()) >= outputs:
+    if not len(train.y_train):
+        raise FineTuneError("the training data is empty.")
+    top = int(max(train.y_train.max(),
+                  train.y_val.max() if len(train.y_val) else 0))
+    if top >= outputs:
         raise FineTuneError(
-            f"labels go up to {int(max(train.y_train.max(), train.y_val.max()))}"
+            f"labels go up to {top}"
             f" but the model has {outputs} outputs; pass head={classes} to "
             "replace the classification head.")
     train_ds, steps = data_lib.training_dataset(
