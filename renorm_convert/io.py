@@ -130,20 +130,7 @@ def check_output(output, inputs, suffixes):
 def save_atomically(model, path):
     """Saves `model` to `path` through a temporary file in the same
     directory, so that `path` is either the old file or the whole new one."""
-    path = str(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1] or ".keras"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
-        os.unlink(tmp)  # Keras refuses to overwrite without asking
-        model.save(tmp)
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    _replace_atomically(path, model.save)
 
 
 def _umask_mode():
@@ -154,12 +141,24 @@ def _umask_mode():
 
 def write_atomically(path, payload):
     """Writes bytes to `path` through a temporary file and a rename."""
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(payload)
+
+    _replace_atomically(path, write)
+
+
+def _replace_atomically(path, write):
+    """Calls `write(tmp)` on a temporary path beside `path` (same suffix),
+    then renames it over `path`; on any failure removes it."""
     path = str(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+        write(tmp)
         os.chmod(tmp, _umask_mode())  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:

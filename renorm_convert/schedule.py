@@ -76,10 +76,8 @@ class RenormSchedule(keras.callbacks.Callback):
         scale=1.0,
     ):
         super().__init__()
-        if r_max < 1:
-            raise ValueError(f"Expected `r_max` >= 1. Received: r_max={r_max}")
-        if d_max < 0:
-            raise ValueError(f"Expected `d_max` >= 0. Received: d_max={d_max}")
+        r_max = BatchRenormalization._check_r_max(r_max)
+        d_max = BatchRenormalization._check_d_max(d_max)
         if scale <= 0:
             raise ValueError(f"Expected `scale` > 0. Received: scale={scale}")
         for name, value in (
