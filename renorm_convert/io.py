@@ -96,7 +96,8 @@ def _explain_load_error(path, error):
 
 
 def _class_name_in(text):
-    for marker in ("class '", "class_name': '", "layer: '", "Could not locate class '"):
+    for marker in ("Could not locate class '", "Unknown layer: '", "class '",
+                   "class_name': '"):
         if marker in text:
             return "'" + text.split(marker, 1)[1].split("'", 1)[0] + "'"
     return "(see the model's config)"

@@ -125,7 +125,9 @@ def test_unknown_custom_layer_and_lambda(tmp_path, capsys):
     path = tmp_path / "custom.keras"
     keras.Model(inputs, x).save(path)
     keras.saving.get_custom_objects().pop("cli_test>Doubler")
-    _one_line_error(capsys, ["inspect", path], "--custom-objects")
+    _one_line_error(capsys, ["inspect", path],
+                    "uses the class 'Doubler', which is not registered. Pass "
+                    "--custom-objects")
     keras.saving.get_custom_objects()["cli_test>Doubler"] = Doubler
 
     inputs = keras.Input((3,))
