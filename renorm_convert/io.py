@@ -33,6 +33,8 @@ def import_custom_objects(modules):
                 value, (keras.layers.Layer, keras.losses.Loss,
                         keras.metrics.Metric)):
                 objects[attr] = value
+                # Files name registered classes as "package>Class".
+                objects[keras.saving.get_registered_name(value)] = value
     return objects
 
 

@@ -198,3 +198,26 @@ def test_finetune_command(tmp_path, capsys):
     for suffix in (".csv", ".steps.csv", ".json"):
         assert (tmp_path / f"tuned.history{suffix}").exists()
     assert (tmp_path / "p.png").exists()
+
+
+def test_custom_objects_module_registers_layers(tmp_path, capsys, monkeypatch):
+    (tmp_path / "my_layers.py").write_text(
+        "import keras\n\n"
+        "@keras.saving.register_keras_serializable(package='my_layers')\n"
+        "class Halver(keras.layers.Layer):\n"
+        "    def call(self, x):\n"
+        "        return x / 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_layers
+
+    inputs = keras.Input((3,))
+    x = keras.layers.BatchNormalization(name="bn")(my_layers.Halver()(inputs))
+    path = tmp_path / "halver.keras"
+    keras.Model(inputs, x).save(path)
+    keras.saving.get_custom_objects().pop("my_layers>Halver")
+    _one_line_error(capsys, ["inspect", path], "'Halver'")
+    code, out, err = _run(capsys, "convert", path, "-o",
+                          tmp_path / "out.keras", "--custom-objects",
+                          "my_layers")
+    assert code == 0, err
+    assert "converted 1 BatchNormalization" in out
