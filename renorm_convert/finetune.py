@@ -368,7 +368,13 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
         all_callbacks.append(keras.callbacks.BackupAndRestore(
             checkpoint_dir, delete_checkpoint=True))
     if tensorboard_dir:
-        all_callbacks.append(keras.callbacks.TensorBoard(tensorboard_dir))
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise FineTuneError(
+                "TensorBoard logs need the tensorboard package: pip install "
+                "'renorm_convert[tensorboard]' (or tensorboard).")
+        all_callbacks.append(keras.callbacks.TensorBoard(str(tensorboard_dir)))
     all_callbacks += list(callbacks)
     report = None
     if gradient_report_path:

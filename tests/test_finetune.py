@@ -257,3 +257,28 @@ def test_multi_worker_two_processes(tmp_path):
         np.testing.assert_array_equal(w0[k], w1[k], err_msg=k)
     assert int(w0["steps"]) == 2 * (256 // 32)
     assert np.isfinite(float(w0["loss"]))
+
+
+def test_xla_non_iid_rmsprop_and_tensorboard(tmp_path):
+    digits = data.load_digits()
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(10)(x)  # logits: the loss must notice
+    model = rc.convert(keras.Model(inputs, outputs))
+    history = rc.fine_tune(model, digits, epochs=2, batch_size=32,
+                           optimizer="rmsprop", learning_rate=3e-3,
+                           microbatch_size=4, non_iid_classes=2,
+                           jit_compile=True, momentum=0.9, verbose=0,
+                           tensorboard_dir=tmp_path / "tb")
+    trained = history.trained_model
+    assert trained.jit_compile
+    assert isinstance(trained.optimizer, keras.optimizers.RMSprop)
+    assert trained.loss.get_config()["from_logits"]
+    assert len(history.steps) == 2 * (len(digits.y_train) // 32)
+    assert np.isfinite(history.history["loss"]).all()
+    events = [f for _, _, files in os.walk(tmp_path / "tb") for f in files
+              if f.startswith("events.out")]
+    assert events
