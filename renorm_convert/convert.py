@@ -14,7 +14,8 @@ import keras
 from keras.src.saving import serialization_lib
 
 from renorm_convert.graph import clone_layer, is_graph_model
-from renorm_convert.layers import BatchRenormalization, build_with_values
+from renorm_convert.layers import (BatchRenormalization, build_with_values,
+                                   values_by_name)
 
 
 class ConversionError(ValueError):
@@ -189,17 +190,17 @@ def _transform_graph_model(model, swap, swapped):
     return new_model
 
 
-def _clone_prebuilt(layer):
+def _clone_prebuilt(layer, **overrides):
     """A clone of a plain (no sublayers) built layer whose weights are
     created with the original's values, by name; None where that does not
     apply (the caller then copies weights after the rebuild)."""
     if not layer.weights or not layer.built or _sublayer_items(layer):
         return None
     build_config = layer.get_build_config()
-    values = {v.path.split("/")[-1]: v.numpy() for v in layer.weights}
+    values = values_by_name(layer.weights)
     if not build_config or len(values) != len(layer.weights):
         return None
-    new = clone_layer(layer)
+    new = clone_layer(layer, **overrides)
     used = build_with_values(new, None, values,
                              build=lambda: new.build_from_config(build_config))
     if sorted(used) != sorted(values) or len(new.weights) != len(values):
@@ -302,6 +303,11 @@ def _mirror(new, old, swap, swapped, path):
 
 
 def _clone_with_weights(layer, **overrides):
+    """A built clone of `layer` (config with `overrides`) holding its
+    weights."""
+    new = _clone_prebuilt(layer, **overrides)
+    if new is not None:
+        return new
     new = clone_layer(layer, **overrides)
     build_config = layer.get_build_config()
     if build_config:

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 
 from renorm_convert.graph import clone_layer, consumers, model_graph, rebuild
+from renorm_convert.layers import values_by_name
 
 # Producers whose output channels are a linear function of their weights:
 # class -> (name of the kernel to scale, axis of its output channels).
@@ -206,7 +207,7 @@ def _folded_producer(player, name, norm):
     new = clone_layer(player, name=name, use_bias=True,
                       bias_initializer="zeros", bias_regularizer=None,
                       bias_constraint=None)
-    weights = {v.path.split("/")[-1]: v.numpy() for v in player.weights}
+    weights = values_by_name(player.weights)
     kernel_name, axis = FOLDABLE[type(player)]
     stats = _norm_weights(norm)
     if axis is None:

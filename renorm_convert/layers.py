@@ -21,10 +21,6 @@ from keras import ops
 
 PACKAGE = "renorm_convert"
 
-# State arrays shared with Keras's BatchNormalization, in Keras's order.
-BN_STATE = ("gamma", "beta", "moving_mean", "moving_variance")
-RENORM_STATE = BN_STATE + ("moving_stddev", "renorm_mean", "renorm_stddev")
-
 
 def _check_axis(axis, ndim, name):
     if not -ndim <= axis < ndim:
@@ -242,12 +238,24 @@ class BatchRenormalization(keras.layers.BatchNormalization):
                 for i, d in enumerate(x.shape[1:])]
         return [groups, self.microbatch_size] + rest
 
+    def _group_axes(self, x):
+        """For x grouped as (groups, m, ...): the axes a group's moments
+        reduce (its examples and all non-channel axes), and the shape that
+        broadcasts (groups, channels) against it."""
+        ndim = len(x.shape)
+        axis = self.axis % ndim
+        reduced = [1] + [a + 1 for a in range(1, ndim) if a != axis]
+        bshape = [1] * (ndim + 1)
+        bshape[0] = -1
+        bshape[axis + 1] = x.shape[axis]
+        return reduced, bshape
+
     def _normalize_groups(self, x):
         """The batch is a whole number of groups."""
         ndim = len(x.shape)
         axis = self.axis % ndim
         xg = tf.reshape(x, self._grouped_shape(x, -1))
-        red = [1] + [a + 1 for a in range(1, ndim) if a != axis]
+        red, bshape = self._group_axes(x)
         if axis == ndim - 1:
             # Channels last: keep dims so every per-group tensor broadcasts
             # against the batch with no reshape (fewer ops, in both passes).
@@ -257,9 +265,6 @@ class BatchRenormalization(keras.layers.BatchNormalization):
             flat_var = ops.reshape(variance, [-1, x.shape[axis]])
         else:
             mean, variance = ops.moments(xg, axes=red)
-            bshape = [1] * (ndim + 1)
-            bshape[0] = -1
-            bshape[axis + 1] = x.shape[axis]
             y = self._normalize_with(xg, mean, variance, bshape)
             flat_mean, flat_var = mean, variance
         y = tf.reshape(y, tf.shape(x))
@@ -295,10 +300,7 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         groups = (batch + pad) // m
         valid = ops.cast(tf.range(batch + pad) < batch, x.dtype)
         xg = tf.reshape(xp, self._grouped_shape(xp, groups))
-        red = [1] + [a + 1 for a in range(1, ndim) if a != axis]
-        bshape = [1] * (ndim + 1)
-        bshape[0] = -1
-        bshape[axis + 1] = x.shape[axis]
+        red, bshape = self._group_axes(x)
         w = tf.reshape(valid, tf.concat([[groups, m], [1] * (ndim - 1)], 0))
         per_example = 1.0
         for a in range(1, ndim):
@@ -350,7 +352,7 @@ class BatchRenormalization(keras.layers.BatchNormalization):
             new = cls.from_config(config)
             if layer.built:
                 build_with_values(new, _built_shape(layer),
-                                  _state_by_name(layer))
+                                  values_by_name(layer.variables))
             return new
         if layer.renorm and layer.renorm_clipping:
             # Keras's renorm layer: keep its clipping unless overridden.
@@ -362,7 +364,7 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         config.update(options)
         new = cls.from_config(config)
         if layer.built:
-            state = _state_by_name(layer)
+            state = values_by_name(layer.variables)
             if "moving_stddev" not in state:
                 std = np.sqrt(state["moving_variance"].astype(np.float64)
                               + layer.epsilon).astype(np.float32)
@@ -381,7 +383,8 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         config.pop("renorm_momentum", None)
         new = keras.layers.BatchNormalization.from_config(config)
         if self.built:
-            build_with_values(new, _built_shape(self), _state_by_name(self))
+            build_with_values(new, _built_shape(self),
+                              values_by_name(self.variables))
         return new
 
 
@@ -395,11 +398,10 @@ def _built_shape(layer):
     return tuple(shape)
 
 
-def _state_by_name(layer):
-    """The layer's variables as {short name: numpy array}."""
-    return {
-        v.path.split("/")[-1]: np.asarray(v.numpy()) for v in layer.variables
-    }
+def values_by_name(variables):
+    """{short name ("kernel", "moving_mean", ...): numpy value}; weights move
+    between layers by these names, never by position."""
+    return {v.path.split("/")[-1]: np.asarray(v.numpy()) for v in variables}
 
 
 def build_with_values(layer, input_shape, values, build=None):
