@@ -16,6 +16,11 @@ import time
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 
+CHANNELS_FIRST_ON_CPU = (
+    "the model has channels_first layers, which TensorFlow cannot run on "
+    "this CPU while oneDNN is off (its default on CPUs without AVX-512); "
+    "rerun with TF_ENABLE_ONEDNN_OPTS=1 in the environment, or on a GPU")
+
 
 def _quiet_tensorflow():
     import absl.logging
@@ -645,6 +650,10 @@ def main(argv=None):
     except Exception as e:  # an internal error: say so, briefly
         if os.environ.get("RENORM_CONVERT_DEBUG"):
             raise
+        if "only supports the NHWC tensor format" in str(e):
+            print(f"renorm-convert {args.command}: error: {CHANNELS_FIRST_ON_CPU}",
+                  file=sys.stderr)
+            return EXIT_USAGE
         print(f"renorm-convert {args.command}: internal error: "
               f"{_one_line(e)} (set RENORM_CONVERT_DEBUG=1 for the "
               "traceback)", file=sys.stderr)

@@ -23,6 +23,35 @@ except RuntimeError:
 import keras  # noqa: E402
 
 
+def channels_first_runs():
+    """Whether TensorFlow can run a channels-first Conv2D here. On CPUs
+    without AVX-512 TensorFlow turns oneDNN off by default, and its own CPU
+    kernels then take only NHWC."""
+    if tf.config.list_physical_devices("GPU"):
+        return True
+    try:
+        tf.nn.conv2d(tf.zeros((1, 1, 3, 3)), tf.zeros((1, 1, 1, 1)), 1,
+                     "VALID", data_format="NCHW")
+        return True
+    except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError):
+        return False
+
+
+CHANNELS_FIRST_RUNS = channels_first_runs()
+
+
+def pytest_collection_modifyitems(config, items):
+    if CHANNELS_FIRST_RUNS:
+        return
+    skip = pytest.mark.skip(
+        reason="TensorFlow cannot run channels-first Conv2D on this CPU "
+               "(oneDNN is off); test_channels_first_with_onednn reruns this "
+               "with TF_ENABLE_ONEDNN_OPTS=1")
+    for item in items:
+        if item.get_closest_marker("channels_first"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     """Every test starts from the same seeds and a clean Keras session."""

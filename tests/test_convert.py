@@ -62,7 +62,8 @@ def test_keras_applications_parity(name, shape, n_bn):
     assert len(converted.weights) == len(model.weights) + 3 * n_bn
 
 
-@pytest.mark.parametrize("channels_first", [False, True])
+@pytest.mark.parametrize("channels_first", [
+    False, pytest.param(True, marks=pytest.mark.channels_first)])
 def test_nested_shared_multi_io_parity(channels_first):
     model = nested_model(channels_first)
     converted, x = _check_parity(model)

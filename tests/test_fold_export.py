@@ -56,8 +56,9 @@ PRODUCERS = [
     # Output width 7 != 6 channels: Keras 3.15's ops.add takes a (1, C, 1, 1)
     # bias for channels-last when the last size equals C (its BiasAdd
     # shortcut), which breaks channels-first Conv biases in Keras itself.
-    (lambda: keras.layers.Conv2D(6, 3, data_format="channels_first"),
-     (2, 9, 9), 1),
+    pytest.param(lambda: keras.layers.Conv2D(6, 3,
+                                             data_format="channels_first"),
+                 (2, 9, 9), 1, marks=pytest.mark.channels_first),
     (lambda: keras.layers.Conv3D(4, 2), (5, 5, 5, 2), -1),
     (lambda: keras.layers.DepthwiseConv2D(3, depth_multiplier=2), (8, 8, 3), -1),
     (lambda: keras.layers.DepthwiseConv1D(3, use_bias=False), (9, 3), -1),
@@ -122,6 +123,7 @@ def test_unfoldable_cases_become_channel_affine():
     assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
 
 
+@pytest.mark.channels_first
 def test_fold_nested_shared_model():
     model = rc.convert(nested_model(channels_first=True))
     randomize_statistics(model, seed=6)
