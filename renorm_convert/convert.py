@@ -153,6 +153,10 @@ def _transform_graph_model(model, swap, swapped):
     pairs = []
 
     def clone_function(layer):
+        if not isinstance(layer, keras.layers.Layer):
+            # A raw operation (`x + 3.0`, `keras.ops.pad`, slicing): no
+            # weights, nothing to swap.
+            return _clone_operation(layer)
         replacement = swap(layer)
         if replacement is not None:
             swapped.append(layer.name)
@@ -188,6 +192,16 @@ def _transform_graph_model(model, swap, swapped):
         else:
             _copy_weights(old, new)
     return new_model
+
+
+def _clone_operation(op):
+    """A fresh copy of a stateless `keras.Operation` where its config
+    recreates it, else the operation itself (it holds no state, so the new
+    graph may share it)."""
+    try:
+        return type(op).from_config(op.get_config())
+    except Exception:  # ops without a usable config: share the stateless op
+        return op
 
 
 def _clone_prebuilt(layer, **overrides):

@@ -96,7 +96,15 @@ def to_onnx(model, opset=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         patch_tf2onnx()  # Keras's own fix for tf2onnx under NumPy 2
+    _patch_transpose_optimizer()
     try:
+        # Eager tensors a layer captured (a tf.constant made in build) are
+        # not variables, so tf2onnx's freezing leaves them as graph inputs.
+        captured = {
+            internal.name: external
+            for external, internal in serve.get_concrete_function().graph.captures
+            if external.dtype != tf.resource
+        }
         onnx_model, _ = tf2onnx.convert.from_function(
             serve, input_signature=specs, opset=opset)
     except Exception as e:
@@ -107,11 +115,79 @@ def to_onnx(model, opset=None):
             "layer whose op it names."
         ) from e
     _check_ops(onnx_model, model.name)
+    _embed_captured(onnx_model, captured, len(specs), model.name)
     for value, spec in zip(onnx_model.graph.input, specs):
         _rename(onnx_model, value.name, spec.name)
-    for value, name in zip(list(onnx_model.graph.output), model.output_names):
+    for value, name in zip(list(onnx_model.graph.output),
+                           unique_names(model.output_names)):
         _rename(onnx_model, value.name, name)
     return onnx_model
+
+
+def unique_names(names):
+    """`names` with repeats told apart: a layer that produces several model
+    outputs gives `fpn`, `fpn_1`, `fpn_2`."""
+    taken, result = set(names), []
+    seen = collections.Counter()
+    for name in names:
+        seen[name] += 1
+        new = name
+        if seen[name] > 1:
+            index = seen[name] - 1
+            while f"{name}_{index}" in taken:
+                index += 1
+            new = f"{name}_{index}"
+            taken.add(new)
+        result.append(new)
+    return result
+
+
+def _embed_captured(onnx_model, captured, n_inputs, name):
+    """Turns graph inputs that stand for captured constants into
+    initializers, so the file's inputs are exactly the model's."""
+    from onnx import numpy_helper
+
+    graph = onnx_model.graph
+    extra = list(graph.input)[n_inputs:]
+    for value in extra:
+        tensor = captured.get(value.name)
+        if tensor is None:
+            raise ExportError(
+                f"The ONNX graph of model '{name}' has an input "
+                f"'{value.name}' that is not a model input (a tensor a layer "
+                "captured that tf2onnx could not embed). Make that layer "
+                "create it as a non-trainable weight (add_weight) instead."
+            )
+        graph.initializer.append(
+            numpy_helper.from_array(np.asarray(tensor), value.name))
+        graph.input.remove(value)
+
+
+_TRANSPOSE_PATCHED = False
+
+
+def _patch_transpose_optimizer():
+    """tf2onnx's transpose optimizer crashes on `Conv -> Add(scalar)` (as
+    in hard-swish, `x + 3.0`: `max()` of a scalar's empty shape) and then
+    gives up on the whole graph, leaving a Transpose around every layer.
+    Route scalar constants to its generic broadcast handler instead."""
+    global _TRANSPOSE_PATCHED
+    if _TRANSPOSE_PATCHED:
+        return
+    from tf2onnx.optimizer import transpose_optimizer as module
+
+    cls = module.TransposeOptimizer
+    original = cls._add_handler
+
+    def _add_handler(self, trans, node):
+        second = node.inputs[1]
+        if second is not None and second.is_const() and not np.shape(
+                second.get_tensor_value(as_list=False)):
+            return self._handle_node_having_branches(trans, node)
+        return original(self, trans, node)
+
+    cls._add_handler = _add_handler
+    _TRANSPOSE_PATCHED = True
 
 
 def _check_ops(onnx_model, name):

@@ -9,6 +9,8 @@ import zipfile
 
 import keras
 
+from renorm_convert import legacy
+
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
@@ -61,9 +63,12 @@ def load(path, *, safe_mode=True, custom_objects=None):
             "again with model.save()."
         )
     try:
-        with keras.saving.custom_object_scope(custom_objects or {}):
-            model = keras.models.load_model(path, compile=False,
-                                            safe_mode=safe_mode)
+        if path.lower().endswith((".h5", ".hdf5")) and legacy.uses_tf_ops(path):
+            model = legacy.load_h5_with_tf_ops(path, custom_objects)
+        else:
+            with keras.saving.custom_object_scope(custom_objects or {}):
+                model = keras.models.load_model(path, compile=False,
+                                                safe_mode=safe_mode)
     except Exception as e:
         raise UsageError(_explain_load_error(path, e)) from None
     if not isinstance(model, keras.Model):
