@@ -8,6 +8,7 @@ BatchNormalization sublayers are copied and their tracked sublayers swapped
 in place, as PyTorch's `convert_sync_batchnorm` does.
 """
 
+import inspect
 import re
 
 import keras
@@ -161,6 +162,14 @@ def _transform_graph_model(model, swap, swapped):
         if replacement is not None:
             swapped.append(layer.name)
             return replacement
+        if isinstance(layer, SwappedBlock) or (
+                not is_graph_model(layer) and normalization_sublayers(layer)):
+            # A custom block owning normalization: a fresh copy, its
+            # sublayers mirrored (and swapped) once the rebuild built it.
+            inner = layer.layer if isinstance(layer, SwappedBlock) else layer
+            new = clone_layer(inner)
+            pairs.append((inner, new))
+            return SwappedBlock(new) if _will_hold_renorm(inner, swap) else new
         new = _clone_prebuilt(layer)
         if new is None:
             new = clone_layer(layer)
@@ -192,6 +201,136 @@ def _transform_graph_model(model, swap, swapped):
         else:
             _copy_weights(old, new)
     return new_model
+
+
+def normalization_sublayers(layer, path=None):
+    """(path, layer) of every BatchNormalization (ours included) that a
+    custom layer holds in its attributes, at any depth; nested graph models
+    are not searched (their normalization is in the graph)."""
+    found = []
+    path = layer.name if path is None else path
+    if isinstance(layer, SwappedBlock):
+        layer = layer.layer
+    for _, _, sub in _sublayer_items(layer):
+        sub_path = f"{path}/{sub.name}"
+        if isinstance(sub, keras.layers.BatchNormalization):
+            found.append((sub_path, sub))
+        elif not is_graph_model(sub):
+            found += normalization_sublayers(sub, sub_path)
+    return found
+
+
+def _will_hold_renorm(layer, swap):
+    """Whether a custom layer holds BatchRenormalization once `swap` has
+    replaced what it replaces."""
+    for _, sub in normalization_sublayers(layer):
+        replacement = swap(sub)
+        if isinstance(sub if replacement is None else replacement,
+                      BatchRenormalization):
+            return True
+    return False
+
+
+def mirror_block(new, old, swap, path):
+    """Makes the built custom layer `new` (a fresh copy of `old`) hold
+    `old`'s weights, with the sublayers that `swap` replaces replaced;
+    returns the paths of the replaced ones."""
+    swapped = []
+    _mirror(new, old.layer if isinstance(old, SwappedBlock) else old, swap,
+            swapped, path)
+    return swapped
+
+
+@keras.saving.register_keras_serializable(package="renorm_convert")
+class SwappedBlock(keras.layers.Layer):
+    """A custom layer whose BatchNormalization sublayers became
+    BatchRenormalization.
+
+    The block's own `get_config()` describes its original sublayers, so a
+    saved model would recreate them as BatchNormalization and then fail to
+    load their renorm statistics. This wrapper saves the block's config with
+    the configs of its BatchRenormalization sublayers, and puts them back in
+    place when the model is loaded. It calls the block, has its name, and
+    passes attribute lookups on to it (`wrapper.bn` is the block's `bn`).
+    """
+
+    def __init__(self, layer, renorm_sublayers=None, **kwargs):
+        if isinstance(layer, dict):
+            layer = serialization_lib.deserialize_keras_object(layer)
+        kwargs.setdefault("name", layer.name)
+        kwargs.setdefault("dtype", layer.dtype_policy)
+        super().__init__(**kwargs)
+        self.layer = layer
+        for entry in renorm_sublayers or []:
+            self._restore(entry["path"], entry["layer"])
+
+    def _restore(self, path, config):
+        parent = self.layer
+        for attr, index in path[:-1]:
+            parent = getattr(parent, attr)
+            parent = parent if index is None else parent[index]
+        attr, index = path[-1]
+        container = getattr(parent, attr)
+        old = container if index is None else container[index]
+        if isinstance(old, BatchRenormalization):
+            return
+        new = serialization_lib.deserialize_keras_object(config)
+        _put(parent, attr, index, old, new, f"{self.name}/{old.name}")
+
+    def __getattr__(self, name):
+        # Only reached when normal lookup fails; never during __init__.
+        layer = self.__dict__.get("layer")
+        if layer is None or name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(layer, name)
+
+    def build(self, *args, **kwargs):
+        self.built = True  # the block builds itself on its first call
+
+    def get_build_config(self):
+        return self.layer.get_build_config()
+
+    def build_from_config(self, config):
+        if config and not self.layer.built:
+            self.layer.build_from_config(config)
+        self.built = True
+
+    def call(self, *args, training=None, **kwargs):
+        if "training" in inspect.signature(self.layer.call).parameters:
+            kwargs["training"] = training
+        return self.layer(*args, **kwargs)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "layer": _unbuilt_config(self.layer),
+            "renorm_sublayers": [
+                {"path": path, "layer": _unbuilt_config(sub)}
+                for path, sub in _sublayer_paths(self.layer)
+                if isinstance(sub, BatchRenormalization)
+            ],
+        }
+
+
+def _unbuilt_config(layer):
+    """A layer's serialized config without its build config: the block and
+    its restored sublayers must be built together, once the swaps are in
+    place (`SwappedBlock.build_from_config`)."""
+    config = serialization_lib.serialize_keras_object(layer)
+    config.pop("build_config", None)
+    return config
+
+
+def _sublayer_paths(layer, prefix=()):
+    """([(attribute, index or None), ...], sublayer) for every sublayer of a
+    custom layer, at any depth, graph models not searched."""
+    found = []
+    for attr, index, sub in _sublayer_items(layer):
+        path = prefix + ((attr, index),)
+        found.append((list(map(list, path)), sub))
+        if not is_graph_model(sub):
+            found += _sublayer_paths(sub, path)
+    return found
 
 
 def _clone_operation(op):

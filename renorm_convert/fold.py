@@ -9,6 +9,8 @@ rebuilds an inference-only model without the normalization layers.
 import keras
 import numpy as np
 
+from renorm_convert.convert import (SwappedBlock, mirror_block,
+                                    normalization_sublayers)
 from renorm_convert.graph import clone_layer, consumers, model_graph, rebuild
 from renorm_convert.layers import values_by_name
 
@@ -164,6 +166,30 @@ def _unfoldable_reason(graph, node_id, calls_of):
     return None
 
 
+def _unwrapped(layer):
+    return layer.layer if isinstance(layer, SwappedBlock) else layer
+
+
+def _block_plan(node_id, data):
+    """Plan entries for the normalization a custom layer holds: its Python
+    code joins its sublayers, so none of them can be folded; each becomes a
+    ChannelAffine inside a copy of the block."""
+    prefix = data["path"].rsplit("/", 1)[0] + "/" if "/" in data["path"] else ""
+    return [{
+        "node": node_id,
+        "path": prefix + path,
+        "layer": norm,
+        "producer": data["path"],
+        "producer_layer": data["layer"],
+        "channels": int(norm.moving_mean.shape[0]),
+        "foldable": False,
+        "reason": f"it is inside custom layer '{data['path']}' "
+                  f"({type(_unwrapped(data['layer'])).__name__}), whose "
+                  "Python code "
+                  "joins its sublayers",
+    } for path, norm in normalization_sublayers(data["layer"])]
+
+
 def fold_plan(model, graph=None):
     """Which normalization calls can be folded, into what.
 
@@ -182,6 +208,10 @@ def fold_plan(model, graph=None):
     for node_id in graph.nodes:
         data = graph.nodes[node_id]
         if not isinstance(data["layer"], keras.layers.BatchNormalization):
+            if data["layer_id"] not in seen and isinstance(
+                    data["layer"], keras.layers.Layer):
+                seen.add(data["layer_id"])
+                plan += _block_plan(node_id, data)
             continue
         if data["layer_id"] in seen:
             continue  # a layer called several times is planned once
@@ -221,6 +251,18 @@ def _folded_producer(player, name, norm):
     return new, weights
 
 
+def _built_affine(layer):
+    """The inference equivalent of a normalization sublayer, built, with its
+    values (None for other layers: kept as they are)."""
+    if not isinstance(layer, keras.layers.BatchNormalization):
+        return None
+    new, values = _affine(layer, layer.name)
+    new.build_from_config(layer.get_build_config())
+    for v in new.weights:
+        v.assign(values[v.path.split("/")[-1]])
+    return new
+
+
 def _affine(norm, name):
     new = ChannelAffine(axis=norm.axis, name=name)
     scale, offset = scale_offset(*_norm_weights(norm))
@@ -246,6 +288,7 @@ def fold(model):
     producers = {id(p["producer_layer"]): p for p in plan if p["foldable"]}
     clones = {}
     pending = []
+    blocks = []
     used_names = set()
 
     def clone(site):
@@ -265,6 +308,11 @@ def fold(model):
                                             producers[id(layer)]["layer"])
         elif isinstance(layer, keras.layers.BatchNormalization):
             new, weights = _affine(layer, name)
+        elif isinstance(layer, SwappedBlock) or normalization_sublayers(layer):
+            inner = layer.layer if isinstance(layer, SwappedBlock) else layer
+            new = clone_layer(inner, name=name)
+            blocks.append((new, layer, site.path))
+            weights = None
         else:
             new = clone_layer(layer, name=name)
             weights = layer.get_weights() if layer.weights else None
@@ -293,6 +341,8 @@ def fold(model):
                     "its config has different weights; fix its get_config()."
                 )
             new.set_weights(weights)
+    for new, old, path in blocks:
+        mirror_block(new, old, _built_affine, path)
     new_model.folded = [p["path"] for p in plan if p["foldable"]]
     new_model.unfolded = {p["path"]: p["reason"] for p in plan
                           if not p["foldable"]}
