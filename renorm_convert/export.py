@@ -9,6 +9,7 @@ per normalization. Folding in Keras first (`fold`) leaves nothing to lower.
 """
 
 import collections
+import contextlib
 import dataclasses
 import os
 import warnings
@@ -98,15 +99,16 @@ def to_onnx(model, opset=None):
         patch_tf2onnx()  # Keras's own fix for tf2onnx under NumPy 2
     _patch_transpose_optimizer()
     try:
-        # Eager tensors a layer captured (a tf.constant made in build) are
-        # not variables, so tf2onnx's freezing leaves them as graph inputs.
-        captured = {
-            internal.name: external
-            for external, internal in serve.get_concrete_function().graph.captures
-            if external.dtype != tf.resource
-        }
-        onnx_model, _ = tf2onnx.convert.from_function(
-            serve, input_signature=specs, opset=opset)
+        with _grouped_conv_as_plain_op():
+            # Eager tensors a layer captured (a tf.constant made in build) are
+            # not variables, so tf2onnx's freezing leaves them as graph inputs.
+            captured = {
+                internal.name: external
+                for external, internal in serve.get_concrete_function().graph.captures
+                if external.dtype != tf.resource
+            }
+            onnx_model, _ = tf2onnx.convert.from_function(
+                serve, input_signature=specs, opset=opset)
     except Exception as e:
         text = " ".join(str(e).split())[:300]
         raise ExportError(
@@ -161,6 +163,36 @@ def _embed_captured(onnx_model, captured, n_inputs, name):
         graph.initializer.append(
             numpy_helper.from_array(np.asarray(tensor), value.name))
         graph.input.remove(value)
+
+
+@contextlib.contextmanager
+def _grouped_conv_as_plain_op():
+    """Keras's TensorFlow backend runs grouped convolutions through an
+    XLA-compiled function (TensorFlow's CPU kernel lacks them), which tf2onnx
+    cannot convert. While tracing for export, emit TensorFlow's plain Conv
+    op instead: its graph states the groups, and tf2onnx writes an ONNX Conv
+    with its `group` attribute. Only the trace uses it; nothing runs it."""
+    from keras.src.backend.tensorflow import nn as tf_nn
+
+    original = tf_nn.conv
+
+    def conv(inputs, kernel, strides=1, padding="valid", data_format=None,
+             dilation_rate=1):
+        fmt = data_format or keras.config.image_data_format()
+        channels = inputs.shape[-1 if fmt == "channels_last" else 1]
+        if channels == kernel.shape[-2] or len(inputs.shape) == 5:
+            return original(inputs, kernel, strides, padding, data_format,
+                            dilation_rate)
+        return tf.nn.convolution(
+            inputs, kernel, strides, padding.upper(),
+            data_format=tf_nn._convert_data_format(fmt, len(inputs.shape)),
+            dilations=dilation_rate)
+
+    tf_nn.conv = conv
+    try:
+        yield
+    finally:
+        tf_nn.conv = original
 
 
 _TRANSPOSE_PATCHED = False

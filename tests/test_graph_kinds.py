@@ -275,3 +275,22 @@ def test_unconverted_blocks_fold_to_channel_affine():
     assert sum(isinstance(l, rc.ChannelAffine) for l in layers) == 3
     x = sample_inputs(model)
     assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
+
+
+def test_grouped_convolutions_export_with_group_attribute(tmp_path):
+    inputs = keras.Input((8, 8, 4), name="img")
+    x = keras.layers.Conv2D(8, 3, groups=2, name="gconv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.Conv2D(8, 3, groups=4, use_bias=False, padding="same",
+                            name="gconv2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    model = keras.Model(inputs, x)
+    randomize_statistics(model, seed=6)
+    report = rc.export_onnx(rc.convert(model), tmp_path / "g.onnx")
+    assert report.folded == 2
+    groups = sorted(
+        a.i for n in onnx.load(str(tmp_path / "g.onnx")).graph.node
+        if n.op_type == "Conv" for a in n.attribute if a.name == "group")
+    assert groups == [2, 4]
+    x = sample_inputs(model)
+    assert max_rel_diff(model(x), _onnx(tmp_path / "g.onnx", x)) <= 1e-5
