@@ -1,4 +1,5 @@
-"""fold: normalization folded into the layer that produces its input.
+"""fold: normalization folded into the layer that produces its input, or
+forward into the layers that consume its output.
 
 Two levels, as in PyTorch's `torch.nn.utils.fusion`: pure NumPy weight maths
 (`fold_weights`, `scale_offset`), and the model plumbing (`fold_plan`,
@@ -67,6 +68,24 @@ def fold_weights(kernel, bias, mean, variance, epsilon, gamma=None, beta=None,
                                                                np.float64)
     new_bias = bias * scale.astype(np.float64) + offset.astype(np.float64)
     return new_kernel.astype(np.float32), new_bias.astype(np.float32)
+
+
+def fold_forward_weights(kernel, bias, scale, offset):
+    """Kernel and bias of a Dense or `padding="valid"` Conv layer whose input
+    is first mapped to `x * scale + offset` per input channel.
+
+    `kernel` is (..., in, out); `bias` None means zeros. With valid padding
+    every output sums whole kernels, so the offset adds a constant per
+    output channel: `bias + sum(kernel * offset)`; zero padding would break
+    this at the borders.
+    """
+    kernel = np.asarray(kernel, np.float64)
+    shape = [1] * (kernel.ndim - 2) + [-1, 1]
+    new_kernel = kernel * np.asarray(scale, np.float64).reshape(shape)
+    shift = (kernel * np.asarray(offset, np.float64).reshape(shape)).sum(
+        axis=tuple(range(kernel.ndim - 1)))
+    bias = 0.0 if bias is None else np.asarray(bias, np.float64)
+    return new_kernel.astype(np.float32), (bias + shift).astype(np.float32)
 
 
 def _depthwise(kernel, bias, mean, variance, epsilon, gamma, beta):
@@ -170,6 +189,41 @@ def _unwrapped(layer):
     return layer.layer if isinstance(layer, SwappedBlock) else layer
 
 
+# Consumers a normalization folds forward into (input channels on the
+# kernel's second-to-last axis, one input, no groups).
+FORWARD_FOLDABLE = (keras.layers.Dense, keras.layers.Conv1D,
+                    keras.layers.Conv2D, keras.layers.Conv3D)
+
+
+def _forward_consumers(graph, node_id, calls_of):
+    """The layers a normalization call folds forward into: every consumer
+    is a Dense or a `padding="valid"` Conv reading its channels, called only
+    here; else None."""
+    data = graph.nodes[node_id]
+    if len(calls_of[data["layer_id"]]) != 1:
+        return None
+    fed = consumers(graph, node_id)
+    if not fed or "<output>" in fed:
+        return None
+    ndim = len(next(iter(graph.in_edges(node_id, data=True)))[2]["shape"])
+    found = {}
+    for consumer in fed:
+        cdata = graph.nodes[consumer]
+        layer = cdata["layer"]
+        if type(layer) not in FORWARD_FOLDABLE or len(
+                calls_of[cdata["layer_id"]]) != 1:
+            return None
+        if not isinstance(layer, keras.layers.Dense) and (
+                layer.padding != "valid" or layer.groups != 1):
+            return None
+        if data["layer"].axis % ndim != _channel_axis(layer, ndim):
+            return None
+        if getattr(layer.dtype_policy, "quantization_mode", None) is not None:
+            return None
+        found[id(layer)] = cdata
+    return list(found.values())
+
+
 def _block_plan(node_id, data):
     """Plan entries for the normalization a custom layer holds: its Python
     code joins its sublayers, so none of them can be folded; each becomes a
@@ -183,6 +237,9 @@ def _block_plan(node_id, data):
         "producer_layer": data["layer"],
         "channels": int(norm.moving_mean.shape[0]),
         "foldable": False,
+        "into": None,
+        "consumers": [],
+        "consumer_layers": [],
         "reason": f"it is inside custom layer '{data['path']}' "
                   f"({type(_unwrapped(data['layer'])).__name__}), whose "
                   "Python code "
@@ -218,6 +275,8 @@ def fold_plan(model, graph=None):
         seen.add(data["layer_id"])
         producer_id = data["inputs"][0]
         reason = _unfoldable_reason(graph, node_id, calls_of)
+        forward = None if reason is None else _forward_consumers(
+            graph, node_id, calls_of)
         plan.append({
             "node": node_id,
             "path": data["path"],
@@ -225,20 +284,32 @@ def fold_plan(model, graph=None):
             "producer": graph.nodes[producer_id]["path"],
             "producer_layer": graph.nodes[producer_id]["layer"],
             "channels": int(data["layer"].moving_mean.shape[0]),
-            "foldable": reason is None,
-            "reason": reason,
+            "foldable": reason is None or forward is not None,
+            "reason": None if forward else reason,
+            # "producer", or "consumers" (folded forward into those).
+            "into": "consumers" if forward else (
+                "producer" if reason is None else None),
+            "consumers": [c["path"] for c in forward or []],
+            "consumer_layers": [c["layer"] for c in forward or []],
         })
     return plan
 
 
-def _folded_producer(player, name, norm):
-    """A copy of `player` named `name` with `norm` folded into its weights
-    (to assign once built)."""
+def _folded_layer(player, name, norm=None, norm_before=None):
+    """A copy of `player` named `name` with `norm` (which reads its output)
+    and `norm_before` (which feeds its input) folded into its weights (to
+    assign once built)."""
     new = clone_layer(player, name=name, use_bias=True,
                       bias_initializer="zeros", bias_regularizer=None,
                       bias_constraint=None)
     weights = values_by_name(player.weights)
     kernel_name, axis = FOLDABLE[type(player)]
+    if norm_before is not None:
+        weights[kernel_name], weights["bias"] = fold_forward_weights(
+            weights[kernel_name], weights.get("bias"),
+            *scale_offset(*_norm_weights(norm_before)))
+    if norm is None:
+        return new, weights
     stats = _norm_weights(norm)
     if axis is None:
         kernel, bias = _depthwise(weights[kernel_name], weights.get("bias"),
@@ -274,8 +345,12 @@ def fold(model):
 
     Every BatchNormalization or BatchRenormalization whose input comes only
     from a linear Conv*/Dense layer (and feeds nothing else) is folded into
-    that layer's kernel and bias (a bias is added if it had none); any other
-    normalization becomes one `ChannelAffine` (per-channel scale and offset).
+    that layer's kernel and bias (a bias is added if it had none). One that
+    cannot fold backward (after Concatenate or Add, say) folds forward when
+    every consumer of its output is a Dense or `padding="valid"` Conv
+    reading its channels. Any other normalization becomes one
+    `ChannelAffine` (per-channel scale and offset), as does normalization
+    inside custom layers whose Python code joins their sublayers.
     Nested models are inlined. The input model is not modified.
 
     Returns:
@@ -285,7 +360,10 @@ def fold(model):
     graph = model_graph(model)
     plan = fold_plan(model, graph)
     folded_norms = {id(p["layer"]): p for p in plan if p["foldable"]}
-    producers = {id(p["producer_layer"]): p for p in plan if p["foldable"]}
+    producers = {id(p["producer_layer"]): p["layer"] for p in plan
+                 if p["into"] == "producer"}
+    forward = {id(c): p["layer"] for p in plan if p["into"] == "consumers"
+               for c in p["consumer_layers"]}
     clones = {}
     pending = []
     blocks = []
@@ -303,9 +381,9 @@ def fold(model):
         if name in used_names:
             name = site.path.replace("/", "_")
         used_names.add(name)
-        if id(layer) in producers:
-            new, weights = _folded_producer(layer, name,
-                                            producers[id(layer)]["layer"])
+        if id(layer) in producers or id(layer) in forward:
+            new, weights = _folded_layer(layer, name, producers.get(id(layer)),
+                                         forward.get(id(layer)))
         elif isinstance(layer, keras.layers.BatchNormalization):
             new, weights = _affine(layer, name)
         elif isinstance(layer, SwappedBlock) or normalization_sublayers(layer):

@@ -9,7 +9,7 @@ import pytest
 import renorm_convert as rc
 from helpers import max_rel_diff, nested_model, randomize_statistics, sample_inputs
 from renorm_convert.export import op_counts, run_onnx, to_onnx
-from renorm_convert.fold import fold_weights, scale_offset
+from renorm_convert.fold import fold_plan, fold_weights, scale_offset
 
 
 def test_fold_weights_matches_numpy_dense_then_batchnorm():
@@ -100,12 +100,14 @@ def test_fold_without_gamma_or_beta(center, scale):
 def test_unfoldable_cases_become_channel_affine():
     inputs = keras.Input((6, 6, 3))
     a = keras.layers.BatchNormalization(name="bn_input")(inputs)
-    c = keras.layers.Conv2D(4, 3, name="conv_shared_out")(a)
+    # "same" padding everywhere: nothing folds forward either.
+    c = keras.layers.Conv2D(4, 3, padding="same", name="conv_shared_out")(a)
     b1 = keras.layers.BatchNormalization(name="bn_two_consumers")(c)
     side = keras.layers.ReLU(name="side")(c)
-    r = keras.layers.Conv2D(4, 3, activation="relu", name="conv_relu")(b1)
+    r = keras.layers.Conv2D(4, 3, padding="same", activation="relu",
+                            name="conv_relu")(b1)
     b2 = keras.layers.BatchNormalization(name="bn_after_relu_conv")(r)
-    side = keras.layers.Conv2D(4, 3, name="side_conv")(side)
+    side = keras.layers.Conv2D(4, 3, padding="same", name="side_conv")(side)
     cat = keras.layers.Concatenate(name="cat")([b2, side])
     b3 = keras.layers.BatchNormalization(name="bn_after_concat")(cat)
     model = keras.Model(inputs, b3)
@@ -268,3 +270,56 @@ def test_export_large_architectures(tmp_path, name, shape):
     again = rc.export_onnx(converted, tmp_path / "m2.onnx")
     assert again.op_counts == report.op_counts
     assert again.relative_diff <= 1e-4
+
+
+def test_fold_forward_into_valid_consumers():
+    """A normalization after Concatenate / Add folds exactly into consumers
+    that are Dense or padding="valid" Conv (several, and one that is itself
+    followed by a normalization folded backward); "same" padding does not."""
+    inputs = keras.Input((9, 9, 3), name="img")
+    a = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+    b = keras.layers.Conv2D(4, 1, activation="relu")(inputs)
+    cat = keras.layers.Concatenate()([a, b])
+    bn_cat = keras.layers.BatchNormalization(name="bn_cat")(cat)
+    c1 = keras.layers.Conv2D(5, 3, name="c1")(bn_cat)            # valid
+    c2 = keras.layers.Conv2D(5, 3, use_bias=False, name="c2")(bn_cat)
+    c2 = keras.layers.BatchNormalization(name="bn_c2")(c2)        # backward
+    added = keras.layers.Add()([c1, c2])
+    bn_add = keras.layers.BatchNormalization(name="bn_add")(added)
+    same = keras.layers.Conv2D(3, 3, padding="same", name="same")(bn_add)
+    pooled = keras.layers.GlobalAveragePooling2D()(same)
+    bn_vec = keras.layers.BatchNormalization(name="bn_vec")(pooled)
+    out = keras.layers.Dense(2, name="head")(bn_vec)
+    model = keras.Model(inputs, out)
+    randomize_statistics(model, seed=7)
+    folded = rc.fold(rc.convert(model))
+    assert sorted(folded.folded) == ["bn_c2", "bn_cat", "bn_vec"]
+    assert list(folded.unfolded) == ["bn_add"]
+    plan = {p["path"]: p for p in fold_plan(model)}
+    assert plan["bn_cat"]["into"] == "consumers"
+    assert sorted(plan["bn_cat"]["consumers"]) == ["c1", "c2"]
+    x = sample_inputs(model, batch=3)
+    assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
+
+
+def test_fold_forward_weights_against_numpy():
+    from renorm_convert.fold import fold_forward_weights
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, 5, 3))
+    kernel = rng.normal(size=(3, 3, 3, 4))
+    bias = rng.normal(size=4)
+    scale, offset = rng.uniform(0.5, 2, 3), rng.normal(size=3)
+
+    def conv_valid(x, k, b):  # plain loops: the reference
+        out = np.zeros((x.shape[0], 3, 3, k.shape[-1]))
+        for i in range(3):
+            for j in range(3):
+                out[:, i, j] = np.einsum("nhwc,hwco->no",
+                                         x[:, i:i + 3, j:j + 3], k) + b
+        return out
+
+    expected = conv_valid(x * scale + offset, kernel, bias)
+    k2, b2 = fold_forward_weights(kernel, bias, scale, offset)
+    np.testing.assert_allclose(conv_valid(x, k2, b2), expected, rtol=1e-5,
+                               atol=1e-5)
