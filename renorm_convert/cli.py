@@ -549,7 +549,9 @@ def build_parser():
                         "sgd, ... (default adam)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--head", type=int, metavar="N",
-                   help="replace the last Dense layer by one with N classes")
+                   help="replace the classifier (the last Dense, or a Conv followed "
+                   "only by pooling / flatten / reshape / activation / "
+                   "dropout) by a new one with N classes")
     p.add_argument("--train-only", choices=["norm"],
                    help="train only the normalization parameters")
     p.add_argument("--mixed-precision", choices=["float16", "bfloat16"])

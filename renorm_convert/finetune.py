@@ -123,18 +123,81 @@ def _output_is_probability(model):
         getattr(activation, "__name__", "") == "softmax")
 
 
-def replace_head(model, num_classes):
-    """A model whose last Dense layer is a new one with `num_classes` units
-    (same activation), for fine-tuning on another label set."""
-    last = model.layers[-1]
-    if len(model.outputs) != 1 or not isinstance(last, keras.layers.Dense):
+# Layers that may follow the classifier: they pool, reshape, activate or
+# drop, and never mix channels, so they carry the class dimension through.
+_HEAD_TAIL = (
+    keras.layers.Activation, keras.layers.Softmax, keras.layers.ReLU,
+    keras.layers.Dropout, keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D, keras.layers.SpatialDropout3D,
+    keras.layers.GaussianDropout, keras.layers.AlphaDropout,
+    keras.layers.Flatten, keras.layers.Reshape, keras.layers.Identity,
+    keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D, keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D, keras.layers.GlobalMaxPooling3D,
+)
+_CONVS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+
+
+def _classifier_chain(model, num_classes):
+    """(classifier, [layers after it]) for the layer producing the model's
+    class dimension: a Dense, or a Conv followed only by _HEAD_TAIL layers."""
+    def refuse(found):
         raise FineTuneError(
-            f"head={num_classes}: model '{model.name}' does not end in one "
-            "Dense layer to replace; give it a head yourself.")
-    features = last.input
-    new = keras.layers.Dense(num_classes, activation=last.activation,
-                             name=f"{last.name}_head{num_classes}")
-    return keras.Model(model.inputs, new(features), name=model.name)
+            f"head={num_classes}: model '{model.name}' has no classifier "
+            f"layer to replace: {found}. A Dense or Conv layer producing the "
+            "classes, followed only by pooling, flatten, reshape, activation "
+            "or dropout, can be replaced; give other models a head yourself.")
+
+    if len(model.outputs) != 1:
+        refuse(f"it has {len(model.outputs)} outputs")
+    tail = []
+    tensor = model.outputs[0]
+    while True:
+        layer, node_index, _ = tensor._keras_history
+        node = layer._inbound_nodes[node_index]
+        if isinstance(layer, keras.layers.Dense) or (
+                isinstance(layer, _CONVS) and layer.groups == 1):
+            return layer, node.input_tensors[0], tail[::-1]
+        if not isinstance(layer, _HEAD_TAIL) or len(node.input_tensors) != 1:
+            refuse(f"the output comes from {type(layer).__name__} "
+                   f"'{layer.name}'"
+                   + (f" after {', '.join(repr(t.name) for t in tail)}"
+                      if tail else ""))
+        tail.append(layer)
+        tensor = node.input_tensors[0]
+
+
+def _tail_config(layer, classes, num_classes):
+    config = layer.get_config()
+    if isinstance(layer, keras.layers.Reshape):
+        shape = list(config["target_shape"])
+        if shape[-1] not in (classes, -1):
+            raise FineTuneError(
+                f"head={num_classes}: cannot carry {num_classes} classes "
+                f"through Reshape '{layer.name}' to {tuple(shape)}; give the "
+                "model a head yourself.")
+        config["target_shape"] = tuple(shape[:-1]) + (
+            shape[-1] if shape[-1] == -1 else num_classes,)
+    return config
+
+
+def replace_head(model, num_classes):
+    """A model whose classifier (the Dense, or a Conv followed only by
+    pooling / flatten / reshape / activation / dropout, as in SqueezeNet or
+    keras.applications.MobileNet) is a new, freshly initialized layer with
+    `num_classes` outputs and the same activation, the layers after it
+    kept, for fine-tuning on another label set."""
+    old, features, tail = _classifier_chain(model, num_classes)
+    config = old.get_config()
+    config["units" if isinstance(old, keras.layers.Dense)
+           else "filters"] = num_classes
+    config["name"] = f"{old.name}_head{num_classes}"
+    x = type(old).from_config(config)(features)
+    classes = old.units if isinstance(old, keras.layers.Dense) else old.filters
+    for layer in tail:
+        x = type(layer).from_config(_tail_config(layer, classes,
+                                                 num_classes))(x)
+    return keras.Model(model.inputs, x, name=model.name)
 
 
 def _is_norm(layer):

@@ -282,3 +282,82 @@ def test_xla_non_iid_rmsprop_and_tensorboard(tmp_path):
     events = [f for _, _, files in os.walk(tmp_path / "tb") for f in files
               if f.startswith("events.out")]
     assert events
+
+
+def conv_classifier(classes=4, shape=(12, 12, 3)):
+    """A Keras 2 style classifier (SqueezeNet, mini-Xception): the classes
+    come from a 1x1 Conv, then pooling and softmax."""
+    inputs = keras.Input(shape)
+    x = keras.layers.Conv2D(8, 3, use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Dropout(0.2)(x)
+    x = keras.layers.Conv2D(classes, 1, name="classes")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Activation("softmax")(x),
+                       name="model_1")
+
+
+def _feature_model(model, layer_name):
+    return keras.Model(model.inputs, model.get_layer(layer_name).output)
+
+
+@pytest.mark.parametrize("kind", ["conv", "dense_then_softmax", "mobilenet"])
+def test_replace_head_keeps_what_follows_the_classifier(kind):
+    from renorm_convert.finetune import replace_head
+    if kind == "conv":
+        model, features = conv_classifier(), "dropout"
+    elif kind == "dense_then_softmax":
+        inputs = keras.Input((6,))
+        x = keras.layers.Dense(5, activation="relu", name="hidden")(inputs)
+        x = keras.layers.Dense(3, name="logits")(x)
+        model = keras.Model(inputs, keras.layers.Softmax()(x))
+        features = "hidden"
+    else:
+        model = keras.applications.MobileNet(
+            weights=None, input_shape=(32, 32, 3), alpha=0.25, classes=4)
+        features = "dropout"
+    x = np.random.default_rng(0).uniform(
+        0, 1, (5,) + tuple(model.inputs[0].shape[1:])).astype("float32")
+    new = replace_head(model, 7)
+    assert new.outputs[0].shape[-1] == 7
+    # What precedes the classifier is the same layers, what follows is the
+    # same kinds of layer; the softmax still normalizes.
+    np.testing.assert_array_equal(_feature_model(new, features)(x),
+                                  _feature_model(model, features)(x))
+    old_tail = [type(l) for l in model.layers[-3:]]
+    assert [type(l) for l in new.layers[-3:]] == old_tail
+    y = new(x).numpy()
+    assert y.shape == (5, 7)
+    np.testing.assert_allclose(y.sum(axis=-1), 1, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ending, found", [
+    ("bn", "BatchNormalization 'last_bn'"),
+    ("two_outputs", "2 outputs"),
+    ("grouped", "Conv2D 'grouped' after 'gap'"),
+])
+def test_replace_head_refuses_naming_what_it_found(ending, found):
+    from renorm_convert.finetune import replace_head
+    inputs = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2D(4, 1)(inputs)
+    if ending == "bn":
+        outputs = keras.layers.BatchNormalization(name="last_bn")(x)
+    elif ending == "two_outputs":
+        outputs = [x, keras.layers.ReLU()(x)]
+    else:
+        x = keras.layers.Conv2D(4, 1, groups=2, name="grouped")(x)
+        outputs = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    model = keras.Model(inputs, outputs)
+    with pytest.raises(rc.FineTuneError, match="head=3") as info:
+        replace_head(model, 3)
+    assert found in str(info.value)
+
+
+def test_finetune_head_on_conv_classifier(small):
+    model = rc.convert(conv_classifier(classes=4, shape=(28, 28, 1)))
+    history = rc.fine_tune(model, small.subset(train=64, val=32), epochs=1, batch_size=32, head=10,
+                           verbose=0)
+    trained = history.trained_model
+    assert trained.outputs[0].shape[-1] == 10
+    assert trained.get_layer("classes_head10").filters == 10
