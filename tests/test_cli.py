@@ -221,3 +221,30 @@ def test_custom_objects_module_registers_layers(tmp_path, capsys, monkeypatch):
                           "my_layers")
     assert code == 0, err
     assert "converted 1 BatchNormalization" in out
+
+
+def test_finetune_head_on_keras2_conv_classifier(tmp_path, capsys):
+    """A Keras 2 .h5 classifier ending in Conv2D(classes, 1x1) ->
+    GlobalAveragePooling2D -> softmax gets a 10-class head."""
+    import tf_keras
+    inputs = tf_keras.Input((8, 8, 1))
+    x = tf_keras.layers.Conv2D(6, 3, use_bias=False)(inputs)
+    x = tf_keras.layers.BatchNormalization()(x)
+    x = tf_keras.layers.Activation("relu")(x)
+    x = tf_keras.layers.Conv2D(4, 1, name="conv_classes")(x)
+    x = tf_keras.layers.GlobalAveragePooling2D()(x)
+    outputs = tf_keras.layers.Activation("softmax")(x)
+    path = tmp_path / "mini.h5"
+    tf_keras.Model(inputs, outputs, name="model_1").save(path)
+    out = tmp_path / "tuned.keras"
+    code, stdout, err = _run(capsys, "finetune", path, "-o", out, "--data",
+                             "digits", "--epochs", "1", "--head", "10",
+                             "--train-size", "256", "--val-size", "64",
+                             "--quiet-progress")
+    assert code == 0, err
+    tuned = keras.models.load_model(out)
+    assert tuned.get_layer("conv_classes_head10").filters == 10
+    assert [type(l).__name__ for l in tuned.layers[-2:]] == [
+        "GlobalAveragePooling2D", "Activation"]
+    probabilities = tuned(np.zeros((2, 8, 8, 1), "float32")).numpy()
+    np.testing.assert_allclose(probabilities.sum(axis=-1), 1, rtol=1e-5)
