@@ -77,7 +77,8 @@ def _parity(reference, other, model):
 
 def cmd_inspect(args):
     """List every normalization layer of MODEL: its path, the layer producing
-    its input, channels, and whether it can be folded for export."""
+    its input, channels, and whether it can be folded for export (into its
+    producer, or forward into the Conv / Dense layers consuming it)."""
     from renorm_convert.fold import fold_plan
     from renorm_convert.graph import GraphError
 
@@ -92,6 +93,8 @@ def cmd_inspect(args):
         "producer": p["producer"],
         "channels": p["channels"],
         "foldable": p["foldable"],
+        "into": p["into"],
+        "consumers": p["consumers"],
         "reason": p["reason"],
     } for p in plan]
     totals = {
@@ -114,7 +117,9 @@ def cmd_inspect(args):
     print(f"{'path':<{width}}  {'class':<20}  {'producer':<{pwidth}}  "
           f"{'channels':>8}  foldable")
     for r in rows:
-        fold = "yes" if r["foldable"] else f"no: {r['reason']}"
+        fold = (f"no: {r['reason']}" if not r["foldable"]
+                else "yes" if r["into"] == "producer"
+                else "yes, forward into " + ", ".join(r["consumers"]))
         print(f"{r['path']:<{width}}  {r['class']:<20}  "
               f"{r['producer']:<{pwidth}}  {r['channels']:>8}  {fold}")
     print(f"\n{totals['normalization_layers']} normalization layers "

@@ -45,6 +45,27 @@ def test_inspect_json(model_file, capsys):
     assert code == 0 and "5 normalization layers" in out
 
 
+def test_inspect_says_where_each_normalization_folds(tmp_path, capsys):
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="producer")(inputs)
+    x = keras.layers.BatchNormalization(name="bn_back")(x)
+    x = keras.layers.Concatenate()([x, inputs])
+    x = keras.layers.BatchNormalization(name="bn_forward")(x)
+    a = keras.layers.Conv2D(2, 1, name="left")(x)
+    b = keras.layers.Conv2D(2, 3, name="right")(x)
+    path = tmp_path / "m.keras"
+    keras.Model(inputs, [a, b]).save(path)
+    code, out, _ = _run(capsys, "inspect", path, "--json")
+    rows = {r["path"]: r for r in json.loads(out)["layers"]}
+    assert rows["bn_back"]["into"] == "producer"
+    assert rows["bn_forward"]["into"] == "consumers"
+    assert sorted(rows["bn_forward"]["consumers"]) == ["left", "right"]
+    code, out, _ = _run(capsys, "inspect", path)
+    line = next(l for l in out.splitlines() if l.startswith("bn_forward"))
+    assert line.endswith(("yes, forward into left, right",
+                          "yes, forward into right, left")), line
+
+
 def test_convert_revert_export(model_file, tmp_path, capsys):
     out_path = tmp_path / "renorm.keras"
     code, out, _ = _run(capsys, "convert", model_file, "-o", out_path,
