@@ -121,9 +121,19 @@ def to_onnx(model, opset=None):
     for value, spec in zip(onnx_model.graph.input, specs):
         _rename(onnx_model, value.name, spec.name)
     for value, name in zip(list(onnx_model.graph.output),
-                           unique_names(model.output_names)):
+                           unique_names(output_names(model))):
         _rename(onnx_model, value.name, name)
     return onnx_model
+
+
+def output_names(model):
+    """The names a user knows the outputs by: the keys of a model built with
+    a dict of outputs (in the sorted order TensorFlow flattens them in),
+    else the names of the layers producing them."""
+    struct = getattr(model, "_outputs_struct", None)  # Functional's own
+    if isinstance(struct, dict) and len(struct) == len(model.outputs):
+        return [str(key) for key in sorted(struct)]
+    return list(model.output_names)
 
 
 def unique_names(names):

@@ -294,3 +294,53 @@ def test_grouped_convolutions_export_with_group_attribute(tmp_path):
     assert groups == [2, 4]
     x = sample_inputs(model)
     assert max_rel_diff(model(x), _onnx(tmp_path / "g.onnx", x)) <= 1e-5
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class FunctionalNet(keras.Model):
+    """A functional subclass of keras.Model, as model-zoo libraries write
+    backbones: the graph is built in __init__ and handed to keras.Model."""
+
+    def __init__(self, width=4, **kwargs):
+        inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(width, 3, name="stem")(inputs)
+        x = keras.layers.BatchNormalization(name="stem_bn")(x)
+        x = keras.layers.ReLU()(x)
+        head = keras.layers.GlobalAveragePooling2D()(x)
+        super().__init__(inputs, {"features": x, "pooled": head}, **kwargs)
+        self.width = width
+
+    def get_config(self):
+        return {"width": self.width, "name": self.name}
+
+
+def test_functional_subclass_with_dict_outputs(tmp_path):
+    model = FunctionalNet(name="backbone")
+    randomize_statistics(model, seed=1)
+    x = sample_inputs(model, batch=3)
+    expected = model(x, training=False)
+    assert set(expected) == {"features", "pooled"}
+    converted = rc.convert(model)
+    assert converted.renorm_converted == ["stem_bn"]
+    for got in (converted(x, training=False), rc.revert(converted)(x),
+                rc.fold(converted)(x)):
+        assert set(got) == {"features", "pooled"}
+        for key in expected:
+            assert max_rel_diff(expected[key], got[key]) <= 1e-5
+    converted.save(tmp_path / "c.keras")
+    loaded = keras.models.load_model(tmp_path / "c.keras")
+    assert isinstance(loaded.get_layer("stem_bn"), rc.BatchRenormalization)
+    got = loaded(x, training=False)
+    for key in expected:
+        assert max_rel_diff(expected[key], got[key]) <= 1e-6
+    rc.export_onnx(converted, tmp_path / "c.onnx")
+    # The ONNX outputs carry the dict's keys.
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(tmp_path / "c.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    assert sorted(names) == ["features", "pooled"]
+    got = dict(zip(names, session.run(None, {
+        session.get_inputs()[0].name: x})))
+    for key in expected:
+        assert max_rel_diff(expected[key], got[key]) <= 1e-5
