@@ -44,6 +44,9 @@ class Config:
     momentum: float = 0.9
     model: str = "cnn"
     data: str = "fashion-mnist"
+    # TensorFlow's deterministic kernels: two runs with the same config give
+    # the same numbers (on the same machine and instruction set).
+    deterministic: bool = True
 
 
 def small_cnn(shape, num_classes, width=16):
@@ -112,6 +115,10 @@ def _train(model, split, config, renorm, seed, eval_ds):
 
 def run(config, progress=print):
     """Runs the experiment; returns {"curves": [...], "final": {...}}."""
+    if config.deterministic:
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     split = data_lib.load_source(config.data)
     split = split.subset(val=config.eval_size, seed=0)
     shape = (28, 28, 1) if split.x_train.shape[1:] == (28, 28, 1) else tuple(
