@@ -5,22 +5,43 @@ them, and export them to ONNX with the normalization folded away.
 importable as `renorm_convert.convert` and `renorm_convert.fold`.
 """
 
-from renorm_convert._logs import filtered_stderr
+import os
+import sys
 
-with filtered_stderr():
-    import tensorflow  # noqa: F401  (its native start-up logs, filtered)
 
-# Importing these registers BatchRenormalization and ChannelAffine with
-# Keras, so that saved models load after `import renorm_convert`.
-from renorm_convert import data, export, graph, io, schedule  # noqa: E402
-from renorm_convert.convert import ConversionError, convert, revert  # noqa: E402
-from renorm_convert.export import ExportError, ExportReport, export_onnx  # noqa: E402
-from renorm_convert.finetune import (FineTuneError, NonFiniteLoss,  # noqa: E402
-                                     fine_tune)
-from renorm_convert.fold import ChannelAffine, fold  # noqa: E402
-from renorm_convert.graph import GraphError, model_graph  # noqa: E402
-from renorm_convert.layers import BatchRenormalization  # noqa: E402
-from renorm_convert.schedule import RenormSchedule  # noqa: E402
+def _load():
+    """Imports TensorFlow and every module of the API. Importing them
+    registers BatchRenormalization and ChannelAffine with Keras, so that
+    saved models load after `import renorm_convert`."""
+    from renorm_convert._logs import filtered_stderr
+
+    import importlib
+
+    with filtered_stderr():
+        import tensorflow  # noqa: F401  (its native start-up logs, filtered)
+
+    for module in ("data", "export", "graph", "io", "schedule"):
+        importlib.import_module(f"renorm_convert.{module}")
+    from renorm_convert.convert import ConversionError, convert, revert
+    from renorm_convert.export import ExportError, ExportReport, export_onnx
+    from renorm_convert.finetune import FineTuneError, NonFiniteLoss, fine_tune
+    from renorm_convert.fold import ChannelAffine, fold
+    from renorm_convert.graph import GraphError, model_graph
+    from renorm_convert.layers import BatchRenormalization
+    from renorm_convert.schedule import RenormSchedule
+
+    globals().update({name: value for name, value in locals().items()
+                      if name in __all__})
+
+
+def _run_as_command():
+    """True while the `renorm-convert` command (or `python -m
+    renorm_convert.cli`) imports this package: it parses its arguments
+    before TensorFlow loads, so `--help` and usage errors answer at once,
+    and calls `_load()` itself for a command that runs."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    return os.path.basename(argv0) in ("renorm-convert", "-m")
+
 
 __all__ = [
     "BatchRenormalization",
@@ -41,3 +62,13 @@ __all__ = [
     "revert",
 ]
 __version__ = "0.1.0"
+
+if _run_as_command():
+    def __getattr__(name):
+        if name in __all__:
+            _load()
+            return globals()[name]
+        raise AttributeError(f"module 'renorm_convert' has no attribute "
+                             f"{name!r}")
+else:
+    _load()

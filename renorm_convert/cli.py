@@ -629,6 +629,9 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    import renorm_convert
+
+    renorm_convert._load()  # TensorFlow, only now that a command runs
     _quiet_tensorflow()
     from renorm_convert.convert import ConversionError
     from renorm_convert.data import DataError

@@ -269,3 +269,32 @@ def test_finetune_head_on_keras2_conv_classifier(tmp_path, capsys):
         "GlobalAveragePooling2D", "Activation"]
     probabilities = tuned(np.zeros((2, 8, 8, 1), "float32")).numpy()
     np.testing.assert_allclose(probabilities.sum(axis=-1), 1, rtol=1e-5)
+
+
+HELP_WITHOUT_TENSORFLOW = """
+import sys
+sys.argv[0] = "renorm-convert"
+from renorm_convert.cli import main
+for argv in (["--help"], ["finetune", "--help"], ["export", "--help"],
+             ["finetune", "m.keras", "-o", "o.keras", "--epochs", "x"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print("tensorflow" in sys.modules, "keras" in sys.modules)
+"""
+
+
+def test_help_and_usage_errors_answer_before_tensorflow_loads():
+    out = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TENSORFLOW],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False False", out.stderr
+    assert "invalid int value: 'x'" in out.stderr
+    # The installed command, timed: TensorFlow's import alone takes 5-10 s.
+    command = os.path.join(os.path.dirname(sys.executable), "renorm-convert")
+    if os.path.exists(command):
+        import time
+        start = time.perf_counter()
+        subprocess.run([command, "export", "--help"], capture_output=True,
+                       check=True, timeout=60)
+        assert time.perf_counter() - start < 3.0
