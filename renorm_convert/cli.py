@@ -245,7 +245,7 @@ def cmd_finetune(args):
             plot=args.plot, tensorboard_dir=args.tensorboard,
             gradient_report_path=args.grad_report, seed=args.seed,
             verbose=2 if args.quiet_progress or not sys.stdout.isatty()
-            else "auto")
+            else "auto", progress=_progress)
     except NonFiniteLoss as e:
         save_atomically(e.model, args.output)
         print(f"renorm-convert finetune: {e}; wrote that model to "
@@ -256,6 +256,12 @@ def cmd_finetune(args):
         print("worker done (the chief writes the outputs)")
         return EXIT_OK
     save_atomically(trained, args.output)
+    if args.checkpoint_dir:
+        # Only now that the model is safely written: a run killed before
+        # this point resumes from the checkpoint instead of starting over.
+        from renorm_convert import checkpoint
+
+        checkpoint.remove(args.checkpoint_dir)
     if len(split.y_val):
         end_acc = accuracy(trained, split, args.scaling)
         before = f"{start_acc:.4f} -> " if start_acc is not None else ""

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from renorm_convert.fold import fold
-from renorm_convert.io import write_atomically
+from renorm_convert.io import kill_point, replace_atomically
 
 
 class ExportError(ValueError):
@@ -295,16 +295,15 @@ def export_onnx(model, path, *, opset=None, verify=True):
     """
     import onnx  # noqa: F401  (fail here, clearly, if it is missing)
 
+    check_opset(opset)
     folded = fold(model)
     onnx_model = to_onnx(folded, opset=opset)
-    write_atomically(path, onnx_model.SerializeToString())
     report = ExportReport(
         path=str(path),
         opset=int(onnx_model.opset_import[0].version),
         folded=len(folded.folded),
         unfolded=dict(folded.unfolded),
         op_counts=op_counts(onnx_model),
-        file_size=os.path.getsize(path),
         input_names=[i.name for i in onnx_model.graph.input],
         output_names=[o.name for o in onnx_model.graph.output],
     )
@@ -312,8 +311,44 @@ def export_onnx(model, path, *, opset=None, verify=True):
         xs = sample_inputs(model)
         expected = model(xs[0] if len(xs) == 1 else xs, training=False)
         expected = [np.asarray(e) for e in keras.tree.flatten(expected)]
-        got = run_onnx(str(path), xs)
+    payload = onnx_model.SerializeToString()
+
+    def write_and_verify(tmp):
+        # The file is checked before it takes the output's name: a file
+        # that fails the check never appears at `path`.
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        report.file_size = os.path.getsize(tmp)
+        if not verify:
+            return
+        kill_point("export-verify")
+        try:
+            got = run_onnx(tmp, xs)
+        except Exception as e:
+            text = " ".join(str(e).replace(tmp, str(path)).split())[:200]
+            raise ExportError(
+                f"{path}: onnxruntime cannot run the exported model "
+                f"({type(e).__name__}: {text}); nothing was written. Try "
+                "another opset.") from None
         report.max_abs_diff = max(
             float(np.abs(e - g).max()) for e, g in zip(expected, got))
         report.output_scale = max(float(np.abs(e).max()) for e in expected)
+
+    replace_atomically(path, write_and_verify)
     return report
+
+
+# tf2onnx 1.17 converts these opsets and onnxruntime runs what it writes;
+# below 9, tf2onnx leaves variables as graph inputs (measured).
+MIN_OPSET, MAX_OPSET = 9, 18
+
+
+def check_opset(opset):
+    """Refuses an opset outside what tf2onnx and onnxruntime support here."""
+    if opset is None:
+        return
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or (
+            not MIN_OPSET <= int(opset) <= MAX_OPSET):
+        raise ExportError(
+            f"opset={opset}: expected an ONNX opset from {MIN_OPSET} to "
+            f"{MAX_OPSET} (what tf2onnx and onnxruntime support here).")

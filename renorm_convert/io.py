@@ -4,7 +4,10 @@ atomic writes, inputs never overwritten."""
 import importlib
 import inspect
 import os
+import re
+import signal
 import tempfile
+import time
 import zipfile
 
 import keras
@@ -138,7 +141,7 @@ def check_output(output, inputs, suffixes):
 def save_atomically(model, path):
     """Saves `model` to `path` through a temporary file in the same
     directory, so that `path` is either the old file or the whole new one."""
-    _replace_atomically(path, model.save)
+    replace_atomically(path, model.save)
 
 
 def _umask_mode():
@@ -154,22 +157,101 @@ def write_atomically(path, payload):
         with open(tmp, "wb") as f:
             f.write(payload)
 
-    _replace_atomically(path, write)
+    replace_atomically(path, write)
 
 
-def _replace_atomically(path, write):
+# Our temporary files: `.tmp-renorm-convert-<pid>-<random><suffix>`, so a
+# later run can tell them (and whether their writer still lives) from
+# anyone else's.
+TEMP_PREFIX = ".tmp-renorm-convert-"
+TEMP_PATTERN = r"\.tmp-renorm-convert-\d+-[^/]*"
+_TEMP = re.compile(r"^\.tmp-renorm-convert-(\d+)-")
+STALE_AFTER_S = 24 * 3600
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temporaries(directory):
+    """Removes temporary files of ours in `directory` left by a run that was
+    killed (its process is gone, or the file is a day old); returns their
+    names."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMP.match(name)
+        if not match:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            old = time.time() - os.path.getmtime(path) > STALE_AFTER_S
+            if (old or not _alive(int(match.group(1)))) and os.path.isfile(
+                    path):
+                os.unlink(path)
+                removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def kill_point(name):
+    """A test hook: when RENORM_CONVERT_TEST_KILL_AT names this point
+    (`name` or `name:N` for its N-th passage), the process kills itself
+    with SIGKILL here, as a crash or `kill -9` would at that moment."""
+    wanted = os.environ.get("RENORM_CONVERT_TEST_KILL_AT")
+    if not wanted:
+        return
+    point, _, nth = wanted.partition(":")
+    if point != name:
+        return
+    _passages[name] = _passages.get(name, 0) + 1
+    if _passages[name] >= int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_passages = {}
+
+
+def replace_atomically(path, write, suffix=None):
     """Calls `write(tmp)` on a temporary path beside `path` (same suffix),
-    then renames it over `path`; on any failure removes it."""
+    syncs it and renames it over `path`; on any failure, or a signal,
+    removes it. An OSError names `path`, not the temporary file."""
     path = str(path)
     directory = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    remove_stale_temporaries(directory)
+    if suffix is None:
+        suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-",
+                               suffix=suffix, dir=directory)
     os.close(fd)
     try:
         write(tmp)
+        kill_point("before-rename")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())  # mkstemp makes it private
         os.replace(tmp, path)
+    except OSError as e:
+        _discard(tmp)
+        raise OSError(e.errno, f"{path}: {e.strerror or e}") from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _discard(tmp)
         raise
+
+
+
+def _discard(tmp):
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass

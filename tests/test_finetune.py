@@ -148,10 +148,18 @@ def test_resume_after_interruption_ends_at_the_same_step(small, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         rc.fine_tune(model, part, checkpoint_dir=ckpt,
                      callbacks=[Interrupt()], **kwargs)
-    assert os.path.exists(os.path.join(ckpt, "training_metadata.json"))
-    resumed = rc.fine_tune(model, part, checkpoint_dir=ckpt, **kwargs)
+    assert os.path.exists(os.path.join(ckpt, "epoch-0001.json"))
+    said = []
+    resumed = rc.fine_tune(model, part, checkpoint_dir=ckpt,
+                           progress=said.append, **kwargs)
     straight = rc.fine_tune(model, part, **kwargs)
-    assert len(resumed.history["loss"]) == 2  # epochs 2 and 3
+    assert said == [f"resuming from epoch 1, step 10 (checkpoint in {ckpt})"]
+    assert resumed.resumed_from == (1, 10)
+    # The history covers the whole run, epoch 1 from the checkpoint.
+    assert len(resumed.history["loss"]) == 3
+    assert len(resumed.steps) == 30
+    np.testing.assert_allclose(resumed.history["loss"],
+                               straight.history["loss"], rtol=1e-5)
     steps = int(straight.trained_model.optimizer.iterations.numpy())
     assert steps == 3 * 10
     assert int(resumed.trained_model.optimizer.iterations.numpy()) == steps
