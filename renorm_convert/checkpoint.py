@@ -43,25 +43,33 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def claim(directory):
-    """Makes `directory` ours (creating it if needed); refuses a file, or a
-    directory holding anything we did not write."""
+def check(directory):
+    """Refuses, without writing anything, a `directory` that is a file or
+    holds anything we did not write."""
     directory = str(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise CheckpointError(
             f"checkpoint_dir={directory}: is a file; give a directory (a new "
             "or empty one) for checkpoints.")
+    if not os.path.isdir(directory) or is_ours(directory):
+        return
+    foreign = sorted(n for n in os.listdir(directory) if not _OURS.match(n))
+    if foreign:
+        raise CheckpointError(
+            f"checkpoint_dir={directory}: holds files that are not "
+            f"renorm-convert checkpoints ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); give a new or empty "
+            "directory (nothing in it was changed).")
+
+
+def claim(directory):
+    """Makes `directory` ours (creating it if needed); refuses a file, or a
+    directory holding anything we did not write."""
+    directory = str(directory)
+    check(directory)
     os.makedirs(directory, exist_ok=True)
     marker = os.path.join(directory, MARKER)
     if not os.path.exists(marker):
-        foreign = sorted(n for n in os.listdir(directory)
-                         if not _OURS.match(n))
-        if foreign:
-            raise CheckpointError(
-                f"checkpoint_dir={directory}: holds files that are not "
-                f"renorm-convert checkpoints ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}); give a new or empty "
-                "directory (nothing in it was changed).")
         write_atomically(marker, json.dumps(
             {"written_by": "renorm-convert", "format": 1}).encode())
     return directory
