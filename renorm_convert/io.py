@@ -275,7 +275,8 @@ def remove_stale_temporaries(directory):
 def kill_point(name):
     """A test hook: when RENORM_CONVERT_TEST_KILL_AT names this point
     (`name` or `name:N` for its N-th passage), the process kills itself
-    with SIGKILL here, as a crash or `kill -9` would at that moment."""
+    here with SIGKILL, as a crash or `kill -9` would at that moment (or
+    with the signal RENORM_CONVERT_TEST_KILL_SIGNAL names, e.g. SIGTERM)."""
     wanted = os.environ.get("RENORM_CONVERT_TEST_KILL_AT")
     if not wanted:
         return
@@ -284,7 +285,8 @@ def kill_point(name):
         return
     _passages[name] = _passages.get(name, 0) + 1
     if _passages[name] >= int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        kind = os.environ.get("RENORM_CONVERT_TEST_KILL_SIGNAL", "SIGKILL")
+        os.kill(os.getpid(), getattr(signal, kind))
 
 
 _passages = {}
