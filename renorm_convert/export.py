@@ -281,17 +281,24 @@ def export_onnx(model, path, *, opset=None, verify=True):
     layer (`fold`), converts with tf2onnx, keeps the input and output names,
     leaves the batch dimension dynamic, and writes `path` atomically (nothing
     is left behind on failure). With `verify`, runs the file in onnxruntime
-    on random inputs and compares with the Keras model's inference output.
+    on random inputs and compares with the Keras model's inference output,
+    before the file takes the name `path`: a file onnxruntime cannot run
+    never appears there.
 
     Args:
         model: A Keras model (BatchNormalization or BatchRenormalization
             layers, nested models, several inputs / outputs).
         path: Where to write the `.onnx` file.
-        opset: ONNX opset; tf2onnx's default when None.
+        opset: ONNX opset from `MIN_OPSET` to `MAX_OPSET` (9 to 18);
+            tf2onnx's default when None.
         verify: Compare onnxruntime's output with Keras's.
 
     Returns:
         An `ExportReport`.
+
+    Raises:
+        ExportError: an opset out of range, a model tf2onnx cannot convert,
+            or a file onnxruntime cannot run (then nothing is written).
     """
     import onnx  # noqa: F401  (fail here, clearly, if it is missing)
 
