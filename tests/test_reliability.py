@@ -337,14 +337,31 @@ def test_export_check_failing_leaves_nothing(work, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def _tiny_split(rng):
+    return rc.data.Split(rng.integers(0, 256, (64, 8, 8, 1), np.uint8),
+                         rng.integers(0, 3, 64),
+                         rng.integers(0, 256, (16, 8, 8, 1), np.uint8),
+                         rng.integers(0, 3, 16), 3, "tiny")
+
+
+def test_fine_tune_never_takes_a_directory_it_did_not_make(tmp_path):
+    from renorm_convert.checkpoint import CheckpointError
+
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("keep me")
+    split = _tiny_split(np.random.default_rng(0))
+    with pytest.raises(CheckpointError, match="not renorm-convert checkpoints"):
+        rc.fine_tune(_tiny_model(), split, epochs=1, batch_size=16,
+                     checkpoint_dir=folder, verbose=0)
+    assert os.listdir(folder) == ["mine.txt"]
+
+
 def test_nan_loss_with_adam_saves_no_nan_optimizer_state(tmp_path):
     keras.utils.set_random_seed(0)
     model = _tiny_model()
     rng = np.random.default_rng(0)
-    split = rc.data.Split(rng.integers(0, 256, (64, 8, 8, 1), np.uint8),
-                          rng.integers(0, 3, 64),
-                          rng.integers(0, 256, (16, 8, 8, 1), np.uint8),
-                          rng.integers(0, 3, 16), 3, "tiny")
+    split = _tiny_split(rng)
     with pytest.raises(rc.NonFiniteLoss, match="optimizer state") as info:
         rc.fine_tune(model, split, epochs=2, batch_size=16, optimizer="adam",
                      learning_rate=1e30, verbose=0)
