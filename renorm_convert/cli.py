@@ -311,7 +311,7 @@ def _check_finetune_paths(args):
         for suffix in (".csv", ".steps.csv", ".json")]
     for flag, path, kind in (("--plot", args.plot, "file"),
                              ("--grad-report", args.grad_report, "file"),
-                             ("--tensorboard", args.tensorboard, "dir"),
+                             ("--tensorboard", args.tensorboard, "logdir"),
                              ("--checkpoint-dir", args.checkpoint_dir, "dir")):
         if path:
             outputs.append((flag, path, kind))

@@ -172,7 +172,10 @@ def check_outputs(outputs, inputs=()):
     """Checks, before any work, every place a run will write.
 
     Args:
-        outputs: (flag, path, kind) triples, kind "file" or "dir".
+        outputs: (flag, path, kind) triples, kind "file", "dir" (a
+            directory of the run's own, which must not hold an input or
+            another output) or "logdir" (a directory the run adds files
+            to, such as TensorBoard's).
         inputs: (what, path) pairs: model files, data files or folders.
 
     Raises:
@@ -301,8 +304,11 @@ def replace_atomically(path, write, suffix=None):
     remove_stale_temporaries(directory)
     if suffix is None:
         suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-",
-                               suffix=suffix, dir=directory)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-",
+                                   suffix=suffix, dir=directory)
+    except OSError as e:
+        raise OSError(e.errno, f"{path}: {e.strerror or e}") from None
     os.close(fd)
     try:
         write(tmp)

@@ -357,6 +357,19 @@ def test_fine_tune_never_takes_a_directory_it_did_not_make(tmp_path):
     assert os.listdir(folder) == ["mine.txt"]
 
 
+def test_a_record_that_cannot_be_written_does_not_cost_the_model(tmp_path):
+    split = _tiny_split(np.random.default_rng(0))
+    plot = tmp_path / "gone" / "curves.png"
+    history = rc.fine_tune(_tiny_model(), split, epochs=1, batch_size=16,
+                           plot=plot, history_path=tmp_path / "h",
+                           verbose=0)
+    assert list(history.artifact_errors) == [str(plot)]
+    assert str(plot) in history.artifact_errors[str(plot)]
+    assert ".tmp-" not in history.artifact_errors[str(plot)]
+    assert (tmp_path / "h.csv").exists()
+    assert int(history.trained_model.optimizer.iterations.numpy()) == 4
+
+
 def test_nan_loss_with_adam_saves_no_nan_optimizer_state(tmp_path):
     keras.utils.set_random_seed(0)
     model = _tiny_model()
