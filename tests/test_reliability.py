@@ -335,6 +335,11 @@ def test_export_check_failing_leaves_nothing(work, tmp_path, monkeypatch):
         rc.export_onnx(model, out)
     assert str(out) in str(info.value) and ".tmp-" not in str(info.value)
     assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+    for opset in (0, 3, 99, True):
+        with pytest.raises(rc.ExportError, match="from 9 to 18"):
+            rc.export_onnx(model, out, opset=opset)
+    assert os.listdir(tmp_path) == []
 
 
 def _tiny_split(rng):
