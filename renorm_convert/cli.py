@@ -384,6 +384,11 @@ def _latency_ms(fn, x, repeats):
     return 1000 * sorted(times)[len(times) // 2]
 
 
+DEMO_FILES = ("converted.keras", "finetuned.keras", "finetuned.onnx",
+              "history.csv", "history.steps.csv", "history.json",
+              "history.png")
+
+
 def cmd_demo(args):
     """The main job on the embedded default: load the reference
     Inception-style Fashion-MNIST model, inspect and convert it, fine-tune it
@@ -400,9 +405,16 @@ def cmd_demo(args):
     from renorm_convert.fold import fold_plan
     from renorm_convert.io import save_atomically
 
+    from renorm_convert.data import source_path
+    from renorm_convert.io import check_outputs
+
     started = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
     path = args.model or default_model_path()
+    check_outputs([("--out", args.out, "logdir")] + [
+        ("--out", os.path.join(args.out, name), "file")
+        for name in DEMO_FILES if os.path.isdir(args.out)],
+        [("model", path), ("data", source_path(args.data))])
+    os.makedirs(args.out, exist_ok=True)
     if not os.path.exists(path):
         raise _usage(f"{path}: the reference model is missing; build it with "
                      "`python models/build.py` or pass --model FILE.")

@@ -163,10 +163,12 @@ def test_finetune_refuses_bad_data(work, capsys, tmp_path):
                                     "8"], match)
 
 
-def test_convert_revert_export_refuse_bad_input(work, capsys, tmp_path):
+def test_convert_revert_export_demo_refuse_bad_input(work, capsys, tmp_path):
     m = work / "model.keras"
     (tmp_path / "dir.onnx").mkdir()
     (tmp_path / "dir.keras").mkdir()
+    # demo writes converted.keras (and more) into --out.
+    (tmp_path / "converted.keras").write_bytes(m.read_bytes())
     for argv, match in [
             (["convert", m, "-o", tmp_path / "c.keras", "--r-max", "inf"],
              "--r-max: expected a finite number"),
@@ -181,7 +183,11 @@ def test_convert_revert_export_refuse_bad_input(work, capsys, tmp_path):
              "expected an integer >= 9"),
             (["export", m, "-o", tmp_path / "m.onnx", "--opset", "99"],
              "expected an opset from 9 to 18"),
-            (["export", m, "-o", tmp_path / "dir.onnx"], "is a directory")]:
+            (["export", m, "-o", tmp_path / "dir.onnx"], "is a directory"),
+            (["demo", "--model", tmp_path / "converted.keras", "--out",
+              tmp_path], "is the input file"),
+            (["demo", "--out", m], "is a file, not a directory"),
+            (["demo", "--lr", "0"], "--lr: expected a number > 0.0")]:
         _refused(capsys, work, argv, match)
         _refused(capsys, tmp_path, argv, match)
 
