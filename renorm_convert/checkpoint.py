@@ -127,7 +127,7 @@ def latest(directory):
 
 def write(directory, model, *, epoch, step, history, steps, extra=None):
     """Writes the checkpoint of `epoch` atomically, then removes the ones
-    older than the previous."""
+    older than the previous (and any of later epochs)."""
     base = f"epoch-{epoch:04d}"
     weights = os.path.join(directory, base + ".weights.h5")
     record = {}
@@ -145,7 +145,13 @@ def write(directory, model, *, epoch, step, history, steps, extra=None):
             "history": history, "steps": steps, "extra": extra or {}}
     write_atomically(os.path.join(directory, base + ".json"),
                      json.dumps(meta).encode())
-    for old_epoch, name in _entries(directory)[KEEP:]:
+    # Later epochs than this one are left from a run that went past here
+    # and whose checkpoints were found damaged: stale now.
+    entries = _entries(directory)
+    for old_epoch, _ in entries:
+        if old_epoch > epoch:
+            _remove_checkpoint(directory, old_epoch)
+    for old_epoch, _ in [e for e in entries if e[0] <= epoch][KEEP:]:
         _remove_checkpoint(directory, old_epoch)
 
 

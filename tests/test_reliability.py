@@ -399,3 +399,32 @@ def test_nan_loss_with_adam_saves_no_nan_optimizer_state(tmp_path):
     x = rng.normal(size=(16, 8, 8, 1)).astype("float32")
     again.train_on_batch(x, rng.integers(0, 3, 16))
     assert all(np.isfinite(v.numpy()).all() for v in again.weights)
+
+
+def test_checkpoints_keep_the_previous_and_skip_damaged_ones(tmp_path):
+    from renorm_convert import checkpoint
+
+    model = _tiny_model()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.optimizer.build(model.trainable_variables)
+    folder = checkpoint.claim(tmp_path / "ckpt")
+    for epoch in (1, 2, 3):
+        checkpoint.write(folder, model, epoch=epoch, step=4 * epoch,
+                         history={"loss": [1.0] * epoch}, steps=[])
+    names = sorted(n for n in os.listdir(folder) if n.startswith("epoch-"))
+    assert names == ["epoch-0002.json", "epoch-0002.weights.h5",
+                     "epoch-0003.json", "epoch-0003.weights.h5"]
+    (tmp_path / "ckpt" / "epoch-0003.weights.h5").write_bytes(b"\0" * 96)
+    (tmp_path / "ckpt" / "epoch-0002.json").write_text('{"epoch": 2')
+    state, notes = checkpoint.latest(folder)
+    assert state is None and len(notes) == 2
+    assert "epoch 3" in notes[0] and "damaged" in notes[0]
+    # Starting over, the damaged later ones go once a new one is written.
+    checkpoint.write(folder, model, epoch=1, step=4, history={}, steps=[])
+    state, notes = checkpoint.latest(folder)
+    assert (state.epoch, state.step, notes) == (1, 4, [])
+    assert sorted(n for n in os.listdir(folder) if n.startswith("epoch-")) == [
+        "epoch-0001.json", "epoch-0001.weights.h5"]
+    (tmp_path / "ckpt" / "theirs.txt").write_text("x")
+    checkpoint.remove(folder)
+    assert os.listdir(folder) == ["theirs.txt"]
