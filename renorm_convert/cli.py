@@ -218,12 +218,10 @@ def cmd_finetune(args):
                                          make_strategy)
     from renorm_convert.io import check_output, save_atomically
 
-    check_output(args.output, [args.model], (".keras",))
+    _check_finetune_paths(args)
     # A multi-worker strategy must exist before TensorFlow's first op.
     strategy = make_strategy(args.strategy)
     chief = args.strategy != "multi-worker" or is_chief()
-    if args.epochs < 1:
-        raise _usage(f"--epochs must be >= 1; got {args.epochs}.")
     split = data_lib.load_source(args.data).subset(
         train=args.train_size, val=args.val_size, seed=args.seed)
     data_lib.check_batching(split, args.batch_size, args.non_iid,
@@ -233,7 +231,6 @@ def cmd_finetune(args):
     if not args.head and len(split.y_val):
         start_acc = accuracy(model, split, args.scaling)
         print(f"validation accuracy before: {start_acc:.4f}")
-    prefix = os.path.splitext(args.output)[0]
     _progress(f"fine-tuning on {split.name}: {len(split.y_train)} examples, "
               f"{args.epochs} epoch(s) of {len(split.y_train) // args.batch_size}"
               " steps")
@@ -246,11 +243,11 @@ def cmd_finetune(args):
             non_iid_classes=args.non_iid, scaling=args.scaling,
             mixed_precision=args.mixed_precision, jit_compile=args.xla,
             strategy=strategy, checkpoint_dir=args.checkpoint_dir,
-            history_path=args.history or prefix + ".history",
+            history_path=_history_prefix(args),
             plot=args.plot, tensorboard_dir=args.tensorboard,
             gradient_report_path=args.grad_report, seed=args.seed,
             verbose=2 if args.quiet_progress or not sys.stdout.isatty()
-            else "auto")
+            else "auto", progress=_progress)
     except NonFiniteLoss as e:
         save_atomically(e.model, args.output)
         print(f"renorm-convert finetune: {e}; wrote that model to "
@@ -261,6 +258,12 @@ def cmd_finetune(args):
         print("worker done (the chief writes the outputs)")
         return EXIT_OK
     save_atomically(trained, args.output)
+    if args.checkpoint_dir:
+        # Only now that the model is safely written: a run killed before
+        # this point resumes from the checkpoint instead of starting over.
+        from renorm_convert import checkpoint
+
+        checkpoint.remove(args.checkpoint_dir)
     if len(split.y_val):
         end_acc = accuracy(trained, split, args.scaling)
         before = f"{start_acc:.4f} -> " if start_acc is not None else ""
@@ -274,9 +277,56 @@ def cmd_finetune(args):
         print(f"trained {steps[-1]['step']} steps; final r_max "
               f"{steps[-1].get('r_max', float('nan')):.2f}, d_max "
               f"{steps[-1].get('d_max', float('nan')):.2f}")
-    print(f"wrote {args.output}, {args.history or prefix + '.history'}"
-          ".csv/.steps.csv/.json" + (f", {args.plot}" if args.plot else ""))
-    return EXIT_OK
+    failed = history.artifact_errors
+    prefix = _history_prefix(args)
+    written = [args.output]
+    if prefix not in failed:
+        written.append(prefix + ".csv/.steps.csv/.json")
+    if args.plot and args.plot not in failed:
+        written.append(args.plot)
+    print("wrote " + ", ".join(written))
+    for path, why in failed.items():
+        print(f"renorm-convert finetune: error: could not write {path} "
+              f"({why}); the model was written to {args.output}",
+              file=sys.stderr)
+    return EXIT_USAGE if failed else EXIT_OK
+
+
+def _history_prefix(args):
+    prefix = args.history or os.path.splitext(args.output)[0] + ".history"
+    for suffix in (".csv", ".json"):
+        if prefix.endswith(suffix):
+            prefix = prefix[: -len(suffix)]
+    return prefix
+
+
+def _check_finetune_paths(args):
+    """Every place the run writes, checked against the inputs and each other
+    before any work: a mistake costs nothing, and a trained model is never
+    lost to a path that was wrong from the start."""
+    from renorm_convert import checkpoint
+    from renorm_convert.data import source_path
+    from renorm_convert.io import check_output, check_outputs
+
+    check_output(args.output, [args.model], (".keras",))
+    prefix = _history_prefix(args)
+    history_flag = "--history" if args.history else "-o (history)"
+    outputs = [("-o", args.output, "file")] + [
+        (history_flag, prefix + suffix, "file")
+        for suffix in (".csv", ".steps.csv", ".json")]
+    for flag, path, kind in (("--plot", args.plot, "file"),
+                             ("--grad-report", args.grad_report, "file"),
+                             ("--tensorboard", args.tensorboard, "logdir"),
+                             ("--checkpoint-dir", args.checkpoint_dir, "dir")):
+        if path:
+            outputs.append((flag, path, kind))
+    inputs = [("model", args.model), ("data", source_path(args.data))]
+    check_outputs(outputs, inputs)
+    if args.checkpoint_dir:
+        try:
+            checkpoint.check(args.checkpoint_dir)
+        except checkpoint.CheckpointError as e:
+            raise _usage(str(e).replace("checkpoint_dir=", "--checkpoint-dir "))
 
 
 def cmd_reproduce(args):
@@ -339,6 +389,11 @@ def _latency_ms(fn, x, repeats):
     return 1000 * sorted(times)[len(times) // 2]
 
 
+DEMO_FILES = ("converted.keras", "finetuned.keras", "finetuned.onnx",
+              "history.csv", "history.steps.csv", "history.json",
+              "history.png")
+
+
 def cmd_demo(args):
     """The main job on the embedded default: load the reference
     Inception-style Fashion-MNIST model, inspect and convert it, fine-tune it
@@ -355,9 +410,16 @@ def cmd_demo(args):
     from renorm_convert.fold import fold_plan
     from renorm_convert.io import save_atomically
 
+    from renorm_convert.data import source_path
+    from renorm_convert.io import check_outputs
+
     started = time.perf_counter()
-    os.makedirs(args.out, exist_ok=True)
     path = args.model or default_model_path()
+    check_outputs([("--out", args.out, "logdir")] + [
+        ("--out", os.path.join(args.out, name), "file")
+        for name in DEMO_FILES if os.path.isdir(args.out)],
+        [("model", path), ("data", source_path(args.data))])
+    os.makedirs(args.out, exist_ok=True)
     if not os.path.exists(path):
         raise _usage(f"{path}: the reference model is missing; build it with "
                      "`python models/build.py` or pass --model FILE.")
@@ -452,6 +514,70 @@ def format_export_report(report, elapsed=None):
 
 # --- parser ---------------------------------------------------------------------
 
+def _integer(minimum):
+    """An argparse type: an integer >= minimum."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer; got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {minimum}; got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _number(minimum=None, maximum=None, *, above=None, below=None):
+    """An argparse type: a finite float within the bounds given."""
+
+    def parse(text):
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a number; got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(
+                f"expected a finite number; got {text}")
+        for bound, ok, words in ((minimum, lambda b: value >= b, ">="),
+                                 (above, lambda b: value > b, ">"),
+                                 (maximum, lambda b: value <= b, "<="),
+                                 (below, lambda b: value < b, "<")):
+            if bound is not None and not ok(bound):
+                raise argparse.ArgumentTypeError(
+                    f"expected a number {words} {bound}; got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+def _opset(text):
+    from renorm_convert.export import MAX_OPSET, MIN_OPSET
+
+    value = _integer(MIN_OPSET)(text)
+    if value > MAX_OPSET:
+        raise argparse.ArgumentTypeError(
+            f"expected an opset from {MIN_OPSET} to {MAX_OPSET}; got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (what was wrong, and where the help is),
+    exit status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see "
+                              f"{self.prog} --help)\n")
+
+
 class _Usage(Exception):
     pass
 
@@ -470,13 +596,14 @@ def _add_load_options(p):
 
 
 def _add_layer_options(p):
-    p.add_argument("--r-max", type=float, dest="r_max",
+    p.add_argument("--r-max", type=_number(), dest="r_max",
                    help="r is clipped to [1/r_max, r_max] (default 3)")
-    p.add_argument("--d-max", type=float, dest="d_max",
+    p.add_argument("--d-max", type=_number(), dest="d_max",
                    help="d is clipped to [-d_max, d_max] (default 5)")
-    p.add_argument("--renorm-momentum", type=float, dest="renorm_momentum",
+    p.add_argument("--renorm-momentum", type=_number(0.0, below=1.0),
+                   dest="renorm_momentum",
                    help="momentum of the renorm statistics (default 0.99)")
-    p.add_argument("--microbatch", type=int, metavar="M",
+    p.add_argument("--microbatch", type=_integer(1), metavar="M",
                    help="normalize groups of M examples separately in "
                         "training (the paper's microbatches)")
 
@@ -486,14 +613,15 @@ def _doc(func):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="renorm-convert", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     from renorm_convert import __version__
 
     parser.add_argument("--version", action="version",
                         version=f"renorm-convert {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                parser_class=_Parser)
 
     p = sub.add_parser("inspect", help="list normalization layers",
                        description=_doc(cmd_inspect))
@@ -525,7 +653,7 @@ def build_parser():
                        description=_doc(cmd_export))
     p.add_argument("model", metavar="MODEL", help=".keras or .h5 file")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
-    p.add_argument("--opset", type=int, help="ONNX opset (tf2onnx's default "
+    p.add_argument("--opset", type=_opset, help="ONNX opset (tf2onnx's default "
                    "when omitted)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the onnxruntime-versus-Keras check")
@@ -539,24 +667,25 @@ def build_parser():
     p.add_argument("--data", required=True, metavar="SOURCE",
                    help="fashion-mnist[:DIR], digits, npz:PATH, or an image "
                         "directory")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--microbatch", type=int, metavar="M",
+    p.add_argument("--epochs", type=_integer(1), default=1)
+    p.add_argument("--batch-size", type=_integer(1), default=32)
+    p.add_argument("--microbatch", type=_integer(1), metavar="M",
                    help="normalize groups of M examples separately")
-    p.add_argument("--momentum", type=float,
+    p.add_argument("--momentum", type=_number(0.0, below=1.0),
                    help="momentum of every normalization layer's moving "
                         "statistics (0.9 suits runs of a few thousand steps; "
                         "default: keep the model's)")
-    p.add_argument("--non-iid", type=int, metavar="K",
+    p.add_argument("--non-iid", type=_integer(1), metavar="K",
                    help="each batch from K classes (the paper's Figure 3)")
     p.add_argument("--optimizer", default="adam",
                    help="Keras optimizer name: adam, rmsprop (the paper's), "
                         "sgd, ... (default adam)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    p.add_argument("--head", type=int, metavar="N",
-                   help="replace the classifier (the last Dense, or a Conv followed "
-                   "only by pooling / flatten / reshape / activation / "
-                   "dropout) by a new one with N classes")
+    p.add_argument("--lr", type=_number(above=0.0), default=1e-3,
+                   help="learning rate")
+    p.add_argument("--head", type=_integer(1), metavar="N",
+                   help="replace the classifier (the last Dense, or a Conv "
+                   "followed only by pooling / flatten / reshape / activation "
+                   "/ dropout) by a new one with N classes")
     p.add_argument("--train-only", choices=["norm"],
                    help="train only the normalization parameters")
     p.add_argument("--mixed-precision", choices=["float16", "bfloat16"])
@@ -576,11 +705,11 @@ def build_parser():
     p.add_argument("--scaling", choices=["unit", "symmetric", "raw"],
                    default="unit", help="pixel scaling the model expects: "
                    "[0,1] (default), [-1,1], or [0,255]")
-    p.add_argument("--train-size", type=int, metavar="N",
+    p.add_argument("--train-size", type=_integer(1), metavar="N",
                    help="use N training examples (default all)")
-    p.add_argument("--val-size", type=int, metavar="N",
+    p.add_argument("--val-size", type=_integer(0), metavar="N",
                    help="use N validation examples (default all)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_integer(0), default=0)
     p.add_argument("--quiet-progress", action="store_true",
                    help="one line per epoch instead of a progress bar")
     _add_load_options(p)
@@ -594,13 +723,13 @@ def build_parser():
                    help="another .keras / .h5 model (default: the reference "
                         "Inception-style Fashion-MNIST model)")
     p.add_argument("--data", default="fashion-mnist", metavar="SOURCE")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--microbatch", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--train-size", type=int, default=6000)
-    p.add_argument("--val-size", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=_integer(1), default=1)
+    p.add_argument("--batch-size", type=_integer(1), default=32)
+    p.add_argument("--microbatch", type=_integer(1), default=4)
+    p.add_argument("--lr", type=_number(above=0.0), default=3e-4)
+    p.add_argument("--train-size", type=_integer(1), default=6000)
+    p.add_argument("--val-size", type=_integer(1), default=2000)
+    p.add_argument("--seed", type=_integer(0), default=0)
     _add_load_options(p)
     p.set_defaults(func=cmd_demo)
 
@@ -608,24 +737,37 @@ def build_parser():
                        "scale", description=_doc(cmd_reproduce))
     p.add_argument("experiment", choices=["microbatch", "non-iid"])
     p.add_argument("--out", default="renorm_reproduce", metavar="DIR")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--microbatch", type=int, default=2,
+    p.add_argument("--steps", type=_integer(1), default=1500)
+    p.add_argument("--seeds", type=_integer(1), default=3)
+    p.add_argument("--batch-size", type=_integer(1), default=32)
+    p.add_argument("--microbatch", type=_integer(1), default=2,
                    help="examples per microbatch (microbatch experiment)")
-    p.add_argument("--classes-per-batch", type=int, default=2,
+    p.add_argument("--classes-per-batch", type=_integer(1), default=2,
                    help="classes in each batch (non-iid experiment; "
                         "Fashion-MNIST has 10)")
-    p.add_argument("--eval-every", type=int, default=150, metavar="STEPS")
+    p.add_argument("--eval-every", type=_integer(1), default=150,
+                   metavar="STEPS")
     p.add_argument("--model", default="cnn", choices=["cnn", "cnn-wide"])
     p.add_argument("--data", default="fashion-mnist", metavar="SOURCE")
     p.set_defaults(func=cmd_reproduce)
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every `finally` (temporary
+    files, partial outputs) runs before the process ends."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a one-line usage error
+        return e.code
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
@@ -641,6 +783,12 @@ def main(argv=None):
 
     from renorm_convert._logs import filtered_stderr
 
+    import signal
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         with filtered_stderr():
             return args.func(args)
@@ -649,10 +797,12 @@ def main(argv=None):
         print(f"renorm-convert {args.command}: error: {_one_line(e)}",
               file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"renorm-convert {args.command}: interrupted; no output was "
-              "written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, _Terminated) else "interrupted"
+        print(f"renorm-convert {args.command}: {what}; outputs not yet "
+              "written were not written (temporary files removed)",
+              file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
     except OSError as e:
         print(f"renorm-convert {args.command}: error: {_one_line(e)}",
               file=sys.stderr)
@@ -668,6 +818,9 @@ def main(argv=None):
               f"{_one_line(e)} (set RENORM_CONVERT_DEBUG=1 for the "
               "traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _one_line(error):

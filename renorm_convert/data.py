@@ -39,6 +39,13 @@ class Split:
     def subset(self, train=None, val=None, seed=0):
         """A smaller split: `train` / `val` examples drawn per class evenly
         (deterministic under `seed`)."""
+        for name, n in (("train", train), ("val", val)):
+            if n is not None and (isinstance(n, bool) or int(n) != n or n < 0
+                                  or (name == "train" and n < 1)):
+                raise DataError(f"{name}={n}: expected a number of examples "
+                                f"(>= {1 if name == 'train' else 0}) or None.")
+        if seed is None or int(seed) < 0:
+            raise DataError(f"seed={seed}: expected an integer >= 0.")
         rng = np.random.default_rng(seed)
 
         def pick(x, y, n):
@@ -115,27 +122,56 @@ def load_npz(path, val_fraction=0.2, seed=0):
     if "x" not in arrays or "y" not in arrays:
         raise DataError(f"{path}: needs arrays named `x` and `y`; it has "
                         f"{sorted(arrays)}.")
-    x, y = arrays["x"], arrays["y"].astype(np.int64).reshape(-1)
+    x = _check_images(path, "x", arrays["x"])
+    y = _check_labels(path, "y", arrays["y"])
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or len(x) != len(y):
         raise DataError(f"{path}: expected x of shape (N, H, W[, C]) and y of "
                         f"shape (N,); got {x.shape} and {y.shape}.")
     if "x_val" in arrays and "y_val" in arrays:
-        xv = arrays["x_val"]
+        xv = _check_images(path, "x_val", arrays["x_val"])
         xv = xv[..., None] if xv.ndim == 3 else xv
-        yv = arrays["y_val"].astype(np.int64).reshape(-1)
+        yv = _check_labels(path, "y_val", arrays["y_val"])
+        if xv.ndim != 4 or len(xv) != len(yv):
+            raise DataError(f"{path}: expected x_val of shape (N, H, W[, C]) "
+                            f"and y_val of shape (N,); got {xv.shape} and "
+                            f"{yv.shape}.")
         xt, yt = x, y
     else:
         idx = np.random.default_rng(seed).permutation(len(y))
         n_val = max(1, int(len(y) * val_fraction))
         xt, yt, xv, yv = x[idx[n_val:]], y[idx[n_val:]], x[idx[:n_val]], y[
             idx[:n_val]]
-    if (y < 0).any():
+    if (y < 0).any() or (yv < 0).any():
         raise DataError(f"{path}: labels must be >= 0.")
     vrange = 255.0 if x.dtype == np.uint8 or x.max() > 1.0 else 1.0
     return Split(xt, yt, xv, yv, int(max(y.max(), yv.max()) + 1),
                  os.path.basename(path), value_range=vrange)
+
+
+def _check_images(path, name, x):
+    if x.dtype.kind not in "uif":
+        raise DataError(f"{path}: `{name}` must hold numbers (pixel values); "
+                        f"it holds {x.dtype} values.")
+    if not len(x):
+        raise DataError(f"{path}: `{name}` holds no examples.")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        where = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
+        raise DataError(f"{path}: `{name}` holds NaN or infinite pixel values "
+                        f"(the first at index {where}); clean the data first.")
+    return x
+
+
+def _check_labels(path, name, y):
+    if y.dtype.kind not in "uif" or (
+            y.dtype.kind == "f" and not (np.isfinite(y).all() and (
+                y == np.round(y)).all())):
+        raise DataError(f"{path}: `{name}` must hold integer class labels "
+                        f"(0, 1, ...); it holds {y.dtype} values.")
+    if not len(y):
+        raise DataError(f"{path}: `{name}` holds no labels.")
+    return y.astype(np.int64).reshape(-1)
 
 
 def load_image_folder(directory, size=None, val_fraction=0.2, seed=0):
@@ -151,8 +187,15 @@ def load_image_folder(directory, size=None, val_fraction=0.2, seed=0):
         for file in sorted(os.listdir(folder)):
             if not file.lower().endswith(IMAGE_SUFFIXES):
                 continue
-            raw = tf.io.read_file(os.path.join(folder, file))
-            image = tf.io.decode_image(raw, channels=3, expand_animations=False)
+            image_path = os.path.join(folder, file)
+            try:
+                raw = tf.io.read_file(image_path)
+                image = tf.io.decode_image(raw, channels=3,
+                                           expand_animations=False)
+            except (tf.errors.OpError, OSError) as e:
+                text = " ".join(str(e).split())[:120]
+                raise DataError(f"{image_path}: not a readable image "
+                                f"({text}); fix or remove it.") from None
             if size is not None:
                 image = tf.image.resize(image, size)
             xs.append(np.asarray(image, np.float32))
@@ -168,6 +211,18 @@ def load_image_folder(directory, size=None, val_fraction=0.2, seed=0):
     n_val = max(1, int(len(y) * val_fraction))
     return Split(x[idx[n_val:]], y[idx[n_val:]], x[idx[:n_val]], y[idx[:n_val]],
                  len(classes), os.path.basename(os.path.normpath(directory)))
+
+
+def source_path(spec):
+    """The file or directory a source spec reads, or None (digits, or the
+    system's Fashion-MNIST)."""
+    if not spec or spec in ("digits", "fashion-mnist"):
+        return None
+    if spec.startswith("fashion-mnist:"):
+        return spec.split(":", 1)[1]
+    if spec.startswith("npz:"):
+        return spec[4:]
+    return spec
 
 
 def load_source(spec):

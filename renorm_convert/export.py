@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from renorm_convert.fold import fold
-from renorm_convert.io import write_atomically
+from renorm_convert.io import kill_point, replace_atomically
 
 
 class ExportError(ValueError):
@@ -291,30 +291,36 @@ def export_onnx(model, path, *, opset=None, verify=True):
     layer (`fold`), converts with tf2onnx, keeps the input and output names,
     leaves the batch dimension dynamic, and writes `path` atomically (nothing
     is left behind on failure). With `verify`, runs the file in onnxruntime
-    on random inputs and compares with the Keras model's inference output.
+    on random inputs and compares with the Keras model's inference output,
+    before the file takes the name `path`: a file onnxruntime cannot run
+    never appears there.
 
     Args:
         model: A Keras model (BatchNormalization or BatchRenormalization
             layers, nested models, several inputs / outputs).
         path: Where to write the `.onnx` file.
-        opset: ONNX opset; tf2onnx's default when None.
+        opset: ONNX opset from `MIN_OPSET` to `MAX_OPSET` (9 to 18);
+            tf2onnx's default when None.
         verify: Compare onnxruntime's output with Keras's.
 
     Returns:
         An `ExportReport`.
+
+    Raises:
+        ExportError: an opset out of range, a model tf2onnx cannot convert,
+            or a file onnxruntime cannot run (then nothing is written).
     """
     import onnx  # noqa: F401  (fail here, clearly, if it is missing)
 
+    check_opset(opset)
     folded = fold(model)
     onnx_model = to_onnx(folded, opset=opset)
-    write_atomically(path, onnx_model.SerializeToString())
     report = ExportReport(
         path=str(path),
         opset=int(onnx_model.opset_import[0].version),
         folded=len(folded.folded),
         unfolded=dict(folded.unfolded),
         op_counts=op_counts(onnx_model),
-        file_size=os.path.getsize(path),
         input_names=[i.name for i in onnx_model.graph.input],
         output_names=[o.name for o in onnx_model.graph.output],
     )
@@ -322,8 +328,44 @@ def export_onnx(model, path, *, opset=None, verify=True):
         xs = sample_inputs(model)
         expected = model(xs[0] if len(xs) == 1 else xs, training=False)
         expected = [np.asarray(e) for e in keras.tree.flatten(expected)]
-        got = run_onnx(str(path), xs)
+    payload = onnx_model.SerializeToString()
+
+    def write_and_verify(tmp):
+        # The file is checked before it takes the output's name: a file
+        # that fails the check never appears at `path`.
+        with open(tmp, "wb") as f:
+            f.write(payload)
+        report.file_size = os.path.getsize(tmp)
+        if not verify:
+            return
+        kill_point("export-verify")
+        try:
+            got = run_onnx(tmp, xs)
+        except Exception as e:
+            text = " ".join(str(e).replace(tmp, str(path)).split())[:200]
+            raise ExportError(
+                f"{path}: onnxruntime cannot run the exported model "
+                f"({type(e).__name__}: {text}); nothing was written. Try "
+                "another opset.") from None
         report.max_abs_diff = max(
             float(np.abs(e - g).max()) for e, g in zip(expected, got))
         report.output_scale = max(float(np.abs(e).max()) for e in expected)
+
+    replace_atomically(path, write_and_verify)
     return report
+
+
+# tf2onnx 1.17 converts these opsets and onnxruntime runs what it writes;
+# below 9, tf2onnx leaves variables as graph inputs (measured).
+MIN_OPSET, MAX_OPSET = 9, 18
+
+
+def check_opset(opset):
+    """Refuses an opset outside what tf2onnx and onnxruntime support here."""
+    if opset is None:
+        return
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or (
+            not MIN_OPSET <= int(opset) <= MAX_OPSET):
+        raise ExportError(
+            f"opset={opset}: expected an ONNX opset from {MIN_OPSET} to "
+            f"{MAX_OPSET} (what tf2onnx and onnxruntime support here).")

@@ -4,6 +4,7 @@ non-i.i.d. batches, mixed precision, XLA, tf.distribute, and resume."""
 import csv
 import io as _io
 import json
+import logging
 import math
 import os
 
@@ -11,10 +12,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from renorm_convert import checkpoint as checkpoint_lib
 from renorm_convert import data as data_lib
 from renorm_convert.convert import copy_model, recast
-from renorm_convert.io import write_atomically
+from renorm_convert.io import kill_point, write_atomically
 from renorm_convert.schedule import RenormSchedule, renorm_layers
+
+_log = logging.getLogger("renorm_convert")
 
 PRECISIONS = {"float16": "mixed_float16", "bfloat16": "mixed_bfloat16",
               "mixed_float16": "mixed_float16",
@@ -272,8 +276,10 @@ class StepLog(keras.callbacks.Callback):
 
 
 class NanGuard(keras.callbacks.Callback):
-    """Stops at the first non-finite loss and puts back the weights of the
-    last epoch that ended well (or of the start)."""
+    """Stops at the first non-finite loss and puts back the weights and the
+    optimizer state (Adam's moments, the step count) of the last epoch that
+    ended well, or of the start: saving NaN moments would make the next
+    step of whoever loads the model NaN everywhere."""
 
     def __init__(self):
         super().__init__()
@@ -281,12 +287,18 @@ class NanGuard(keras.callbacks.Callback):
         self._good = None
         self.good_epoch = None
 
+    def _variables(self):
+        optimizer = self.model.optimizer
+        if not optimizer.built:
+            optimizer.build(self.model.trainable_variables)
+        return list(self.model.variables) + list(optimizer.variables)
+
     def on_train_begin(self, logs=None):
-        self._good = [v.numpy() for v in self.model.variables]
+        self._good = [v.numpy() for v in self._variables()]
 
     def on_epoch_end(self, epoch, logs=None):
         if self.tripped_at is None:
-            self._good = [v.numpy() for v in self.model.variables]
+            self._good = [v.numpy() for v in self._variables()]
             self.good_epoch = epoch + 1
 
     def on_train_batch_end(self, batch, logs=None):
@@ -294,7 +306,7 @@ class NanGuard(keras.callbacks.Callback):
         if loss is not None and not math.isfinite(float(loss)):
             self.tripped_at = int(self.model.optimizer.iterations.numpy())
             self.model.stop_training = True
-            for v, value in zip(self.model.variables, self._good):
+            for v, value in zip(self._variables(), self._good):
                 v.assign(value)
 
 
@@ -349,7 +361,7 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
               jit_compile=False, strategy=None, checkpoint_dir=None,
               history_path=None, plot=None, tensorboard_dir=None,
               gradient_report_path=None, callbacks=(), seed=0,
-              verbose="auto"):
+              verbose="auto", progress=None):
     """Fine-tunes a (converted) model; returns Keras's History.
 
     Args:
@@ -377,8 +389,14 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
         jit_compile: Compile the train step with XLA.
         strategy: None, "mirrored", "multi-worker" or a tf.distribute
             strategy.
-        checkpoint_dir: Resume from / back up to this directory
-            (`keras.callbacks.BackupAndRestore`).
+        checkpoint_dir: Write a checkpoint (weights, optimizer state, the
+            history so far) here at the end of every epoch, and resume from
+            the newest undamaged one. The directory must be new, empty or
+            one of ours; only our own files in it are ever written or
+            deleted. It is kept after training: call
+            `renorm_convert.checkpoint.remove(checkpoint_dir)` once the
+            trained model is saved (a run that finds all its epochs done
+            trains nothing and returns the checkpoint's model).
         history_path: Write the history as PATH.csv (per epoch),
             PATH.steps.csv (per step) and PATH.json.
         plot: Write a PNG of the curves here.
@@ -386,10 +404,20 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
         gradient_report_path: Write the gradient diagnostics (JSON) here.
         callbacks: More Keras callbacks.
         seed: Seeds weights of new layers, data order and dropout.
+        progress: Called with a line of text when the run resumes from a
+            checkpoint or skips a damaged one (default: logged).
+
+    Returns:
+        Keras's History over the whole run (a resumed run includes the
+        epochs before the checkpoint, with their true numbers), with
+        `trained_model`, `steps` (per-step log), `gradient_report`,
+        `resumed_from` ((epoch, step) or None) and `artifact_errors`
+        (output path -> why it could not be written; the model is still
+        returned).
 
     Raises:
         NonFiniteLoss: the loss became NaN / inf; the exception holds the
-            model with the last good weights.
+            model with the last good weights and optimizer state.
     """
     use_gpu_memory_growth()
     keras.utils.set_random_seed(seed)
@@ -409,15 +437,35 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
         model.compile(optimizer=_optimizer(optimizer, learning_rate),
                       loss=loss, metrics=["accuracy"],
                       jit_compile=bool(jit_compile))
+    say = progress or _log.info
+    chief = not is_multi_worker(strategy) or is_chief()
     if is_multi_worker(strategy):
         _patch_for_multi_worker(model, strategy, sample)
-        if checkpoint_dir and not is_chief():
-            # Workers must not write over the chief's backup.
+        if checkpoint_dir and not chief:
+            # Workers must not write over the chief's checkpoints.
             checkpoint_dir = os.path.join(checkpoint_dir, "worker-" + str(
                 json.loads(os.environ["TF_CONFIG"])["task"]["index"]))
-    done = resumed_epochs(checkpoint_dir)
+    resume = None
+    if checkpoint_dir:
+        checkpoint_dir = checkpoint_lib.claim(checkpoint_dir)
+        resume, notes = checkpoint_lib.latest(checkpoint_dir)
+        for note in notes:
+            say(note)
+        if resume is not None:
+            if resume.epoch > epochs or resume.step != resume.epoch * steps:
+                raise FineTuneError(
+                    f"checkpoint_dir={checkpoint_dir}: holds a checkpoint of "
+                    f"epoch {resume.epoch} (step {resume.step}) that does not "
+                    f"fit this run ({epochs} epochs of {steps} steps); use "
+                    "the same settings, or another directory.")
+            with scope:
+                if not model.optimizer.built:
+                    model.optimizer.build(model.trainable_variables)
+                model.load_weights(resume.weights)
+            say(f"resuming from epoch {resume.epoch}, step {resume.step} "
+                f"(checkpoint in {checkpoint_dir})")
+    done = resume.epoch if resume is not None else 0
     if done:
-        # BackupAndRestore restarts at epoch `done`; the data must too.
         train_ds = train_ds.skip(done * steps)
     total = steps * epochs
     if schedule == "auto":
@@ -426,10 +474,13 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
     if schedule is not None and renorm_layers(model):
         all_callbacks.append(schedule)
     step_log, guard = StepLog(), NanGuard()
+    if resume is not None:
+        step_log.steps = list(resume.steps)
     all_callbacks += [step_log, guard]
     if checkpoint_dir:
-        all_callbacks.append(keras.callbacks.BackupAndRestore(
-            checkpoint_dir, delete_checkpoint=True))
+        all_callbacks.append(checkpoint_lib.Checkpoint(
+            checkpoint_dir, history_so_far=resume.history if resume else {},
+            steps_log=step_log, skip=lambda: guard.tripped_at is not None))
     if tensorboard_dir:
         import importlib.util
 
@@ -442,23 +493,41 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
     report = None
     if gradient_report_path:
         report = gradient_report(model, sample[0], sample[1], loss)
-        if not is_multi_worker(strategy) or is_chief():
+        if chief:
             write_atomically(gradient_report_path,
                              json.dumps(report, indent=2).encode())
-    history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
-                        steps_per_epoch=steps, callbacks=all_callbacks,
-                        verbose=verbose, shuffle=False)
+    if done < epochs:
+        history = model.fit(train_ds, validation_data=val_ds, epochs=epochs,
+                            initial_epoch=done, steps_per_epoch=steps,
+                            callbacks=all_callbacks, verbose=verbose,
+                            shuffle=False)
+    else:  # every epoch was done before an interruption
+        history = keras.callbacks.History()
+        history.set_model(model)
+        history.history, history.epoch = {}, []
+    kill_point("after-training")
+    if resume is not None:
+        merged = {k: list(v) for k, v in resume.history.items()}
+        for key, values in history.history.items():
+            merged.setdefault(key, []).extend(values)
+        history.history = merged
+        history.epoch = list(range(len(merged.get("loss", []))))
     history.trained_model = model
     history.steps = step_log.steps
     history.gradient_report = report
-    chief = not is_multi_worker(strategy) or is_chief()
+    history.resumed_from = (resume.epoch, resume.step) if resume else None
+    history.checkpoint_dir = checkpoint_dir
+    history.artifact_errors = {}
     if history_path and chief:
-        write_history(history, history_path)
+        _write_artifact(history.artifact_errors, str(history_path),
+                        write_history, history, history_path)
     if plot and chief:
-        plot_history(history, plot)
+        _write_artifact(history.artifact_errors, str(plot), plot_history,
+                        history, plot)
     if guard.tripped_at is not None:
-        kept = (f"the weights after epoch {guard.good_epoch}"
-                if guard.good_epoch else "the starting weights")
+        kept = (f"the weights and optimizer state after epoch "
+                f"{guard.good_epoch}" if guard.good_epoch else
+                "the weights and optimizer state the run started with")
         raise NonFiniteLoss(
             f"the loss became NaN or infinite at step {guard.tripped_at}; "
             f"training stopped and the model keeps {kept}. Lower the learning "
@@ -466,17 +535,22 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
     return history
 
 
+def _write_artifact(errors, name, write, *args):
+    """Writes one run record; a failure is noted, not raised, so that the
+    trained model is still returned (and saved by the caller)."""
+    try:
+        write(*args)
+    except (OSError, ValueError, RuntimeError) as e:
+        errors[name] = " ".join(str(e).split())
+
+
 def resumed_epochs(checkpoint_dir):
-    """Epochs already done by an interrupted run backed up in
-    `checkpoint_dir` (Keras BackupAndRestore's metadata), else 0."""
+    """Epochs already done by an interrupted run checkpointed in
+    `checkpoint_dir` (its newest undamaged checkpoint), else 0."""
     if not checkpoint_dir:
         return 0
-    path = os.path.join(checkpoint_dir, "training_metadata.json")
-    try:
-        with open(path) as f:
-            return int(json.load(f).get("epoch", 0))
-    except (OSError, ValueError):
-        return 0
+    state, _ = checkpoint_lib.latest(str(checkpoint_dir))
+    return state.epoch if state is not None else 0
 
 
 class _NullScope:

@@ -4,7 +4,10 @@ atomic writes, inputs never overwritten."""
 import importlib
 import inspect
 import os
+import re
+import signal
 import tempfile
+import time
 import zipfile
 
 import keras
@@ -111,34 +114,105 @@ def _class_name_in(text):
 
 
 def check_output(output, inputs, suffixes):
-    """Refuses an output path that is an input, has the wrong suffix, or lies
-    in a directory that does not exist."""
+    """Refuses an output path that is an input (also through `..`, a
+    symbolic or a hard link), is a directory, has the wrong suffix, or lies
+    in a directory that does not exist or cannot be written."""
     output = str(output)
     if not output.lower().endswith(suffixes):
         raise UsageError(
             f"-o {output}: the output name must end in {' or '.join(suffixes)}."
         )
-    for path in inputs:
-        if os.path.exists(output) and os.path.exists(path) and os.path.samefile(
-                output, path):
-            raise UsageError(
-                f"-o {output}: is the input file; give another output path "
-                "(inputs are never overwritten)."
-            )
-    directory = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(directory):
-        raise UsageError(
-            f"-o {output}: the directory {directory} does not exist; create "
-            "it first."
-        )
-    if not os.access(directory, os.W_OK):
-        raise UsageError(f"-o {output}: the directory {directory} is not writable.")
+    check_outputs([("-o", output, "file")],
+                  [("model", path) for path in inputs])
+
+
+def _real(path):
+    return os.path.realpath(os.path.abspath(str(path)))
+
+
+def _same(a, b):
+    if _real(a) == _real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def _inside(path, directory):
+    inner, outer = _real(path), _real(directory)
+    return inner != outer and inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def _check_location(flag, path, kind):
+    if kind == "file":
+        if os.path.isdir(path):
+            raise UsageError(f"{flag} {path}: is a directory; give a file "
+                             "name.")
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise UsageError(f"{flag} {path}: the directory {directory} does "
+                             "not exist; create it first.")
+    else:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise UsageError(f"{flag} {path}: is a file, not a directory; "
+                             "give a directory.")
+        directory = os.path.abspath(path)
+        while not os.path.exists(directory):
+            directory = os.path.dirname(directory)
+        if not os.path.isdir(directory):
+            raise UsageError(f"{flag} {path}: {directory} is a file, not a "
+                             "directory.")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: the directory {directory} is not "
+                         "writable.")
+
+
+def check_outputs(outputs, inputs=()):
+    """Checks, before any work, every place a run will write.
+
+    Args:
+        outputs: (flag, path, kind) triples, kind "file", "dir" (a
+            directory of the run's own, which must not hold an input or
+            another output) or "logdir" (a directory the run adds files
+            to, such as TensorBoard's).
+        inputs: (what, path) pairs: model files, data files or folders.
+
+    Raises:
+        UsageError: an output is an input or holds one, two outputs collide,
+            or a location is missing, of the wrong kind or not writable.
+    """
+    outputs = [(flag, str(path), kind) for flag, path, kind in outputs]
+    inputs = [(what, str(path)) for what, path in inputs if path]
+    for flag, path, kind in outputs:
+        _check_location(flag, path, kind)
+        for what, source in inputs:
+            if _same(path, source):
+                raise UsageError(
+                    f"{flag} {path}: is the input file {source} (the {what}); "
+                    "give another output path (inputs are never "
+                    "overwritten).")
+            if kind == "dir" and _inside(source, path):
+                raise UsageError(
+                    f"{flag} {path}: holds the input {source} (the {what}); "
+                    "give a directory of its own.")
+            if os.path.isdir(source) and _inside(path, source):
+                raise UsageError(
+                    f"{flag} {path}: lies inside the input directory "
+                    f"{source} (the {what}); write elsewhere.")
+    for i, (flag, path, kind) in enumerate(outputs):
+        for other_flag, other, other_kind in outputs[i + 1:]:
+            if _same(path, other) or (kind == "dir" and _inside(other, path)) or (
+                    other_kind == "dir" and _inside(path, other)):
+                raise UsageError(
+                    f"{flag} {path} and {other_flag} {other}: would write "
+                    "the same place; give each output its own path.")
 
 
 def save_atomically(model, path):
     """Saves `model` to `path` through a temporary file in the same
     directory, so that `path` is either the old file or the whole new one."""
-    _replace_atomically(path, model.save)
+    replace_atomically(path, model.save)
 
 
 def _umask_mode():
@@ -154,22 +228,106 @@ def write_atomically(path, payload):
         with open(tmp, "wb") as f:
             f.write(payload)
 
-    _replace_atomically(path, write)
+    replace_atomically(path, write)
 
 
-def _replace_atomically(path, write):
+# Our temporary files: `.tmp-renorm-convert-<pid>-<random><suffix>`, so a
+# later run can tell them (and whether their writer still lives) from
+# anyone else's.
+TEMP_PREFIX = ".tmp-renorm-convert-"
+TEMP_PATTERN = r"\.tmp-renorm-convert-\d+-[^/]*"
+_TEMP = re.compile(r"^\.tmp-renorm-convert-(\d+)-")
+STALE_AFTER_S = 24 * 3600
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # someone else's live process
+    return True
+
+
+def remove_stale_temporaries(directory):
+    """Removes temporary files of ours in `directory` left by a run that was
+    killed (its process is gone, or the file is a day old); returns their
+    names."""
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMP.match(name)
+        if not match:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            old = time.time() - os.path.getmtime(path) > STALE_AFTER_S
+            if (old or not _alive(int(match.group(1)))) and os.path.isfile(
+                    path):
+                os.unlink(path)
+                removed.append(name)
+        except OSError:
+            pass
+    return removed
+
+
+def kill_point(name):
+    """A test hook: when RENORM_CONVERT_TEST_KILL_AT names this point
+    (`name` or `name:N` for its N-th passage), the process kills itself
+    here with SIGKILL, as a crash or `kill -9` would at that moment (or
+    with the signal RENORM_CONVERT_TEST_KILL_SIGNAL names, e.g. SIGTERM)."""
+    wanted = os.environ.get("RENORM_CONVERT_TEST_KILL_AT")
+    if not wanted:
+        return
+    point, _, nth = wanted.partition(":")
+    if point != name:
+        return
+    _passages[name] = _passages.get(name, 0) + 1
+    if _passages[name] >= int(nth or 1):
+        kind = os.environ.get("RENORM_CONVERT_TEST_KILL_SIGNAL", "SIGKILL")
+        os.kill(os.getpid(), getattr(signal, kind))
+
+
+_passages = {}
+
+
+def replace_atomically(path, write, suffix=None):
     """Calls `write(tmp)` on a temporary path beside `path` (same suffix),
-    then renames it over `path`; on any failure removes it."""
+    syncs it and renames it over `path`; on any failure, or a signal,
+    removes it. An OSError names `path`, not the temporary file."""
     path = str(path)
     directory = os.path.dirname(os.path.abspath(path))
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    remove_stale_temporaries(directory)
+    if suffix is None:
+        suffix = os.path.splitext(path)[1]
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-",
+                                   suffix=suffix, dir=directory)
+    except OSError as e:
+        raise OSError(e.errno, f"{path}: {e.strerror or e}") from None
     os.close(fd)
     try:
         write(tmp)
+        kill_point("before-rename")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())  # mkstemp makes it private
         os.replace(tmp, path)
+    except OSError as e:
+        _discard(tmp)
+        raise OSError(e.errno, f"{path}: {e.strerror or e}") from None
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _discard(tmp)
         raise
+
+
+
+def _discard(tmp):
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass

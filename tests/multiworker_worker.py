@@ -7,6 +7,7 @@ import os
 import sys
 
 index, port0, port1, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+checkpoint_dir = sys.argv[5] if len(sys.argv) > 5 else None
 os.environ["TF_CONFIG"] = json.dumps({
     "cluster": {"worker": [f"127.0.0.1:{port0}", f"127.0.0.1:{port1}"]},
     "task": {"type": "worker", "index": index},
@@ -32,7 +33,8 @@ outputs = keras.layers.Dense(10, activation="softmax")(x)
 model = rc.convert(keras.Model(inputs, outputs))
 split = data.load_digits().subset(train=256, val=64)
 history = rc.fine_tune(model, split, epochs=2, batch_size=32,
-                       strategy=strategy, verbose=0, momentum=0.9)
+                       strategy=strategy, verbose=0, momentum=0.9,
+                       checkpoint_dir=checkpoint_dir)
 trained = history.trained_model
 np.savez(out, *[v.numpy() for v in trained.weights],
          steps=int(trained.optimizer.iterations.numpy()),

@@ -289,7 +289,7 @@ def test_help_and_usage_errors_answer_before_tensorflow_loads():
     out = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TENSORFLOW],
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "False False", out.stderr
-    assert "invalid int value: 'x'" in out.stderr
+    assert "--epochs: expected an integer; got 'x'" in out.stderr
     # The installed command, timed: TensorFlow's import alone takes 5-10 s.
     command = os.path.join(os.path.dirname(sys.executable), "renorm-convert")
     if os.path.exists(command):

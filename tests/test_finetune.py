@@ -148,10 +148,18 @@ def test_resume_after_interruption_ends_at_the_same_step(small, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         rc.fine_tune(model, part, checkpoint_dir=ckpt,
                      callbacks=[Interrupt()], **kwargs)
-    assert os.path.exists(os.path.join(ckpt, "training_metadata.json"))
-    resumed = rc.fine_tune(model, part, checkpoint_dir=ckpt, **kwargs)
+    assert os.path.exists(os.path.join(ckpt, "epoch-0001.json"))
+    said = []
+    resumed = rc.fine_tune(model, part, checkpoint_dir=ckpt,
+                           progress=said.append, **kwargs)
     straight = rc.fine_tune(model, part, **kwargs)
-    assert len(resumed.history["loss"]) == 2  # epochs 2 and 3
+    assert said == [f"resuming from epoch 1, step 10 (checkpoint in {ckpt})"]
+    assert resumed.resumed_from == (1, 10)
+    # The history covers the whole run, epoch 1 from the checkpoint.
+    assert len(resumed.history["loss"]) == 3
+    assert len(resumed.steps) == 30
+    np.testing.assert_allclose(resumed.history["loss"],
+                               straight.history["loss"], rtol=1e-5)
     steps = int(straight.trained_model.optimizer.iterations.numpy())
     assert steps == 3 * 10
     assert int(resumed.trained_model.optimizer.iterations.numpy()) == steps
@@ -236,12 +244,13 @@ def test_multi_worker_two_processes(tmp_path):
         pytest.skip("needs `unshare -n` (a private network namespace)")
     worker = os.path.join(os.path.dirname(__file__), "multiworker_worker.py")
     outs = [tmp_path / f"w{i}.npz" for i in range(2)]
+    ckpt = tmp_path / "ckpt"
     logs = [tmp_path / f"w{i}.log" for i in range(2)]
     py = sys.executable
     script = (
         "ip link set lo up && "
-        f"({py} {worker} 0 23456 23457 {outs[0]} > {logs[0]} 2>&1 &) && "
-        f"{py} {worker} 1 23456 23457 {outs[1]} > {logs[1]} 2>&1; "
+        f"({py} {worker} 0 23456 23457 {outs[0]} {ckpt} > {logs[0]} 2>&1 &)"
+        f" && {py} {worker} 1 23456 23457 {outs[1]} {ckpt} > {logs[1]} 2>&1; "
         "for i in $(seq 60); do [ -f " + str(outs[0]) + " ] && break; "
         "sleep 1; done"
     )
@@ -257,6 +266,15 @@ def test_multi_worker_two_processes(tmp_path):
         np.testing.assert_array_equal(w0[k], w1[k], err_msg=k)
     assert int(w0["steps"]) == 2 * (256 // 32)
     assert np.isfinite(float(w0["loss"]))
+    # The chief checkpoints into the directory, the other worker into its
+    # own sub-directory; both are ours and kept until the caller removes
+    # them.
+    for folder in (ckpt, ckpt / "worker-1"):
+        names = set(os.listdir(folder))
+        assert {".renorm-convert-checkpoint", "epoch-0002.json",
+                "epoch-0002.weights.h5"} <= names, names
+    rc.checkpoint.remove(ckpt)
+    assert not ckpt.exists()
 
 
 def test_xla_non_iid_rmsprop_and_tensorboard(tmp_path):
