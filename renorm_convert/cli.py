@@ -9,6 +9,7 @@ fix it), 1 internal error.
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -379,16 +380,6 @@ def default_model_path():
                         "inception_fmnist.keras")
 
 
-def _latency_ms(fn, x, repeats):
-    fn(x)  # warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
-
-
 DEMO_FILES = ("converted.keras", "finetuned.keras", "finetuned.onnx",
               "history.csv", "history.steps.csv", "history.json",
               "history.png")
@@ -401,7 +392,6 @@ def cmd_demo(args):
     ONNX with folded statistics, verify it with onnxruntime, and print a
     summary. Artifacts go to --out."""
     import numpy as np
-    import tensorflow as tf
 
     import renorm_convert as rc
     from renorm_convert import data as data_lib
@@ -452,19 +442,13 @@ def cmd_demo(args):
     report = rc.export_onnx(tuned, onnx_path)
     x = np.asarray(data_lib.adapt(split.x_val[:32],
                                   data_lib.model_image_shape(tuned)))
-    keras_fn = tf.function(lambda t: tuned(t, training=False))
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(onnx_path,
-                                   providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    ort_ms = _latency_ms(lambda t: session.run(None, {name: t}), x, 30)
-    keras_ms = _latency_ms(lambda t: keras_fn(t), x, 30)
     onnx_pred = np.argmax(run_onnx(onnx_path, [x])[0], -1)
-    keras_pred = np.argmax(np.asarray(keras_fn(x)), -1)
+    keras_pred = np.argmax(np.asarray(tuned(x, training=False)), -1)
+    trainable = sum(int(np.prod(w.shape)) for w in tuned.trainable_weights)
     rows = [
-        ("model", f"{os.path.basename(path)} ({tuned.count_params():,} "
-                  "parameters)"),
+        ("model", f"{os.path.basename(path)} ({trainable:,} trainable "
+                  f"parameters; {tuned.count_params():,} with the "
+                  "normalization statistics)"),
         ("layers converted", f"{len(converted.renorm_converted)} "
                              "BatchNormalization -> BatchRenormalization"),
         ("conversion parity", f"max abs diff {diff:.2g} ({rel:.2g} of "
@@ -483,8 +467,6 @@ def cmd_demo(args):
                                       "output scale); same top-1 on "
                                       f"{int((onnx_pred == keras_pred).sum())}"
                                       f"/{len(x)}"),
-        ("latency, batch 32", f"onnxruntime {ort_ms:.2f} ms vs Keras "
-                              f"{keras_ms:.2f} ms ({keras_ms / ort_ms:.2f}x)"),
         ("artifacts", args.out),
         ("total time", f"{time.perf_counter() - started:.0f} s"),
     ]
@@ -578,6 +560,41 @@ class _Parser(argparse.ArgumentParser):
                               f"{self.prog} --help)\n")
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default when it has one; option
+    and command names get a wide column so that the lists do not wrap."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=34, width=min(
+            100, max(80, _terminal_width())))
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default is not None and default is not False
+                and default != argparse.SUPPRESS and action.option_strings
+                and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+    def add_argument(self, action):
+        super().add_argument(action)
+        if isinstance(action, argparse._SubParsersAction):
+            # argparse measures the command names one indent short of
+            # where it prints them, and then wraps the longest.
+            longest = max(len(a.metavar or a.dest)
+                          for a in action._get_subactions())
+            self._action_max_length = max(
+                self._action_max_length,
+                longest + self._current_indent + 2 * self._indent_increment)
+
+
+def _terminal_width():
+    import shutil
+
+    return shutil.get_terminal_size((100, 24)).columns - 2
+
+
 class _Usage(Exception):
     pass
 
@@ -614,14 +631,15 @@ def _doc(func):
 
 def build_parser():
     parser = _Parser(
-        prog="renorm-convert", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="renorm-convert", description=__doc__, formatter_class=_Formatter)
     from renorm_convert import __version__
 
     parser.add_argument("--version", action="version",
                         version=f"renorm-convert {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND",
                                 parser_class=_Parser)
+    sub.add_parser = functools.partial(sub.add_parser,
+                                       formatter_class=_Formatter)
 
     p = sub.add_parser("inspect", help="list normalization layers",
                        description=_doc(cmd_inspect))
@@ -633,7 +651,8 @@ def build_parser():
     p = sub.add_parser("convert", help="BatchNormalization -> "
                        "BatchRenormalization", description=_doc(cmd_convert))
     p.add_argument("model", metavar="MODEL", help=".keras or .h5 file")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.keras")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.keras",
+                   help="the output file (written atomically; never one of the inputs)")
     _add_layer_options(p)
     p.add_argument("--include", metavar="RE",
                    help="convert only layers whose name matches RE")
@@ -645,14 +664,16 @@ def build_parser():
     p = sub.add_parser("revert", help="BatchRenormalization -> "
                        "BatchNormalization", description=_doc(cmd_revert))
     p.add_argument("model", metavar="MODEL", help=".keras or .h5 file")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.keras")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.keras",
+                   help="the output file (written atomically; never one of the inputs)")
     _add_load_options(p)
     p.set_defaults(func=cmd_revert)
 
     p = sub.add_parser("export", help="ONNX with folded normalization",
                        description=_doc(cmd_export))
     p.add_argument("model", metavar="MODEL", help=".keras or .h5 file")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx",
+                   help="the output file (written atomically; never one of the inputs)")
     p.add_argument("--opset", type=_opset, help="ONNX opset (tf2onnx's default "
                    "when omitted)")
     p.add_argument("--no-verify", action="store_true",
@@ -663,12 +684,15 @@ def build_parser():
     p = sub.add_parser("finetune", help="fine-tune with the renorm schedule",
                        description=_doc(cmd_finetune))
     p.add_argument("model", metavar="MODEL", help=".keras or .h5 file")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.keras")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.keras",
+                   help="the output file (written atomically; never one of the inputs)")
     p.add_argument("--data", required=True, metavar="SOURCE",
                    help="fashion-mnist[:DIR], digits, npz:PATH, or an image "
                         "directory")
-    p.add_argument("--epochs", type=_integer(1), default=1)
-    p.add_argument("--batch-size", type=_integer(1), default=32)
+    p.add_argument("--epochs", type=_integer(1), default=1,
+                   help="passes over the training data")
+    p.add_argument("--batch-size", type=_integer(1), default=32,
+                   help="examples per training step")
     p.add_argument("--microbatch", type=_integer(1), metavar="M",
                    help="normalize groups of M examples separately")
     p.add_argument("--momentum", type=_number(0.0, below=1.0),
@@ -679,7 +703,7 @@ def build_parser():
                    help="each batch from K classes (the paper's Figure 3)")
     p.add_argument("--optimizer", default="adam",
                    help="Keras optimizer name: adam, rmsprop (the paper's), "
-                        "sgd, ... (default adam)")
+                        "sgd, ...")
     p.add_argument("--lr", type=_number(above=0.0), default=1e-3,
                    help="learning rate")
     p.add_argument("--head", type=_integer(1), metavar="N",
@@ -688,7 +712,10 @@ def build_parser():
                    "/ dropout) by a new one with N classes")
     p.add_argument("--train-only", choices=["norm"],
                    help="train only the normalization parameters")
-    p.add_argument("--mixed-precision", choices=["float16", "bfloat16"])
+    p.add_argument("--mixed-precision", choices=["float16", "bfloat16"],
+                   help="compute in this type, keep weights and "
+                        "normalization statistics in float32 (default: "
+                        "float32 throughout)")
     p.add_argument("--xla", action="store_true", help="jit_compile the step")
     p.add_argument("--strategy", choices=["mirrored", "multi-worker"],
                    help="tf.distribute strategy (multi-worker reads TF_CONFIG)")
@@ -704,12 +731,13 @@ def build_parser():
                         "parameters versus other weights")
     p.add_argument("--scaling", choices=["unit", "symmetric", "raw"],
                    default="unit", help="pixel scaling the model expects: "
-                   "[0,1] (default), [-1,1], or [0,255]")
+                   "unit [0,1], symmetric [-1,1], or raw [0,255]")
     p.add_argument("--train-size", type=_integer(1), metavar="N",
                    help="use N training examples (default all)")
     p.add_argument("--val-size", type=_integer(0), metavar="N",
                    help="use N validation examples (default all)")
-    p.add_argument("--seed", type=_integer(0), default=0)
+    p.add_argument("--seed", type=_integer(0), default=0,
+                   help="seeds data order, subsets and initialization")
     p.add_argument("--quiet-progress", action="store_true",
                    help="one line per epoch instead of a progress bar")
     _add_load_options(p)
@@ -717,38 +745,60 @@ def build_parser():
 
     p = sub.add_parser("demo", help="the main job on the embedded reference "
                        "model", description=_doc(cmd_demo))
-    p.add_argument("--out", default="renorm_demo", metavar="DIR",
-                   help="where the artifacts go (default ./renorm_demo)")
+    p.add_argument("--out", default=os.path.join("runs", "demo"),
+                   metavar="DIR",
+                   help="where the artifacts go")
     p.add_argument("--model", metavar="FILE",
                    help="another .keras / .h5 model (default: the reference "
                         "Inception-style Fashion-MNIST model)")
-    p.add_argument("--data", default="fashion-mnist", metavar="SOURCE")
-    p.add_argument("--epochs", type=_integer(1), default=1)
-    p.add_argument("--batch-size", type=_integer(1), default=32)
-    p.add_argument("--microbatch", type=_integer(1), default=4)
-    p.add_argument("--lr", type=_number(above=0.0), default=3e-4)
-    p.add_argument("--train-size", type=_integer(1), default=6000)
-    p.add_argument("--val-size", type=_integer(1), default=2000)
-    p.add_argument("--seed", type=_integer(0), default=0)
+    p.add_argument("--data", default="fashion-mnist", metavar="SOURCE",
+                   help="fashion-mnist[:DIR], digits, npz:PATH, or an image "
+                        "directory")
+    p.add_argument("--epochs", type=_integer(1), default=1,
+                   help="passes over the training subset")
+    p.add_argument("--batch-size", type=_integer(1), default=32,
+                   help="examples per training step")
+    p.add_argument("--microbatch", type=_integer(1), default=4,
+                   metavar="M", help="normalize groups of M examples "
+                   "separately")
+    p.add_argument("--lr", type=_number(above=0.0), default=3e-4,
+                   help="learning rate")
+    p.add_argument("--train-size", type=_integer(1), default=6000,
+                   metavar="N", help="training examples used")
+    p.add_argument("--val-size", type=_integer(1), default=2000,
+                   metavar="N", help="validation examples used")
+    p.add_argument("--seed", type=_integer(0), default=0,
+                   help="seeds data order, subsets and initialization")
     _add_load_options(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("reproduce", help="the paper's Figure 2 / 3 at small "
                        "scale", description=_doc(cmd_reproduce))
-    p.add_argument("experiment", choices=["microbatch", "non-iid"])
-    p.add_argument("--out", default="renorm_reproduce", metavar="DIR")
-    p.add_argument("--steps", type=_integer(1), default=1500)
-    p.add_argument("--seeds", type=_integer(1), default=3)
-    p.add_argument("--batch-size", type=_integer(1), default=32)
+    p.add_argument("experiment", choices=["microbatch", "non-iid"],
+                   help="Figure 2 (microbatches) or Figure 3 (non-i.i.d. "
+                        "batches)")
+    p.add_argument("--out", default=os.path.join("runs", "reproduce"),
+                   metavar="DIR",
+                   help="where EXPERIMENT.csv / .json / .png go")
+    p.add_argument("--steps", type=_integer(1), default=1500,
+                   help="training steps per run")
+    p.add_argument("--seeds", type=_integer(1), default=3,
+                   help="runs per arm, each from its own initialization")
+    p.add_argument("--batch-size", type=_integer(1), default=32,
+                   help="examples per training step")
     p.add_argument("--microbatch", type=_integer(1), default=2,
                    help="examples per microbatch (microbatch experiment)")
     p.add_argument("--classes-per-batch", type=_integer(1), default=2,
                    help="classes in each batch (non-iid experiment; "
                         "Fashion-MNIST has 10)")
     p.add_argument("--eval-every", type=_integer(1), default=150,
-                   metavar="STEPS")
-    p.add_argument("--model", default="cnn", choices=["cnn", "cnn-wide"])
-    p.add_argument("--data", default="fashion-mnist", metavar="SOURCE")
+                   metavar="STEPS", help="validate every STEPS steps")
+    p.add_argument("--model", default="cnn", choices=["cnn", "cnn-wide"],
+                   help="the network: four convolutions and a normalized "
+                        "dense head, at width 16 or 32")
+    p.add_argument("--data", default="fashion-mnist", metavar="SOURCE",
+                   help="fashion-mnist[:DIR], digits, npz:PATH, or an image "
+                        "directory")
     p.set_defaults(func=cmd_reproduce)
     return parser
 

@@ -275,6 +275,45 @@ class StepLog(keras.callbacks.Callback):
         self.steps.append(row)
 
 
+class ValidationCurve(keras.callbacks.Callback):
+    """Accuracy in inference mode on a fixed validation subset (its first
+    `size` examples) at step 0, the model as given, and at `per_epoch`
+    evenly spaced steps of every epoch: a short run's curve then shows where
+    it started and how it moved, which per-epoch values cannot."""
+
+    def __init__(self, dataset, steps_per_epoch, per_epoch=4, size=512):
+        super().__init__()
+        self.points = []
+        self._batches = []
+        count = 0
+        for x, y in dataset:
+            self._batches.append((x, y))
+            count += int(np.shape(y)[0])
+            if count >= size:
+                break
+        self.size = count
+        self._marks = {max(1, round(k * steps_per_epoch / per_epoch))
+                       for k in range(1, per_epoch + 1)}
+        self._steps_per_epoch = steps_per_epoch
+
+    def _record(self):
+        correct = 0
+        for x, y in self._batches:
+            pred = np.asarray(self.model(x, training=False))
+            correct += int((pred.argmax(-1) == np.asarray(y)).sum())
+        self.points.append({
+            "step": int(self.model.optimizer.iterations.numpy()),
+            "val_accuracy": correct / max(self.size, 1)})
+
+    def on_train_begin(self, logs=None):
+        self._record()
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        if (step - 1) % self._steps_per_epoch + 1 in self._marks:
+            self._record()
+
+
 class NanGuard(keras.callbacks.Callback):
     """Stops at the first non-finite loss and puts back the weights and the
     optimizer state (Adam's moments, the step count) of the last epoch that
@@ -410,7 +449,9 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
     Returns:
         Keras's History over the whole run (a resumed run includes the
         epochs before the checkpoint, with their true numbers), with
-        `trained_model`, `steps` (per-step log), `gradient_report`,
+        `trained_model`, `steps` (per-step log), `validation_curve`
+        (accuracy on the first 512 validation examples at step 0 and four
+        times an epoch: [{"step", "val_accuracy"}]), `gradient_report`,
         `resumed_from` ((epoch, step) or None) and `artifact_errors`
         (output path -> why it could not be written; the model is still
         returned).
@@ -477,6 +518,10 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
     if resume is not None:
         step_log.steps = list(resume.steps)
     all_callbacks += [step_log, guard]
+    curve = None
+    if val_ds is not None and not is_multi_worker(strategy):
+        curve = ValidationCurve(val_ds, steps)
+        all_callbacks.append(curve)
     if checkpoint_dir:
         all_callbacks.append(checkpoint_lib.Checkpoint(
             checkpoint_dir, history_so_far=resume.history if resume else {},
@@ -514,6 +559,8 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
         history.epoch = list(range(len(merged.get("loss", []))))
     history.trained_model = model
     history.steps = step_log.steps
+    history.validation_curve = curve.points if curve is not None else []
+    history.validation_curve_size = curve.size if curve is not None else 0
     history.gradient_report = report
     history.resumed_from = (resume.epoch, resume.step) if resume else None
     history.checkpoint_dir = checkpoint_dir
@@ -609,7 +656,8 @@ def write_history(history, path):
             for i in range(len(epochs.get("loss", [])))]
     write_atomically(base + ".csv", _csv(rows))
     write_atomically(base + ".steps.csv", _csv(getattr(history, "steps", [])))
-    payload = {"epochs": rows, "steps": getattr(history, "steps", [])}
+    payload = {"epochs": rows, "steps": getattr(history, "steps", []),
+               "validation_curve": getattr(history, "validation_curve", [])}
     write_atomically(base + ".json", json.dumps(payload, indent=1).encode())
 
 
@@ -626,30 +674,52 @@ def _csv(rows):
 
 
 def plot_history(history, path, title=None):
-    """A PNG of training loss / accuracy per step, validation accuracy per
-    epoch, and r_max / d_max per step."""
+    """A PNG of the run: training loss per step; validation accuracy from
+    step 0 (the model before fine-tuning, marked) at a few points in every
+    epoch, with the per-epoch accuracies; r_max / d_max per step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = getattr(history, "steps", [])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     if steps:
         x = [s["step"] for s in steps]
         axes[0].plot(x, [s.get("loss") for s in steps], lw=0.8)
-        axes[0].set(xlabel="step", ylabel="training loss (running mean in epoch)")
         axes[2].plot(x, [s.get("r_max", 1.0) for s in steps], label="r_max")
         axes[2].plot(x, [s.get("d_max", 0.0) for s in steps], label="d_max")
-        axes[2].set(xlabel="step", title="renorm clipping bounds")
         axes[2].legend()
+    axes[0].set(xlabel="training step", ylabel="loss (running mean in epoch)",
+                title="training loss")
+    axes[2].set(xlabel="training step", ylabel="bound",
+                title="renorm clipping bounds")
+    ax = axes[1]
+    curve = getattr(history, "validation_curve", [])
+    if curve:
+        size = getattr(history, "validation_curve_size", 0)
+        ax.plot([p["step"] for p in curve],
+                [100 * p["val_accuracy"] for p in curve], marker=".",
+                color="tab:red", label=f"validation ({size} examples)")
+        start = curve[0]
+        ax.plot([start["step"]], [100 * start["val_accuracy"]], marker="*",
+                markersize=14, color="black", linestyle="none",
+                label=f"before fine-tuning: "
+                      f"{100 * start['val_accuracy']:.1f}%")
     h = history.history
     epoch_steps = _epoch_end_steps(steps, len(h.get("loss", [])))
-    for key, label in (("accuracy", "train"), ("val_accuracy", "validation")):
+    for key, label, colour in (
+            ("accuracy", "training, per epoch", "tab:blue"),
+            ("val_accuracy", "validation (all), per epoch", "tab:green")):
         if key in h:
-            axes[1].plot(epoch_steps, h[key], marker="o", label=label)
-    axes[1].set(xlabel="step", ylabel="accuracy", title="accuracy per epoch")
-    axes[1].legend()
+            ax.plot(epoch_steps, [100 * v for v in h[key]], marker="o",
+                    color=colour, linestyle="--" if len(h[key]) > 1
+                    else "none", label=label)
+    ax.set(xlabel="training step", ylabel="accuracy (%)",
+           title="accuracy, from the model as given")
+    ax.legend(fontsize=8, loc="lower right")
+    for axis in axes:
+        axis.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -298,3 +298,23 @@ def test_help_and_usage_errors_answer_before_tensorflow_loads():
         subprocess.run([command, "export", "--help"], capture_output=True,
                        check=True, timeout=60)
         assert time.perf_counter() - start < 3.0
+
+
+def test_every_option_explains_itself_with_its_default():
+    from renorm_convert.cli import _Formatter, build_parser
+    parser = build_parser()
+    sub = next(a for a in parser._actions
+               if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name, command in sub.choices.items():
+        formatter = _Formatter(command.prog)
+        for action in command._actions:
+            text = formatter._get_help_string(action)
+            assert text, f"{name} {action.option_strings or action.dest}"
+            if action.option_strings and action.default not in (
+                    None, False, "==SUPPRESS=="):
+                assert "default" in text, (name, action.option_strings)
+    # The command list: one line per command.
+    lines = parser.format_help().splitlines()
+    for name in sub.choices:
+        line = next(l for l in lines if l.strip().startswith(name + " "))
+        assert len(line.split()) > 1, line

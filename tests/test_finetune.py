@@ -379,3 +379,27 @@ def test_finetune_head_on_conv_classifier(small):
     trained = history.trained_model
     assert trained.outputs[0].shape[-1] == 10
     assert trained.get_layer("classes_head10").filters == 10
+
+
+def test_validation_curve_starts_at_the_model_as_given(small, tmp_path):
+    model = rc.convert(small_cnn())
+    split = small.subset(train=320, val=400)
+    history = rc.fine_tune(model, split, epochs=2, batch_size=32,
+                           plot=tmp_path / "p.png", verbose=0)
+    curve = history.validation_curve
+    steps_per_epoch = 10
+    assert [p["step"] for p in curve] == [0, 2, 5, 8, 10, 12, 15, 18, 20]
+    # Step 0 is the input model on the validation examples (all 400: the
+    # subset is the first 512), computed here independently.
+    shape = data.model_image_shape(model)
+    x = np.asarray(data.adapt(split.x_val, shape))
+    expected = float((np.asarray(model(x, training=False)).argmax(-1)
+                      == split.y_val).mean())
+    assert history.validation_curve_size == 400
+    assert curve[0]["val_accuracy"] == pytest.approx(expected, abs=1e-9)
+    # The last point is the trained model on the same examples.
+    trained = np.asarray(history.trained_model(x, training=False))
+    assert curve[-1]["val_accuracy"] == pytest.approx(
+        float((trained.argmax(-1) == split.y_val).mean()), abs=1e-9)
+    assert curve[-1]["step"] == 2 * steps_per_epoch
+    assert (tmp_path / "p.png").stat().st_size > 10_000

@@ -51,6 +51,7 @@ def test_readme_shows_the_two_setup_commands():
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     os.symlink(os.path.join(ROOT, "models"), tmp_path / "models")
+    os.mkdir(tmp_path / "runs")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -70,8 +71,8 @@ def test_every_readme_command_runs(workdir, capsys):
         code = main(argv)
         out, err = capsys.readouterr()
         assert code == 0, f"renorm-convert {command}\n{out}\n{err}"
-    assert (workdir / "tuned.onnx").exists()
-    assert (workdir / "figures" / "non_iid.png").exists()
+    assert (workdir / "runs" / "tuned.onnx").exists()
+    assert (workdir / "runs" / "figures" / "non_iid.png").exists()
     assert (workdir / "demo" / "finetuned.onnx").exists()
 
 
