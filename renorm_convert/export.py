@@ -40,6 +40,14 @@ class ExportReport:
     file_size: int = 0
     input_names: list = dataclasses.field(default_factory=list)
     output_names: list = dataclasses.field(default_factory=list)
+    # Verification: on what, the logits before a final softmax / sigmoid
+    # (where outputs saturate and hide a wrong fold), top-1 agreement, and
+    # the bound a relative difference must stay within.
+    verified_on: str = None
+    logits_max_abs_diff: float = None
+    logits_scale: float = None
+    top1_agreement: float = None
+    tolerance: float = None
 
     @property
     def relative_diff(self):
@@ -47,8 +55,15 @@ class ExportReport:
             return None
         return self.max_abs_diff / max(self.output_scale or 0.0, 1e-12)
 
+    @property
+    def logits_relative_diff(self):
+        if self.logits_max_abs_diff is None:
+            return None
+        return self.logits_max_abs_diff / max(self.logits_scale or 0.0, 1e-12)
+
     def as_dict(self):
-        return {**dataclasses.asdict(self), "relative_diff": self.relative_diff}
+        return {**dataclasses.asdict(self), "relative_diff": self.relative_diff,
+                "logits_relative_diff": self.logits_relative_diff}
 
 
 def _input_specs(model):
@@ -323,7 +338,8 @@ def sample_inputs(model, batch=4, seed=0):
 
 
 def run_onnx(path, inputs, optimize=True):
-    """Runs an ONNX file in onnxruntime on the CPU; returns its outputs."""
+    """Runs an ONNX file (a path, or the serialized model) in onnxruntime on
+    the CPU; returns its outputs."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -336,16 +352,28 @@ def run_onnx(path, inputs, optimize=True):
     return session.run(None, feed)
 
 
-def export_onnx(model, path, *, opset=None, verify=True):
+# A fold rewrites weights in float32: on a trained model its outputs move by
+# about 1e-6 of their scale. 1e-3 leaves room for deep, badly conditioned
+# models, and is far below what a wrong fold does (a gamma off by 1 % moves
+# the logits by about 1e-2 of their scale).
+VERIFY_TOLERANCE = 1e-3
+_FINAL_ACTIVATIONS = ("Softmax", "Sigmoid", "LogSoftmax")
+
+
+def export_onnx(model, path, *, opset=None, verify=True,
+                tolerance=VERIFY_TOLERANCE):
     """Exports `model` to ONNX with its normalization folded.
 
     Folds every normalization layer it can into the producing Conv / Dense
     layer (`fold`), converts with tf2onnx, keeps the input and output names,
     leaves the batch dimension dynamic, and writes `path` atomically (nothing
     is left behind on failure). With `verify`, runs the file in onnxruntime
-    on random inputs and compares with the Keras model's inference output,
-    before the file takes the name `path`: a file onnxruntime cannot run
-    never appears there.
+    and compares it with the Keras model in inference mode, before the file
+    takes the name `path`: the outputs, and the logits before a final
+    softmax / sigmoid (where saturated outputs would hide a wrong fold), and
+    top-1 agreement. A file onnxruntime cannot run, or whose outputs or
+    logits differ by more than `tolerance` of their scale, never appears
+    there.
 
     Args:
         model: A Keras model (BatchNormalization or BatchRenormalization
@@ -353,18 +381,24 @@ def export_onnx(model, path, *, opset=None, verify=True):
         path: Where to write the `.onnx` file.
         opset: ONNX opset from `MIN_OPSET` to `MAX_OPSET` (9 to 18);
             tf2onnx's default when None.
-        verify: Compare onnxruntime's output with Keras's.
+        verify: True (standard-normal random inputs), False, or the inputs
+            to verify on: an array (a list of arrays for several inputs) as
+            the model takes them, e.g. real, preprocessed images.
+        tolerance: Largest relative difference (of the output scale, and of
+            the logits' scale) verification accepts.
 
     Returns:
         An `ExportReport`.
 
     Raises:
         ExportError: an opset out of range, a model tf2onnx cannot convert,
-            or a file onnxruntime cannot run (then nothing is written).
+            a file onnxruntime cannot run, or one that fails verification
+            (then nothing is written).
     """
     import onnx  # noqa: F401  (fail here, clearly, if it is missing)
 
     check_opset(opset)
+    xs, verified_on = _verification_inputs(model, verify)
     folded = fold(model)
     onnx_model = to_onnx(folded, opset=opset)
     report = ExportReport(
@@ -376,11 +410,18 @@ def export_onnx(model, path, *, opset=None, verify=True):
         input_names=[i.name for i in onnx_model.graph.input],
         output_names=[o.name for o in onnx_model.graph.output],
     )
-    if verify:
-        xs = sample_inputs(model)
+    del folded
+    if xs is not None:
+        report.verified_on, report.tolerance = verified_on, float(tolerance)
         expected = model(xs[0] if len(xs) == 1 else xs, training=False)
         expected = [np.asarray(e) for e in keras.tree.flatten(expected)]
+        expected_logits, logits_name = _keras_logits(model, xs), None
+        if expected_logits is not None:
+            logits_name = _onnx_logits_name(onnx_model)
     payload = onnx_model.SerializeToString()
+    checked = _with_output(onnx_model, logits_name) if (
+        xs is not None and logits_name) else None
+    del onnx_model
 
     def write_and_verify(tmp):
         # The file is checked before it takes the output's name: a file
@@ -388,23 +429,122 @@ def export_onnx(model, path, *, opset=None, verify=True):
         with open(tmp, "wb") as f:
             f.write(payload)
         report.file_size = os.path.getsize(tmp)
-        if not verify:
+        if xs is None:
             return
         kill_point("export-verify")
         try:
-            got = run_onnx(tmp, xs)
+            got = run_onnx(checked or tmp, xs)
         except Exception as e:
             text = " ".join(str(e).replace(tmp, str(path)).split())[:200]
             raise ExportError(
                 f"{path}: onnxruntime cannot run the exported model "
                 f"({type(e).__name__}: {text}); nothing was written. Try "
                 "another opset.") from None
-        report.max_abs_diff = max(
-            float(np.abs(e - g).max()) for e, g in zip(expected, got))
-        report.output_scale = max(float(np.abs(e).max()) for e in expected)
+        _compare(report, expected, got[:len(expected)],
+                 expected_logits, got[-1] if checked else None)
+        worst = max(report.relative_diff,
+                    report.logits_relative_diff or 0.0)
+        if not worst <= tolerance:
+            raise ExportError(
+                f"{path}: onnxruntime's outputs differ from Keras's by "
+                f"{report.relative_diff:.2g} of their scale"
+                + (f" (logits before the final activation: "
+                   f"{report.logits_relative_diff:.2g})"
+                   if report.logits_relative_diff is not None else "")
+                + f" on {verified_on}, above the tolerance {tolerance:g}; "
+                "nothing was written. Report the model, or export with "
+                "tolerance= raised if it is known to be badly "
+                "conditioned.")
 
     replace_atomically(path, write_and_verify)
     return report
+
+
+def _verification_inputs(model, verify):
+    """(inputs, what they are) for verification, or (None, None)."""
+    if verify is False or verify is None:
+        return None, None
+    if verify is True:
+        return sample_inputs(model), "random standard-normal inputs"
+    xs = verify if isinstance(verify, (list, tuple)) else [verify]
+    xs = [np.asarray(x) for x in xs]
+    if len(xs) != len(model.inputs) or any(
+            x.ndim != len(t.shape) or any(
+                d is not None and d != n for d, n in zip(t.shape[1:],
+                                                         x.shape[1:]))
+            for x, t in zip(xs, model.inputs)) or not len(xs[0]):
+        shapes = ", ".join(str(tuple(t.shape)) for t in model.inputs)
+        got = ", ".join(str(x.shape) for x in xs)
+        raise ExportError(
+            f"verify=: inputs of shape {got} do not fit model "
+            f"'{model.name}' (inputs {shapes}); give a non-empty batch "
+            "preprocessed as the model takes it.")
+    xs = [x.astype(keras.backend.standardize_dtype(t.dtype))
+          for x, t in zip(xs, model.inputs)]
+    return xs, f"{len(xs[0])} given inputs"
+
+
+def _keras_logits(model, xs):
+    """The Keras model's logits before its final softmax / sigmoid (a
+    separate activation layer, or a Dense's own activation), or None for a
+    model with several outputs or another ending."""
+    if len(model.outputs) != 1:
+        return None
+    layer, node_index, _ = model.outputs[0]._keras_history
+    node = layer._inbound_nodes[node_index]
+    if len(node.input_tensors) != 1 or not isinstance(layer, keras.layers.Layer):
+        return None
+    activation = getattr(layer, "activation", None)
+    name = getattr(activation, "__name__", "")
+    final = isinstance(layer, keras.layers.Softmax) or (
+        isinstance(layer, (keras.layers.Activation, keras.layers.Dense))
+        and name in ("softmax", "sigmoid"))
+    if not final:
+        return None
+    features = keras.Model(model.inputs, node.input_tensors[0])(
+        xs[0] if len(xs) == 1 else xs, training=False)
+    features = np.asarray(features, dtype="float64")
+    if isinstance(layer, keras.layers.Dense):
+        features = features @ np.asarray(layer.kernel, "float64")
+        if layer.use_bias:
+            features = features + np.asarray(layer.bias, "float64")
+    return features
+
+
+def _onnx_logits_name(onnx_model):
+    """The input of the Softmax / Sigmoid node producing the single graph
+    output, or None."""
+    outputs = [o.name for o in onnx_model.graph.output]
+    if len(outputs) != 1:
+        return None
+    for node in onnx_model.graph.node:
+        if outputs[0] in node.output and node.op_type in _FINAL_ACTIVATIONS:
+            return node.input[0]
+    return None
+
+
+def _with_output(onnx_model, name):
+    """A serialized copy of the model that also outputs tensor `name`."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(onnx_model)
+    copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return copy.SerializeToString()
+
+
+def _compare(report, expected, got, expected_logits, got_logits):
+    report.max_abs_diff = max(
+        float(np.abs(e - g).max()) for e, g in zip(expected, got))
+    report.output_scale = max(float(np.abs(e).max()) for e in expected)
+    if expected_logits is not None and got_logits is not None:
+        report.logits_max_abs_diff = float(
+            np.abs(expected_logits - got_logits).max())
+        report.logits_scale = float(np.abs(expected_logits).max())
+    first, other = expected[0], got[0]
+    if first.ndim == 2 and first.shape[-1] > 1:
+        report.top1_agreement = float(
+            (first.argmax(-1) == other.argmax(-1)).mean())
 
 
 # tf2onnx 1.17 converts these opsets and onnxruntime runs what it writes;

@@ -318,3 +318,19 @@ def test_every_option_explains_itself_with_its_default():
     for name in sub.choices:
         line = next(l for l in lines if l.strip().startswith(name + " "))
         assert len(line.split()) > 1, line
+
+
+def test_export_verifies_on_real_images(tmp_path, capsys):
+    model = rc.convert(keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3),
+        keras.layers.BatchNormalization(), keras.layers.Flatten(),
+        keras.layers.Dense(10, activation="softmax")]))
+    randomize_statistics(model, seed=2)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    code, out, err = _run(capsys, "export", path, "-o", tmp_path / "m.onnx",
+                          "--data", "digits", "--verify-size", "50")
+    assert code == 0, err
+    assert "on 50 given inputs" in out
+    assert "logits before the final activation" in out
+    assert "same top-1 on 100.0%" in out

@@ -323,3 +323,62 @@ def test_fold_forward_weights_against_numpy():
     k2, b2 = fold_forward_weights(kernel, bias, scale, offset)
     np.testing.assert_allclose(conv_valid(x, k2, b2), expected, rtol=1e-5,
                                atol=1e-5)
+
+
+def _saturating_classifier():
+    """A softmax classifier whose logits are large, as a trained one's are:
+    its probabilities are one-hot, so comparing them cannot see a fold's
+    error."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(5, activation="softmax", name="probs")(x)
+    model = keras.Model(inputs, outputs)
+    randomize_statistics(model, seed=3)
+    dense = model.get_layer("probs")
+    dense.kernel.assign(dense.kernel * 300.0)
+    return model
+
+
+def test_verification_catches_a_wrong_fold(tmp_path, monkeypatch):
+    import sys
+    fold_module = sys.modules["renorm_convert.fold"]  # rc.fold: the function
+    model = rc.convert(_saturating_classifier())
+    right = rc.export_onnx(model, tmp_path / "right.onnx")
+    assert right.logits_relative_diff <= 1e-5
+    assert right.top1_agreement == 1.0
+    assert right.tolerance == 1e-3 and "random" in right.verified_on
+
+    exact = fold_module.scale_offset
+
+    def gamma_off_by_one_percent(mean, variance, epsilon, gamma=None,
+                                 beta=None):
+        return exact(mean, variance, epsilon,
+                     None if gamma is None else np.asarray(gamma) * 1.01, beta)
+
+    monkeypatch.setattr(fold_module, "scale_offset", gamma_off_by_one_percent)
+    # The probabilities alone (what verification compared before) barely
+    # move: they are saturated.
+    folded = rc.fold(model)
+    x = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype("float32")
+    probabilities = np.abs(np.asarray(folded(x)) - np.asarray(
+        model(x, training=False))).max()
+    assert probabilities < 1e-3
+    # The logits do, and the file is refused.
+    with pytest.raises(rc.ExportError, match="logits before the final"):
+        rc.export_onnx(model, tmp_path / "wrong.onnx")
+    assert not (tmp_path / "wrong.onnx").exists()
+
+
+def test_verification_on_given_inputs(tmp_path):
+    model = rc.convert(_saturating_classifier())
+    x = np.random.default_rng(0).uniform(0, 1, (16, 8, 8, 3)).astype(
+        "float32")
+    report = rc.export_onnx(model, tmp_path / "m.onnx", verify=x)
+    assert report.verified_on == "16 given inputs"
+    assert report.logits_relative_diff <= 1e-5
+    with pytest.raises(rc.ExportError, match="do not fit"):
+        rc.export_onnx(model, tmp_path / "bad.onnx", verify=x[:, :4])
+    assert not (tmp_path / "bad.onnx").exists()
