@@ -24,7 +24,8 @@ def _load():
         importlib.import_module(f"renorm_convert.{module}")
     from renorm_convert.convert import ConversionError, convert, revert
     from renorm_convert.export import ExportError, ExportReport, export_onnx
-    from renorm_convert.finetune import FineTuneError, NonFiniteLoss, fine_tune
+    from renorm_convert.finetune import (FineTuneError, NonFiniteLoss,
+                                         fine_tune, recalibrate)
     from renorm_convert.fold import ChannelAffine, fold
     from renorm_convert.graph import GraphError, model_graph
     from renorm_convert.layers import BatchRenormalization
@@ -59,6 +60,7 @@ __all__ = [
     "fine_tune",
     "fold",
     "model_graph",
+    "recalibrate",
     "revert",
 ]
 __version__ = "0.1.0"

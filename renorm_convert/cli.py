@@ -203,6 +203,15 @@ def cmd_export(args):
                              if p]
     check_output(args.output, inputs, (".onnx",))
     model = _load(args)
+    if args.recalibrate and not args.data:
+        raise _usage("--recalibrate needs --data SOURCE: the images whose "
+                     "batches give the statistics")
+    if args.recalibrate:
+        split = data_lib.load_source(args.data)
+        model = rc.recalibrate(model, split, batches=args.recalibrate,
+                               scaling=args.scaling)
+        _progress(f"recalibrated the normalization statistics on "
+                  f"{model.recalibrated_batches} batches of {args.data}")
     verify = not args.no_verify
     if verify and args.data:
         split = data_lib.load_source(args.data).subset(
@@ -273,6 +282,12 @@ def cmd_finetune(args):
     if not chief:
         print("worker done (the chief writes the outputs)")
         return EXIT_OK
+    if args.recalibrate:
+        trained = rc.recalibrate(trained, split, batches=args.recalibrate,
+                                 batch_size=args.batch_size,
+                                 scaling=args.scaling)
+        print(f"recalibrated the normalization statistics on "
+              f"{trained.recalibrated_batches} batches of training data")
     save_atomically(trained, args.output)
     if args.checkpoint_dir:
         # Only now that the model is safely written: a run killed before
@@ -707,6 +722,10 @@ def build_parser():
                         "(default: random inputs)")
     p.add_argument("--verify-size", type=_integer(1), default=64, metavar="N",
                    help="validation images to verify on, with --data")
+    p.add_argument("--recalibrate", type=_integer(1), metavar="N",
+                   help="first set the normalization statistics to exact "
+                        "averages over N batches of 32 training images "
+                        "from --data (\"precise BN\")")
     p.add_argument("--scaling", choices=["unit", "symmetric", "raw"],
                    default="unit", help="pixel scaling the model expects, "
                    "with --data: unit [0,1], symmetric [-1,1], or raw [0,255]")
@@ -768,6 +787,11 @@ def build_parser():
                    help="use N training examples (default all)")
     p.add_argument("--val-size", type=_integer(0), metavar="N",
                    help="use N validation examples (default all)")
+    p.add_argument("--recalibrate", type=_integer(1), metavar="N",
+                   help="after training, set the normalization statistics "
+                        "to exact averages over N batches of the training "
+                        "data (\"precise BN\"; default: keep the moving "
+                        "averages)")
     p.add_argument("--seed", type=_integer(0), default=0,
                    help="seeds data order, subsets and initialization")
     p.add_argument("--quiet-progress", action="store_true",

@@ -736,6 +736,115 @@ def _epoch_end_steps(steps, n_epochs):
     return [ends.get(e, e + 1) for e in range(n_epochs)]
 
 
+def recalibrate(model, data, *, batches=None, batch_size=32,
+                scaling="unit"):
+    """A copy of `model` whose normalization statistics are the exact
+    averages of the batch moments over `data` ("precise BN"), computed with
+    the model's final weights, instead of the exponential averages that lag
+    behind a short fine-tune.
+
+    Every normalization layer (at any depth) is measured in the same
+    forward passes: each normalizes its batch with the batch's own mean and
+    variance, as in training, and records them; nothing else changes, no
+    weight is updated, dropout is off. Afterwards `moving_mean` is the mean
+    of the batch means and `moving_variance` the mean of the batch
+    variances; a BatchRenormalization layer gets `renorm_mean =
+    moving_mean` and `moving_stddev = renorm_stddev = sqrt(moving_variance
+    + epsilon)`, so all its statistics agree.
+
+    Args:
+        model: A Keras model with BatchNormalization / BatchRenormalization
+            layers. It is not modified.
+        data: Input batches: an array (or list of arrays) of model inputs,
+            a `data.Split` (its training images, adapted to the model as
+            `fine_tune` adapts them), or a `tf.data.Dataset` of inputs or
+            (inputs, labels).
+        batches: Use this many batches (default: all).
+        batch_size: Batch size for arrays and Splits.
+        scaling: Pixel scaling for a Split ("unit", "symmetric", "raw").
+
+    Returns:
+        The recalibrated copy.
+    """
+    copy = copy_model(model)
+    norms = [layer for layer in copy._flatten_layers(include_self=False,
+                                                     recursive=True)
+             if _is_norm(layer)]
+    if not norms:
+        raise FineTuneError(f"model '{model.name}' has no normalization "
+                            "layer to recalibrate.")
+    sums = {id(layer): [0.0, 0.0] for layer in norms}
+    seen = 0
+
+    def measuring(layer):
+        def call(inputs, training=None, mask=None):
+            x = tf.cast(inputs, tf.float32)
+            axis = layer.axis if layer.axis >= 0 else len(x.shape) + layer.axis
+            reduce = [i for i in range(len(x.shape)) if i != axis]
+            mean, variance = tf.nn.moments(x, reduce)
+            total = sums[id(layer)]
+            total[0] = total[0] + mean.numpy().astype(np.float64)
+            total[1] = total[1] + variance.numpy().astype(np.float64)
+            shape = [1] * len(x.shape)
+            shape[axis] = -1
+            scale = tf.math.rsqrt(variance + layer.epsilon)
+            if layer.scale:
+                scale = scale * tf.cast(layer.gamma, tf.float32)
+            offset = -mean * scale
+            if layer.center:
+                offset = offset + tf.cast(layer.beta, tf.float32)
+            y = x * tf.reshape(scale, shape) + tf.reshape(offset, shape)
+            return tf.cast(y, inputs.dtype)
+        return call
+
+    for layer in norms:
+        layer.call = measuring(layer)
+    try:
+        for x in _input_batches(copy, data, batch_size, scaling):
+            if batches is not None and seen >= batches:
+                break
+            copy(x, training=False)
+            seen += 1
+    finally:
+        for layer in norms:
+            del layer.call  # the class's own again
+    if not seen:
+        raise FineTuneError("recalibrate: the data holds no batch.")
+    for layer in norms:
+        mean, variance = (t / seen for t in sums[id(layer)])
+        values = {"moving_mean": mean, "moving_variance": variance}
+        if hasattr(layer, "renorm_mean"):
+            std = np.sqrt(variance + layer.epsilon)
+            values.update(renorm_mean=mean, renorm_stddev=std,
+                          moving_stddev=std)
+        for name, value in values.items():
+            variable = getattr(layer, name)
+            variable.assign(value.astype(variable.dtype))
+    copy.recalibrated_batches = seen
+    return copy
+
+
+def _input_batches(model, data, batch_size, scaling):
+    """Model-input batches from an array, list of arrays, Split or
+    tf.data.Dataset."""
+    if isinstance(data, tf.data.Dataset):
+        for item in data:
+            yield item[0] if isinstance(item, tuple) else item
+        return
+    if isinstance(data, data_lib.Split):
+        shape = data_lib.model_image_shape(model)
+        ds, _ = data_lib.training_dataset(data, shape, batch_size, epochs=1,
+                                          scaling=scaling)
+        for x, _ in ds:
+            yield x
+        return
+    arrays = data if isinstance(data, (list, tuple)) else [data]
+    arrays = [np.asarray(a) for a in arrays]
+    for start in range(0, len(arrays[0]), batch_size):
+        part = [a[start:start + batch_size] for a in arrays]
+        yield part[0] if len(part) == 1 else part
+
+
 def accuracy(model, split, scaling="unit", batch_size=256):
     """Top-1 accuracy of `model` on the validation part of `split`."""
     shape = data_lib.model_image_shape(model)
@@ -748,5 +857,6 @@ def accuracy(model, split, scaling="unit", batch_size=256):
     return correct / len(split.y_val)
 
 
-__all__ = ["fine_tune", "FineTuneError", "NonFiniteLoss", "gradient_report",
+__all__ = ["fine_tune", "recalibrate", "FineTuneError", "NonFiniteLoss",
+           "gradient_report",
            "replace_head", "freeze_all_but_normalization", "accuracy"]
