@@ -225,7 +225,7 @@ def cmd_export(args):
     _progress("folding and converting with tf2onnx")
     start = time.perf_counter()
     report = rc.export_onnx(model, args.output, opset=args.opset,
-                            verify=verify)
+                            verify=verify, batch_size=args.batch_size)
     elapsed = time.perf_counter() - start
     print(format_export_report(report, elapsed))
     return EXIT_OK
@@ -722,6 +722,9 @@ def build_parser():
                         "(default: random inputs)")
     p.add_argument("--verify-size", type=_integer(1), default=64, metavar="N",
                    help="validation images to verify on, with --data")
+    p.add_argument("--batch-size", type=_integer(1), metavar="N",
+                   help="a fixed batch dimension of N (as TensorRT or OpenCV "
+                        "want; default: dynamic)")
     p.add_argument("--recalibrate", type=_integer(1), metavar="N",
                    help="first set the normalization statistics to exact "
                         "averages over N batches of 32 training images "

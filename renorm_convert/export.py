@@ -66,10 +66,10 @@ class ExportReport:
                 "logits_relative_diff": self.logits_relative_diff}
 
 
-def _input_specs(model):
+def _input_specs(model, batch_size=None):
     specs = []
     for tensor in model.inputs:
-        shape = (None,) + tuple(tensor.shape[1:])
+        shape = (batch_size,) + tuple(tensor.shape[1:])
         name = tensor._keras_history.operation.name
         specs.append(tf.TensorSpec(shape, tensor.dtype, name=name))
     return specs
@@ -95,13 +95,14 @@ def op_counts(onnx_model):
         node.op_type for node in onnx_model.graph.node).items()))
 
 
-def to_onnx(model, opset=None):
+def to_onnx(model, opset=None, batch_size=None):
     """The ONNX ModelProto of `model` as it stands (no folding), with the
-    Keras input and output names and a dynamic batch dimension."""
+    Keras input and output names and a dynamic batch dimension (or a fixed
+    one of `batch_size`)."""
     import tf2onnx
     from keras.src.export.tf2onnx_lib import patch_tf2onnx
 
-    specs = _input_specs(model)
+    specs = _input_specs(model, batch_size)
     single = len(specs) == 1
 
     @tf.function(input_signature=specs)
@@ -361,7 +362,7 @@ _FINAL_ACTIVATIONS = ("Softmax", "Sigmoid", "LogSoftmax")
 
 
 def export_onnx(model, path, *, opset=None, verify=True,
-                tolerance=VERIFY_TOLERANCE):
+                tolerance=VERIFY_TOLERANCE, batch_size=None):
     """Exports `model` to ONNX with its normalization folded.
 
     Folds every normalization layer it can into the producing Conv / Dense
@@ -386,6 +387,8 @@ def export_onnx(model, path, *, opset=None, verify=True,
             the model takes them, e.g. real, preprocessed images.
         tolerance: Largest relative difference (of the output scale, and of
             the logits' scale) verification accepts.
+        batch_size: A fixed batch dimension (as TensorRT or OpenCV want);
+            dynamic when None.
 
     Returns:
         An `ExportReport`.
@@ -398,9 +401,13 @@ def export_onnx(model, path, *, opset=None, verify=True,
     import onnx  # noqa: F401  (fail here, clearly, if it is missing)
 
     check_opset(opset)
-    xs, verified_on = _verification_inputs(model, verify)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(
+            batch_size, (int, np.integer)) or batch_size < 1):
+        raise ExportError(f"batch_size={batch_size!r}: expected a positive "
+                          "integer, or None for a dynamic batch.")
+    xs, verified_on = _verification_inputs(model, verify, batch_size)
     folded = fold(model)
-    onnx_model = to_onnx(folded, opset=opset)
+    onnx_model = to_onnx(folded, opset=opset, batch_size=batch_size)
     report = ExportReport(
         path=str(path),
         opset=int(onnx_model.opset_import[0].version),
@@ -460,12 +467,13 @@ def export_onnx(model, path, *, opset=None, verify=True,
     return report
 
 
-def _verification_inputs(model, verify):
+def _verification_inputs(model, verify, batch_size=None):
     """(inputs, what they are) for verification, or (None, None)."""
     if verify is False or verify is None:
         return None, None
     if verify is True:
-        return sample_inputs(model), "random standard-normal inputs"
+        return (sample_inputs(model, batch=batch_size or 4),
+                "random standard-normal inputs")
     xs = verify if isinstance(verify, (list, tuple)) else [verify]
     xs = [np.asarray(x) for x in xs]
     if len(xs) != len(model.inputs) or any(
@@ -481,6 +489,9 @@ def _verification_inputs(model, verify):
             "preprocessed as the model takes it.")
     xs = [x.astype(keras.backend.standardize_dtype(t.dtype))
           for x, t in zip(xs, model.inputs)]
+    if batch_size is not None:  # the file takes batches of exactly that
+        reps = -(-batch_size // len(xs[0]))
+        xs = [np.concatenate([x] * reps)[:batch_size] for x in xs]
     return xs, f"{len(xs[0])} given inputs"
 
 

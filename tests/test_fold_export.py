@@ -382,3 +382,19 @@ def test_verification_on_given_inputs(tmp_path):
     with pytest.raises(rc.ExportError, match="do not fit"):
         rc.export_onnx(model, tmp_path / "bad.onnx", verify=x[:, :4])
     assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_fixed_batch_dimension(tmp_path):
+    import onnx
+    model = rc.convert(_saturating_classifier())
+    report = rc.export_onnx(model, tmp_path / "b8.onnx", batch_size=8)
+    dims = onnx.load(str(tmp_path / "b8.onnx")).graph.input[0].type.\
+        tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [8, 8, 8, 3]
+    assert report.logits_relative_diff <= 1e-5
+    rc.export_onnx(model, tmp_path / "dyn.onnx")
+    dim = onnx.load(str(tmp_path / "dyn.onnx")).graph.input[0].type.\
+        tensor_type.shape.dim[0]
+    assert dim.dim_value == 0 and dim.dim_param  # symbolic: any batch
+    with pytest.raises(rc.ExportError, match="batch_size=0"):
+        rc.export_onnx(model, tmp_path / "z.onnx", batch_size=0)
