@@ -212,20 +212,33 @@ def cmd_export(args):
                                scaling=args.scaling)
         _progress(f"recalibrated the normalization statistics on "
                   f"{model.recalibrated_batches} batches of {args.data}")
-    verify = not args.no_verify
-    if verify and args.data:
+    if args.int8 and not args.data:
+        raise _usage("--int8 needs --data SOURCE: real images to calibrate "
+                     "the activation ranges on (e.g. --data fashion-mnist)")
+    verify, labels, calibration = not args.no_verify, None, None
+    if args.data:
+        shape = data_lib.model_image_shape(model)
         split = data_lib.load_source(args.data).subset(
+            train=args.calibration_size if args.int8 else None,
             val=args.verify_size, seed=0)
-        if not len(split.y_val):
+        if args.int8:
+            calibration = np.asarray(data_lib.adapt(
+                split.x_train, shape, scaling=args.scaling))
+        if verify and not len(split.y_val):
             raise _usage(f"--data {args.data}: no validation examples to "
                          "verify on")
-        verify = np.asarray(data_lib.adapt(
-            split.x_val, data_lib.model_image_shape(model),
-            scaling=args.scaling))
-    _progress("folding and converting with tf2onnx")
+        if verify:
+            verify = np.asarray(data_lib.adapt(split.x_val, shape,
+                                               scaling=args.scaling))
+            labels = split.y_val
+    _progress("folding and converting with tf2onnx"
+              + (", then quantizing to int8" if args.int8 else ""))
     start = time.perf_counter()
-    report = rc.export_onnx(model, args.output, opset=args.opset,
-                            verify=verify, batch_size=args.batch_size)
+    report = rc.export_onnx(
+        model, args.output, opset=args.opset, verify=verify,
+        batch_size=args.batch_size, quantize="int8" if args.int8 else None,
+        calibration=calibration, labels=labels,
+        precision="float16" if args.float16 else "float32")
     elapsed = time.perf_counter() - start
     print(format_export_report(report, elapsed))
     return EXIT_OK
@@ -528,6 +541,23 @@ def format_export_report(report, elapsed=None):
         if report.top1_agreement is not None:
             lines.append(f"  same top-1 on {100 * report.top1_agreement:.1f}%"
                          f" of the inputs; tolerance {report.tolerance:g}")
+    if report.precision == "float16":
+        lines.append("float16 weights and compute (float32 inputs and "
+                     "outputs); meant for GPU runtimes, slow on CPUs")
+    if report.quantized == "int8":
+        lines.append(f"int8: {report.file_size / 1e6:.2f} MB (float "
+                     f"{report.float_file_size / 1e6:.2f} MB)")
+        if report.int8_top1_agreement is not None:
+            lines.append(f"  same top-1 as the float model on "
+                         f"{100 * report.int8_top1_agreement:.1f}% of the "
+                         "verification inputs")
+            lines.append(f"  onnxruntime latency on them: int8 "
+                         f"{report.int8_latency_ms:.2f} ms, float "
+                         f"{report.float_latency_ms:.2f} ms "
+                         f"({report.int8_latency_ms / report.float_latency_ms:.2f}x)")
+        if report.int8_accuracy is not None:
+            lines.append(f"  accuracy: int8 {100 * report.int8_accuracy:.2f}%"
+                         f", float {100 * report.float_accuracy:.2f}%")
     return "\n".join(lines)
 
 
@@ -725,6 +755,17 @@ def build_parser():
     p.add_argument("--batch-size", type=_integer(1), metavar="N",
                    help="a fixed batch dimension of N (as TensorRT or OpenCV "
                         "want; default: dynamic)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--int8", action="store_true",
+                      help="static int8 quantization (QDQ, per-channel "
+                           "weights) calibrated on --data's training images; "
+                           "compared with the float model on its validation "
+                           "images")
+    kind.add_argument("--float16", action="store_true",
+                      help="float16 weights and compute, float32 inputs and "
+                           "outputs, for GPU runtimes (slow on CPUs)")
+    p.add_argument("--calibration-size", type=_integer(1), default=256,
+                   metavar="N", help="training images to calibrate --int8 on")
     p.add_argument("--recalibrate", type=_integer(1), metavar="N",
                    help="first set the normalization statistics to exact "
                         "averages over N batches of 32 training images "

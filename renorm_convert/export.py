@@ -48,6 +48,17 @@ class ExportReport:
     logits_scale: float = None
     top1_agreement: float = None
     tolerance: float = None
+    # precision="float16" / quantize="int8": what the file holds, and the
+    # int8 file against the float one it was made from (on the verification
+    # inputs, which calibration never saw when they come from --data).
+    precision: str = "float32"
+    quantized: str = None
+    float_file_size: int = None
+    int8_top1_agreement: float = None
+    float_accuracy: float = None
+    int8_accuracy: float = None
+    float_latency_ms: float = None
+    int8_latency_ms: float = None
 
     @property
     def relative_diff(self):
@@ -361,8 +372,14 @@ VERIFY_TOLERANCE = 1e-3
 _FINAL_ACTIVATIONS = ("Softmax", "Sigmoid", "LogSoftmax")
 
 
+# float16 keeps 11 significant bits: outputs move by about 1e-3 of their
+# scale per layer, more in deep networks.
+FLOAT16_TOLERANCE = 2e-2
+
+
 def export_onnx(model, path, *, opset=None, verify=True,
-                tolerance=VERIFY_TOLERANCE, batch_size=None):
+                tolerance=VERIFY_TOLERANCE, batch_size=None, quantize=None,
+                calibration=None, precision="float32", labels=None):
     """Exports `model` to ONNX with its normalization folded.
 
     Folds every normalization layer it can into the producing Conv / Dense
@@ -389,6 +406,17 @@ def export_onnx(model, path, *, opset=None, verify=True,
             the logits' scale) verification accepts.
         batch_size: A fixed batch dimension (as TensorRT or OpenCV want);
             dynamic when None.
+        quantize: "int8": static quantization of the folded float model
+            with onnxruntime.quantization (QDQ, per-channel int8 weights,
+            uint8 activations), calibrated on `calibration`; the report
+            compares it with the float model on the verification inputs.
+        calibration: Real inputs (as `verify` takes them) for "int8".
+        precision: "float16": weights and compute in float16 with float32
+            inputs and outputs (onnxruntime.transformers.float16), verified
+            within FLOAT16_TOLERANCE; for GPU runtimes (CPUs run float16
+            slowly).
+        labels: Class labels of `verify`'s inputs: the report then gives
+            the accuracy of the float (and int8) file.
 
     Returns:
         An `ExportReport`.
@@ -405,6 +433,23 @@ def export_onnx(model, path, *, opset=None, verify=True,
             batch_size, (int, np.integer)) or batch_size < 1):
         raise ExportError(f"batch_size={batch_size!r}: expected a positive "
                           "integer, or None for a dynamic batch.")
+    if quantize not in (None, "int8"):
+        raise ExportError(f"quantize={quantize!r}: expected None or 'int8'.")
+    if precision not in ("float32", "float16"):
+        raise ExportError(f"precision={precision!r}: expected 'float32' or "
+                          "'float16'.")
+    if quantize and precision != "float32":
+        raise ExportError("quantize='int8' and precision='float16' exclude "
+                          "each other; choose one.")
+    calibration_xs = None
+    if quantize:
+        if calibration is None or calibration is True:
+            raise ExportError(
+                "quantize='int8' needs calibration=: a batch of real inputs "
+                "(a few hundred images, preprocessed as the model takes "
+                "them) to measure activation ranges on.")
+        calibration_xs, _ = _verification_inputs(model, calibration,
+                                                 argument="calibration=")
     xs, verified_on = _verification_inputs(model, verify, batch_size)
     folded = fold(model)
     onnx_model = to_onnx(folded, opset=opset, batch_size=batch_size)
@@ -425,10 +470,25 @@ def export_onnx(model, path, *, opset=None, verify=True,
         expected_logits, logits_name = _keras_logits(model, xs), None
         if expected_logits is not None:
             logits_name = _onnx_logits_name(onnx_model)
-    payload = onnx_model.SerializeToString()
+    if precision == "float16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        onnx_model = convert_float_to_float16(onnx_model, keep_io_types=True)
+        report.precision = "float16"
+        if tolerance == VERIFY_TOLERANCE:
+            tolerance = FLOAT16_TOLERANCE
+        if xs is not None:
+            report.tolerance = float(tolerance)
+    float_payload = onnx_model.SerializeToString()
     checked = _with_output(onnx_model, logits_name) if (
         xs is not None and logits_name) else None
     del onnx_model
+    payload = float_payload
+    if quantize:
+        payload = _quantize_int8(float_payload, calibration_xs,
+                                 report.input_names)
+        report.quantized = "int8"
+        report.float_file_size = len(float_payload)
 
     def write_and_verify(tmp):
         # The file is checked before it takes the output's name: a file
@@ -440,7 +500,9 @@ def export_onnx(model, path, *, opset=None, verify=True,
             return
         kill_point("export-verify")
         try:
-            got = run_onnx(checked or tmp, xs)
+            got = run_onnx(checked or float_payload, xs)
+            if quantize:
+                got_int8 = run_onnx(tmp, xs)
         except Exception as e:
             text = " ".join(str(e).replace(tmp, str(path)).split())[:200]
             raise ExportError(
@@ -462,12 +524,97 @@ def export_onnx(model, path, *, opset=None, verify=True,
                 "nothing was written. Report the model, or export with "
                 "tolerance= raised if it is known to be badly "
                 "conditioned.")
+        if quantize:
+            _compare_int8(report, got[0], got_int8[0], labels, float_payload,
+                          tmp, xs)
+        elif labels is not None:
+            report.float_accuracy = _accuracy(got[0], labels)
 
     replace_atomically(path, write_and_verify)
     return report
 
 
-def _verification_inputs(model, verify, batch_size=None):
+def _quantize_int8(float_payload, xs, input_names, batch=16):
+    """The int8 (QDQ) model of a float ONNX model, calibrated on `xs`."""
+    import tempfile
+
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat,
+                                          QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter([
+                {name: x[i:i + batch] for name, x in zip(input_names, xs)}
+                for i in range(0, len(xs[0]), batch)])
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="renorm-convert-int8-") as work:
+        source = os.path.join(work, "float.onnx")
+        with open(source, "wb") as f:
+            f.write(float_payload)
+        prepared = os.path.join(work, "prepared.onnx")
+        try:  # shape inference and graph clean-up, as onnxruntime advises
+            quant_pre_process(source, prepared, skip_symbolic_shape=True)
+        except Exception:
+            prepared = source
+        target = os.path.join(work, "int8.onnx")
+        try:
+            quantize_static(prepared, target, Reader(),
+                            quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8)
+        except Exception as e:
+            text = " ".join(str(e).split())[:200]
+            raise ExportError(f"onnxruntime could not quantize the model: "
+                              f"{type(e).__name__}: {text}") from None
+        with open(target, "rb") as f:
+            return f.read()
+
+
+def _accuracy(outputs, labels):
+    return float((np.asarray(outputs).argmax(-1)
+                  == np.asarray(labels).reshape(-1)).mean())
+
+
+def _compare_int8(report, float_out, int8_out, labels, float_payload,
+                  int8_path, xs):
+    report.int8_top1_agreement = float(
+        (float_out.argmax(-1) == int8_out.argmax(-1)).mean())
+    if labels is not None:
+        report.float_accuracy = _accuracy(float_out, labels)
+        report.int8_accuracy = _accuracy(int8_out, labels)
+    report.float_latency_ms, report.int8_latency_ms = latencies_ms(
+        [float_payload, int8_path], xs)
+
+
+def latencies_ms(models, xs, rounds=15):
+    """Median onnxruntime latency (ms) of each model (path or bytes) on
+    `xs`, the models run in alternation so that a busy machine slows them
+    alike."""
+    import time
+
+    import onnxruntime as ort
+
+    sessions = [ort.InferenceSession(m, providers=["CPUExecutionProvider"])
+                for m in models]
+    feeds = [{i.name: x for i, x in zip(s.get_inputs(), xs)}
+             for s in sessions]
+    times = [[] for _ in sessions]
+    for s, feed in zip(sessions, feeds):
+        s.run(None, feed)  # warm-up
+    for _ in range(rounds):
+        for k, (s, feed) in enumerate(zip(sessions, feeds)):
+            start = time.perf_counter()
+            s.run(None, feed)
+            times[k].append(time.perf_counter() - start)
+    return [1000 * float(np.median(t)) for t in times]
+
+
+def _verification_inputs(model, verify, batch_size=None,
+                         argument="verify="):
     """(inputs, what they are) for verification, or (None, None)."""
     if verify is False or verify is None:
         return None, None
@@ -484,7 +631,7 @@ def _verification_inputs(model, verify, batch_size=None):
         shapes = ", ".join(str(tuple(t.shape)) for t in model.inputs)
         got = ", ".join(str(x.shape) for x in xs)
         raise ExportError(
-            f"verify=: inputs of shape {got} do not fit model "
+            f"{argument}: inputs of shape {got} do not fit model "
             f"'{model.name}' (inputs {shapes}); give a non-empty batch "
             "preprocessed as the model takes it.")
     xs = [x.astype(keras.backend.standardize_dtype(t.dtype))
@@ -512,8 +659,10 @@ def _keras_logits(model, xs):
         and name in ("softmax", "sigmoid"))
     if not final:
         return None
-    features = keras.Model(model.inputs, node.input_tensors[0])(
-        xs[0] if len(xs) == 1 else xs, training=False)
+    single = len(model.inputs) == 1
+    features = keras.Model(model.inputs[0] if single else model.inputs,
+                           node.input_tensors[0])(
+        xs[0] if single else xs, training=False)
     features = np.asarray(features, dtype="float64")
     if isinstance(layer, keras.layers.Dense):
         features = features @ np.asarray(layer.kernel, "float64")

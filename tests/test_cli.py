@@ -334,3 +334,26 @@ def test_export_verifies_on_real_images(tmp_path, capsys):
     assert "on 50 given inputs" in out
     assert "logits before the final activation" in out
     assert "same top-1 on 100.0%" in out
+
+
+def test_export_int8_and_float16_commands(tmp_path, capsys):
+    model = rc.convert(keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Conv2D(8, 3),
+        keras.layers.BatchNormalization(), keras.layers.ReLU(),
+        keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax")]))
+    path = tmp_path / "m.keras"
+    model.save(path)
+    code, out, err = _run(capsys, "export", path, "-o", tmp_path / "q.onnx",
+                          "--int8", "--data", "digits",
+                          "--calibration-size", "100")
+    assert code == 0, err
+    assert "int8:" in out and "same top-1 as the float model" in out
+    assert "accuracy: int8" in out
+    code, out, err = _run(capsys, "export", path, "-o", tmp_path / "h.onnx",
+                          "--float16")
+    assert code == 0, err
+    assert "float16 weights and compute" in out
+    code, out, err = _run(capsys, "export", path, "-o", tmp_path / "x.onnx",
+                          "--int8", "--float16")
+    assert code == 2 and "not allowed with" in err
+    assert not (tmp_path / "x.onnx").exists()
