@@ -744,8 +744,10 @@ def recalibrate(model, data, *, batches=None, batch_size=32,
     behind a short fine-tune.
 
     Every normalization layer (at any depth) is measured in the same
-    forward passes: each normalizes its batch with the batch's own mean and
-    variance, as in training, and records them; nothing else changes, no
+    forward passes: each records the mean and variance of its input batch
+    and normalizes it as in training (batch norm with the batch's moments;
+    batch renorm with its r / d corrections, which keeps what the following
+    layers were trained on); its statistics are held still meanwhile, no
     weight is updated, dropout is off. Afterwards `moving_mean` is the mean
     of the batch means and `moving_variance` the mean of the batch
     variances; a BatchRenormalization layer gets `renorm_mean =
@@ -777,27 +779,29 @@ def recalibrate(model, data, *, batches=None, batch_size=32,
     seen = 0
 
     def measuring(layer):
-        def call(inputs, training=None, mask=None):
+        original = layer.call
+
+        def call(inputs, training=None, **kwargs):
             x = tf.cast(inputs, tf.float32)
             axis = layer.axis if layer.axis >= 0 else len(x.shape) + layer.axis
-            reduce = [i for i in range(len(x.shape)) if i != axis]
-            mean, variance = tf.nn.moments(x, reduce)
+            mean, variance = tf.nn.moments(
+                x, [i for i in range(len(x.shape)) if i != axis])
             total = sums[id(layer)]
             total[0] = total[0] + mean.numpy().astype(np.float64)
             total[1] = total[1] + variance.numpy().astype(np.float64)
-            shape = [1] * len(x.shape)
-            shape[axis] = -1
-            scale = tf.math.rsqrt(variance + layer.epsilon)
-            if layer.scale:
-                scale = scale * tf.cast(layer.gamma, tf.float32)
-            offset = -mean * scale
-            if layer.center:
-                offset = offset + tf.cast(layer.beta, tf.float32)
-            y = x * tf.reshape(scale, shape) + tf.reshape(offset, shape)
-            return tf.cast(y, inputs.dtype)
+            # Training mode, as the layer normalizes in training (batch norm;
+            # batch renorm with its r / d corrections), its statistics held
+            # still (momentum 1) and replaced at the end.
+            return original(inputs, training=True, **kwargs)
         return call
 
+    momenta = {}
     for layer in norms:
+        momenta[id(layer)] = (layer.momentum,
+                              getattr(layer, "renorm_momentum", None))
+        layer.momentum = 1.0
+        if momenta[id(layer)][1] is not None:
+            layer.renorm_momentum = 1.0
         layer.call = measuring(layer)
     try:
         for x in _input_batches(copy, data, batch_size, scaling):
@@ -808,6 +812,9 @@ def recalibrate(model, data, *, batches=None, batch_size=32,
     finally:
         for layer in norms:
             del layer.call  # the class's own again
+            layer.momentum, renorm_momentum = momenta[id(layer)]
+            if renorm_momentum is not None:
+                layer.renorm_momentum = renorm_momentum
     if not seen:
         raise FineTuneError("recalibrate: the data holds no batch.")
     for layer in norms:
