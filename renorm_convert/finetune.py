@@ -745,10 +745,18 @@ def recalibrate(model, data, *, batches=None, batch_size=32,
 
     Every normalization layer (at any depth) is measured in the same
     forward passes: each records the mean and variance of its input batch
-    and normalizes it as in training (batch norm with the batch's moments;
-    batch renorm with its r / d corrections, which keeps what the following
-    layers were trained on); its statistics are held still meanwhile, no
-    weight is updated, dropout is off. Afterwards `moving_mean` is the mean
+    and normalizes it with them (its own training-mode forward; batch
+    renorm held at r = 1, d = 0, i.e. batch norm), so each layer's
+    statistics are the population moments of its input when every layer
+    before it normalizes with population moments too, which is what
+    inference then does. Statistics are held still meanwhile, no weight is
+    updated, dropout is off.
+
+    Batch renorm trains the following layers on inputs normalized by its
+    moving averages; where those lag (momentum 0.99 on a short run), the
+    network has adapted to them, and recalibration can cost accuracy
+    (benchmarks/recalibrate.py measures it). It serves batch-norm-trained
+    models and runs whose weights moved after the statistics settled. Afterwards `moving_mean` is the mean
     of the batch means and `moving_variance` the mean of the batch
     variances; a BatchRenormalization layer gets `renorm_mean =
     moving_mean` and `moving_stddev = renorm_stddev = sqrt(moving_variance
@@ -789,19 +797,26 @@ def recalibrate(model, data, *, batches=None, batch_size=32,
             total = sums[id(layer)]
             total[0] = total[0] + mean.numpy().astype(np.float64)
             total[1] = total[1] + variance.numpy().astype(np.float64)
-            # Training mode, as the layer normalizes in training (batch norm;
-            # batch renorm with its r / d corrections), its statistics held
-            # still (momentum 1) and replaced at the end.
+            # The layer's own training-mode forward, held at batch norm
+            # (renorm bounds 1 / 0: r = 1, d = 0) and with its statistics
+            # held still (momentum 1); they are replaced at the end.
             return original(inputs, training=True, **kwargs)
         return call
 
-    momenta = {}
+    momenta, bounds, trainable = {}, {}, {}
     for layer in norms:
         momenta[id(layer)] = (layer.momentum,
                               getattr(layer, "renorm_momentum", None))
         layer.momentum = 1.0
         if momenta[id(layer)][1] is not None:
             layer.renorm_momentum = 1.0
+        if hasattr(layer, "set_clipping"):
+            bounds[id(layer)] = (layer.r_max, layer.d_max,
+                                 layer.microbatch_size)
+            layer.set_clipping(r_max=1.0, d_max=0.0)
+            layer.microbatch_size = None  # whole batches: population moments
+        trainable[id(layer)] = layer.trainable
+        layer.trainable = True  # a frozen one would normalize as in inference
         layer.call = measuring(layer)
     try:
         for x in _input_batches(copy, data, batch_size, scaling):
@@ -815,6 +830,10 @@ def recalibrate(model, data, *, batches=None, batch_size=32,
             layer.momentum, renorm_momentum = momenta[id(layer)]
             if renorm_momentum is not None:
                 layer.renorm_momentum = renorm_momentum
+            layer.trainable = trainable[id(layer)]
+            if id(layer) in bounds:
+                r_max, d_max, layer.microbatch_size = bounds[id(layer)]
+                layer.set_clipping(r_max=r_max, d_max=d_max)
     if not seen:
         raise FineTuneError("recalibrate: the data holds no batch.")
     for layer in norms:

@@ -22,23 +22,17 @@ def mlp():
     return keras.Model(inputs, inner(x))
 
 
-def numpy_reference(model, batches, renorm=False):
+def numpy_reference(model, batches):
     """Per-layer mean of batch means and of batch (biased) variances, with
-    each normalization applied as in training: with its batch's own
-    moments, or (batch renorm, r and d unclipped) with its renorm moving
-    statistics, which it holds still."""
+    each normalization applied with its batch's own moments."""
     d1, bn1 = model.get_layer("d1"), model.get_layer("bn1")
     inner = model.get_layer("inner")
     d2, bn2 = inner.get_layer("d2"), inner.get_layer("bn2")
 
     def norm(h, bn):
         m, v = h.mean(0), h.var(0)
-        if renorm:
-            center = np.asarray(bn.renorm_mean, np.float64)
-            spread = np.asarray(bn.renorm_stddev, np.float64)
-        else:
-            center, spread = m, np.sqrt(v + bn.epsilon)
-        y = (h - center) / spread * np.asarray(bn.gamma) + np.asarray(bn.beta)
+        y = (h - m) / np.sqrt(v + bn.epsilon) * np.asarray(bn.gamma) + \
+            np.asarray(bn.beta)
         return y, m, v
 
     stats = {"bn1": [[], []], "bn2": [[], []]}
@@ -53,7 +47,8 @@ def numpy_reference(model, batches, renorm=False):
     return {k: (np.mean(a, 0), np.mean(b, 0)) for k, (a, b) in stats.items()}
 
 
-@pytest.mark.parametrize("converted", [False, "renorm", "bounds 1/0"])
+@pytest.mark.parametrize("converted", [False, "frozen", "renorm",
+                                       "microbatches"])
 def test_statistics_are_exact_averages_of_batch_moments(converted):
     model = mlp()
     randomize_statistics(model, seed=4)
@@ -61,21 +56,27 @@ def test_statistics_are_exact_averages_of_batch_moments(converted):
         bn = model.get_layer(layer)
         bn.gamma.assign(np.linspace(0.5, 2, 5))
         bn.beta.assign(np.linspace(-1, 1, 5))
-    if converted == "renorm":  # r and d never clipped
-        model = rc.convert(model, r_max=1e6, d_max=1e6)
+    if converted == "frozen":
+        for layer in model._flatten_layers():
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+    elif converted:
+        # Relaxed bounds and shifted renorm statistics would change the
+        # forward if recalibration did not hold the layers at batch norm;
+        # microbatches would change the moments measured.
+        model = rc.convert(model, r_max=3.0, d_max=5.0,
+                           microbatch_size=4 if converted == "microbatches"
+                           else None)
         for layer in rc.schedule.renorm_layers(model):
             layer.renorm_mean.assign(layer.renorm_mean + 0.3)
             layer.renorm_stddev.assign(layer.renorm_stddev * 1.5)
-    elif converted:  # batch renorm held at batch norm
-        model = rc.convert(model, r_max=1.0, d_max=0.0)
     x = np.random.default_rng(0).normal(2.0, 3.0, (100, 6)).astype("float32")
     before = [v.numpy().copy() for v in model.weights]
     new = rc.recalibrate(model, x, batch_size=32, batches=3)
     # The input is untouched; the copy's weights other than statistics too.
     for v, b in zip(model.weights, before):
         np.testing.assert_array_equal(v.numpy(), b)
-    expected = numpy_reference(model, [x[0:32], x[32:64], x[64:96]],
-                               renorm=converted == "renorm")
+    expected = numpy_reference(model, [x[0:32], x[32:64], x[64:96]])
     assert new.recalibrated_batches == 3
     for name, layer in (("bn1", new.get_layer("bn1")),
                         ("bn2", new.get_layer("inner").get_layer("bn2"))):
@@ -84,7 +85,7 @@ def test_statistics_are_exact_averages_of_batch_moments(converted):
                                    rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(layer.moving_variance.numpy(), variance,
                                    rtol=1e-5, atol=1e-5)
-        if converted:
+        if converted in ("renorm", "microbatches"):
             std = np.sqrt(variance + layer.epsilon)
             np.testing.assert_allclose(layer.renorm_mean.numpy(), mean,
                                        rtol=1e-5, atol=1e-5)
@@ -93,7 +94,7 @@ def test_statistics_are_exact_averages_of_batch_moments(converted):
             np.testing.assert_allclose(layer.moving_stddev.numpy(), std,
                                        rtol=1e-5)
     # Its inference is the plain batch norm of the same statistics.
-    if converted:
+    if converted in ("renorm", "microbatches"):
         plain = rc.revert(new)
         np.testing.assert_allclose(new(x, training=False), plain(x),
                                    rtol=1e-5, atol=1e-5)
