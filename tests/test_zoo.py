@@ -1,0 +1,56 @@
+"""Every keras.applications constructor with BatchNormalization goes through
+convert, revert, save / load and fold with its inference output unchanged
+within the tolerance its own measured sensitivity justifies (see
+tests/zoo_models.py); one model per family also through the ONNX export in
+onnxruntime (the export of every model is benchmarks/zoo.py's job: it takes
+8 to 35 s a model)."""
+
+import gc
+import re
+
+import keras
+import pytest
+
+import zoo_models
+
+# One per family: each has its own block structure (and export path).
+EXPORTED = {
+    "DenseNet121", "EfficientNetB0", "EfficientNetV2B0", "InceptionResNetV2",
+    "InceptionV3", "MobileNet", "MobileNetV2", "MobileNetV3Small",
+    "NASNetMobile", "ResNet50", "ResNet50V2", "Xception",
+}
+
+
+def test_zoo_lists_every_family():
+    assert len(zoo_models.ZOO) >= 33
+    assert EXPORTED <= set(zoo_models.ZOO)
+    assert {family(name) for name in zoo_models.ZOO} == {
+        family(name) for name in EXPORTED}
+
+
+def family(name):
+    """ResNet101V2 -> ResNet, EfficientNetB3 -> EfficientNet."""
+    return re.sub(r"(\d.*|[VB]\d.*|Small|Large|Mobile)$", "", name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", zoo_models.ZOO)
+def test_zoo_model_whole_path(name, tmp_path):
+    keras.backend.clear_session()
+    gc.collect()
+    r = zoo_models.check(name, str(tmp_path), export=name in EXPORTED)
+    assert r["bn"] > 0
+    # Every normalization layer is converted, then folded or listed with
+    # its reason.
+    assert r["converted"] == r["bn"]
+    assert r["folded"] + len(r["unfolded"]) == r["bn"]
+    assert all(r["unfolded"].values())
+    # Conversion and revert copy weights exactly: the same float32
+    # arithmetic, so no tolerance beyond rounding order.
+    assert r["convert"] <= 1e-6, r
+    assert r["revert"] <= 1e-6, r
+    assert r["load"] <= 1e-6, r
+    # Folding rewrites weights in float32: within the model's tolerance.
+    assert r["fold"] <= r["tolerance"], r
+    if name in EXPORTED:
+        assert r["onnx"] <= r["tolerance"], r
