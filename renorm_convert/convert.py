@@ -128,6 +128,66 @@ def recast(model, dtype_policy):
     return _transform(model, swap, "recast")
 
 
+def _is_strided_pointwise(layer):
+    return (isinstance(layer, keras.layers.Conv2D)
+            and tuple(layer.kernel_size) == (1, 1)
+            and max(layer.strides) > 1
+            and tuple(layer.dilation_rate) == (1, 1)
+            and layer.groups == 1)
+
+
+def subsample_strided_pointwise(model):
+    """Makes every 1x1 `Conv2D` with strides (s, t) > 1 of `model` (nested
+    models too) compute `x[:, ::s, ::t]` followed by a stride-1 convolution
+    with the same kernel: the same output (a 1x1 kernel reads exactly those
+    pixels, under "valid" and "same" padding alike) and the same weights.
+
+    Why: TensorFlow 2.21's oneDNN CPU kernel for the weight gradient of a
+    strided 1x1 convolution corrupts the heap on AVX-512 machines once the
+    input is about 56x56 or larger, and the process dies (ResNet and
+    Xception projection shortcuts). The stride-1 kernel is not affected.
+
+    Unlike the transforms above this changes `model` in place, for a copy
+    its caller owns (`fine_tune` trains one): only the layers' convolution
+    is replaced, so configs, weights and saved files are unchanged.
+    `restore_strided_pointwise` undoes it. Returns how many layers changed.
+    """
+    changed = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if not _is_strided_pointwise(layer) or \
+                "convolution_op" in layer.__dict__:
+            continue
+        object.__setattr__(layer, "convolution_op",
+                           _subsampled_convolution(layer))
+        changed += 1
+    return changed
+
+
+def restore_strided_pointwise(model):
+    """Undoes `subsample_strided_pointwise`; returns how many layers."""
+    restored = 0
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if "convolution_op" in layer.__dict__:
+            object.__delattr__(layer, "convolution_op")
+            restored += 1
+    return restored
+
+
+def _subsampled_convolution(layer):
+    sh, sw = layer.strides
+    fmt = layer.data_format
+
+    def convolution_op(inputs, kernel):
+        if fmt == "channels_last":
+            inputs = inputs[:, ::sh, ::sw, :]
+        else:
+            inputs = inputs[:, :, ::sh, ::sw]
+        return keras.ops.conv(inputs, kernel, strides=1, padding="valid",
+                              data_format=fmt)
+
+    return convolution_op
+
+
 def _transform(model, swap, record):
     if not isinstance(model, keras.Model):
         raise ConversionError(

@@ -14,7 +14,9 @@ import tensorflow as tf
 
 from renorm_convert import checkpoint as checkpoint_lib
 from renorm_convert import data as data_lib
-from renorm_convert.convert import copy_model, recast
+from renorm_convert.convert import (copy_model, recast,
+                                    restore_strided_pointwise,
+                                    subsample_strided_pointwise)
 from renorm_convert.io import kill_point, write_atomically
 from renorm_convert.schedule import RenormSchedule, renorm_layers
 
@@ -379,6 +381,10 @@ def _prepare_model(model, *, head, train_only, microbatch_size, precision,
     elif train_only is not None:
         raise FineTuneError(f"train_only={train_only!r}: only 'norm' is "
                             "supported.")
+    if not tf.config.list_physical_devices("GPU"):
+        # The oneDNN strided 1x1 weight gradient crashes the process on
+        # AVX-512 CPUs (see subsample_strided_pointwise); undone after fit.
+        subsample_strided_pointwise(model)
     return model
 
 
@@ -557,6 +563,7 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
             merged.setdefault(key, []).extend(values)
         history.history = merged
         history.epoch = list(range(len(merged.get("loss", []))))
+    restore_strided_pointwise(model)
     history.trained_model = model
     history.steps = step_log.steps
     history.validation_curve = curve.points if curve is not None else []

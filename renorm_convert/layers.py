@@ -19,6 +19,8 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from renorm_convert._keras_internals import in_xla_compilation
+
 PACKAGE = "renorm_convert"
 
 
@@ -217,6 +219,11 @@ class BatchRenormalization(keras.layers.BatchNormalization):
             normalize = (self._normalize_groups if batch % m == 0
                          else self._normalize_padded)
             y, mean, variance = normalize(x)
+        elif in_xla_compilation():
+            # XLA knows the batch size when it compiles; the padded path is
+            # exact for whole groups too (padding nothing), and a tf.cond
+            # between the two would not compile (see in_xla_compilation).
+            y, mean, variance = self._normalize_padded(x)
         else:
             # Inside `fit` the batch size is unknown when tracing: whole
             # groups take the cheap path, a ragged last batch the padded one.

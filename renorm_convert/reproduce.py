@@ -180,34 +180,65 @@ def write_outputs(result, prefix):
 
 
 def _plot(result):
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """The curves of `result` as PNG bytes."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for variant, colour in (("batch norm", "tab:blue"),
-                            ("batch renorm", "tab:red")):
-        rows = [c for c in result["curves"] if c["variant"] == variant]
-        steps = sorted({r["step"] for r in rows})
-        acc = np.array([[r["val_accuracy"] for r in rows if r["step"] == s]
-                        for s in steps]) * 100
-        mean, std = acc.mean(1), acc.std(1)
-        ax.plot(steps, mean, color=colour, label=variant)
-        ax.fill_between(steps, mean - std, mean + std, color=colour,
-                        alpha=0.2)
+    fig = _figure(result)
+    out = _io.BytesIO()
+    fig.savefig(out, format="png", dpi=100)
+    plt.close(fig)
+    return out.getvalue()
+
+
+def _title(result):
     cfg = result["config"]
     what = (f"microbatches of {cfg['microbatch']}"
             if cfg["experiment"] == "microbatch" else
             f"non-i.i.d. batches: {cfg['classes_per_batch']} classes x "
             f"{cfg['batch_size'] // cfg['classes_per_batch']}")
-    ax.set(xlabel="training step", ylabel="validation accuracy (%)",
-           title=f"{cfg['data']}, batch {cfg['batch_size']}, {what}\n"
-                 f"mean ± std over {cfg['seeds']} seeds")
+    return [f"{cfg['data']}, model {cfg.get('model', 'cnn')}, batch "
+            f"{cfg['batch_size']}, {what}",
+            f"{cfg['steps']} steps; mean ± std over {cfg['seeds']} seeds"]
+
+
+def _figure(result):
+    """The matplotlib figure `_plot` renders: validation accuracy of both
+    arms against steps, and the paper's final accuracies as dashed lines."""
+    import textwrap
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"batch norm": "tab:blue", "batch renorm": "tab:red"}
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    for variant, colour in colours.items():
+        rows = [c for c in result["curves"] if c["variant"] == variant]
+        if not rows:
+            continue
+        steps = sorted({r["step"] for r in rows})
+        acc = [np.array([r["val_accuracy"] for r in rows
+                         if r["step"] == s]) * 100 for s in steps]
+        mean = np.array([a.mean() for a in acc])
+        std = np.array([a.std() for a in acc])
+        ax.plot(steps, mean, color=colour, marker=".", label=f"{variant} (ours)")
+        ax.fill_between(steps, mean - std, mean + std, color=colour,
+                        alpha=0.2)
+    paper = result.get("paper") or PAPER[result["config"]["experiment"]]
+    for variant, colour in colours.items():
+        if variant in paper:
+            ax.axhline(paper[variant], color=colour, linestyle="--",
+                       linewidth=1,
+                       label=f"paper, {variant}: {paper[variant]:.1f} % "
+                             "(ImageNet, final)")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="best", fontsize=8)
+    # Wrapped to the axes' width (a long dataset path or model name would
+    # otherwise run off the figure's right edge).
+    ax.set_title("\n".join(textwrap.fill(line, width=70)
+                            for line in _title(result)), fontsize=10)
     fig.tight_layout()
-    out = _io.BytesIO()
-    fig.savefig(out, format="png", dpi=100)
-    plt.close(fig)
-    return out.getvalue()
+    return fig

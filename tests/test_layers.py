@@ -447,3 +447,36 @@ def test_keras_save_load_round_trip():
     np.testing.assert_array_equal(loaded(x), model(x))
     cfg = layer.get_config()
     assert rc.BatchRenormalization.from_config(cfg).get_config() == cfg
+
+
+def test_private_hooks_exist():
+    """renorm_convert._keras_internals: each private hook is still there
+    and answers correctly."""
+    from tensorflow.python.ops import control_flow_util
+
+    from renorm_convert._keras_internals import in_xla_compilation
+
+    assert hasattr(control_flow_util, "GraphOrParentsInXlaContext"), (
+        "TensorFlow dropped control_flow_util.GraphOrParentsInXlaContext, "
+        "used by _keras_internals.in_xla_compilation")
+    seen = []
+    for jit in (False, True):
+        tf.function(lambda: seen.append(in_xla_compilation()),
+                    jit_compile=jit)()
+    assert seen == [False, True]
+    assert not in_xla_compilation()
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_fit_with_microbatches_and_ragged_last_batch(jit):
+    """As in `fit`, traced with an unknown batch size: whole and ragged
+    batches train, with and without XLA."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(38, 6)).astype("float32")
+    y = rng.integers(0, 3, 38)
+    model = _small_model(rc.BatchRenormalization(microbatch_size=4))
+    model.compile("adam", "sparse_categorical_crossentropy", jit_compile=jit)
+    # 38 = 2 * 16 + 6: the last batch splits into 4 + 2.
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert np.isfinite(model.layers[2].moving_variance.numpy()).all()

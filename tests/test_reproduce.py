@@ -1,8 +1,11 @@
-"""The paper's experiments repeat exactly under a seed."""
+"""The paper's experiments repeat exactly under a seed; their plots."""
 
+import dataclasses
 import json
 import subprocess
 import sys
+
+import pytest
 
 RUN = """
 import json, sys
@@ -26,3 +29,52 @@ def test_two_runs_in_separate_processes_are_identical():
     assert first == second
     # The curves are learning, not constant.
     assert len(set(first)) > 1
+
+
+def _synthetic_result(data="fashion-mnist"):
+    from renorm_convert import reproduce
+
+    config = reproduce.Config("non-iid", steps=300, seeds=2, eval_every=100,
+                              data=data)
+    curves = [{"seed": seed, "variant": variant, "step": step,
+               "val_accuracy": 0.5 + 0.1 * step / 300 + 0.02 * seed
+               + (0.05 if variant == "batch renorm" else 0.0),
+               "r_max": 1.0, "d_max": 0.0}
+              for seed in range(2) for variant in ("batch norm", "batch renorm")
+              for step in (100, 200, 300)]
+    return {"config": dataclasses.asdict(config), "curves": curves,
+            "paper": reproduce.PAPER["non-iid"]}
+
+
+@pytest.mark.parametrize("data", ["fashion-mnist",
+                                  "/a/rather/long/path/to/an/image_folder/"
+                                  "with_a_long_name_and_no_spaces_in_it"])
+def test_plot_is_a_png_with_title_inside_labels_and_paper_lines(data, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from renorm_convert import reproduce
+
+    result = _synthetic_result(data)
+    png = reproduce._plot(result)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "plot.png").write_bytes(png)
+
+    fig = reproduce._figure(result)
+    try:
+        renderer = fig.canvas.get_renderer()
+        ax = fig.axes[0]
+        title = ax.title.get_window_extent(renderer)
+        figure = fig.bbox
+        assert title.x0 >= figure.x0 and title.x1 <= figure.x1, (title, figure)
+        assert title.y0 >= figure.y0 and title.y1 <= figure.y1, (title, figure)
+        assert ax.get_xlabel() == "training step"
+        assert "accuracy" in ax.get_ylabel()
+        paper = reproduce.PAPER["non-iid"]
+        dashed = sorted(line.get_ydata()[0] for line in ax.get_lines()
+                        if line.get_linestyle() == "--")
+        assert dashed == sorted([paper["batch norm"], paper["batch renorm"]])
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert any("paper" in t and "67.0" in t and "ImageNet" in t
+                   for t in labels), labels
+    finally:
+        plt.close(fig)
