@@ -15,9 +15,15 @@ import zoo_models
 
 # One per family: each has its own block structure (and export path).
 EXPORTED = {
-    "DenseNet121", "EfficientNetB0", "EfficientNetV2B0", "InceptionResNetV2",
-    "InceptionV3", "MobileNet", "MobileNetV2", "MobileNetV3Small",
-    "NASNetMobile", "ResNet50", "ResNet50V2", "Xception",
+    "DenseNet121", "EfficientNetB0", "EfficientNetV2B0", "InceptionV3",
+    "MobileNet", "MobileNetV2", "MobileNetV3Small", "NASNetMobile",
+    "ResNet50", "ResNet50V2", "Xception",
+}
+# Families whose export only benchmarks/zoo.py runs, and why.
+EXPORTED_BY_BENCHMARK = {
+    "InceptionResNet": "its 55 M weights through tf2onnx's graph freezing "
+                       "and grappler peak at 6 GB, more than the suite's "
+                       "memory budget",
 }
 
 
@@ -25,7 +31,7 @@ def test_zoo_lists_every_family():
     assert len(zoo_models.ZOO) >= 33
     assert EXPORTED <= set(zoo_models.ZOO)
     assert {family(name) for name in zoo_models.ZOO} == {
-        family(name) for name in EXPORTED}
+        family(name) for name in EXPORTED} | set(EXPORTED_BY_BENCHMARK)
 
 
 def family(name):
