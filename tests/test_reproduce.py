@@ -78,3 +78,35 @@ def test_plot_is_a_png_with_title_inside_labels_and_paper_lines(data, tmp_path):
                    for t in labels), labels
     finally:
         plt.close(fig)
+
+
+def test_training_mode_accuracy_uses_batch_statistics_and_restores_them():
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import renorm_convert as rc
+    from renorm_convert.reproduce import training_mode_accuracy
+
+    model = rc.convert(keras.Sequential([
+        keras.Input((4,)), keras.layers.Dense(3),
+        keras.layers.BatchNormalization(), keras.layers.Dense(2)]),
+        r_max=1.0, d_max=0.0)
+    before = [v.numpy().copy() for v in model.weights]
+    rng = np.random.default_rng(0)
+    x = rng.normal(5.0, 2.0, (64, 4)).astype("float32")
+    y = rng.integers(0, 2, 64)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+    got = training_mode_accuracy(model, ds)
+    for v, b in zip(model.weights, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+    # The same, computed with NumPy: batch norm with each batch's moments.
+    dense1, bn, dense2 = model.layers
+    correct = 0
+    for part, labels in ((x[:32], y[:32]), (x[32:], y[32:])):
+        h = part @ dense1.kernel.numpy() + dense1.bias.numpy()
+        h = (h - h.mean(0)) / np.sqrt(h.var(0) + bn.epsilon) * \
+            bn.gamma.numpy() + bn.beta.numpy()
+        out = h @ dense2.kernel.numpy() + dense2.bias.numpy()
+        correct += int((out.argmax(-1) == labels).sum())
+    assert got == correct / 64
