@@ -9,10 +9,10 @@ shipped weights are trained on Fashion-MNIST):
                calibration=256 training images)
   plain float  model.export(path, format="onnx"): Keras's own tf2onnx export,
                no folding (a Mul and an Add per normalization)
-  plain int8   that file through onnxruntime.quantization.quantize_static
-               with the same settings `export_onnx` uses (QDQ, per-channel
-               int8 weights, uint8 activations, MinMax calibration on the
-               same 256 images)
+  plain int8   that file through the same quantization `export_onnx` uses
+               (`renorm_convert.export.quantize_int8`: onnxruntime's static
+               QDQ, per-channel int8 weights, uint8 activations, MinMax
+               calibration on the same 256 images)
 
 Reported: top-1 accuracy of each file on the 10,000 Fashion-MNIST test
 images, file size, and onnxruntime latency at batch 1 and 32 as the median
@@ -35,23 +35,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _quantize(source, target, x, input_name):
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat,
-                                          QuantType, quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    """The plain file through the quantization `export_onnx` uses."""
+    from renorm_convert.export import quantize_int8
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._it = iter([{input_name: x[i:i + 16]}
-                             for i in range(0, len(x), 16)])
-
-        def get_next(self):
-            return next(self._it, None)
-
-    prepared = target + ".pre.onnx"
-    quant_pre_process(source, prepared, skip_symbolic_shape=True)
-    quantize_static(prepared, target, Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
+    with open(source, "rb") as f:
+        payload = quantize_int8(f.read(), [x], [input_name])
+    with open(target, "wb") as f:
+        f.write(payload)
 
 
 def main(argv=None):

@@ -450,6 +450,8 @@ def export_onnx(model, path, *, opset=None, verify=True,
                 "them) to measure activation ranges on.")
         calibration_xs, _ = _verification_inputs(model, calibration,
                                                  argument="calibration=")
+    if precision == "float16" and tolerance == VERIFY_TOLERANCE:
+        tolerance = FLOAT16_TOLERANCE
     xs, verified_on = _verification_inputs(model, verify, batch_size)
     folded = fold(model)
     onnx_model = to_onnx(folded, opset=opset, batch_size=batch_size)
@@ -475,17 +477,13 @@ def export_onnx(model, path, *, opset=None, verify=True,
 
         onnx_model = convert_float_to_float16(onnx_model, keep_io_types=True)
         report.precision = "float16"
-        if tolerance == VERIFY_TOLERANCE:
-            tolerance = FLOAT16_TOLERANCE
-        if xs is not None:
-            report.tolerance = float(tolerance)
     float_payload = onnx_model.SerializeToString()
     checked = _with_output(onnx_model, logits_name) if (
         xs is not None and logits_name) else None
     del onnx_model
     payload = float_payload
     if quantize:
-        payload = _quantize_int8(float_payload, calibration_xs,
+        payload = quantize_int8(float_payload, calibration_xs,
                                  report.input_names)
         report.quantized = "int8"
         report.float_file_size = len(float_payload)
@@ -534,8 +532,10 @@ def export_onnx(model, path, *, opset=None, verify=True,
     return report
 
 
-def _quantize_int8(float_payload, xs, input_names, batch=16):
-    """The int8 (QDQ) model of a float ONNX model, calibrated on `xs`."""
+def quantize_int8(float_payload, xs, input_names, batch=16):
+    """The int8 model (serialized) of a serialized float ONNX model, calibrated
+    on the input arrays `xs` (one per name in `input_names`): onnxruntime's
+    static quantization, QDQ, per-channel int8 weights, uint8 activations."""
     import tempfile
 
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat,

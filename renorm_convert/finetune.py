@@ -299,13 +299,9 @@ class ValidationCurve(keras.callbacks.Callback):
         self._steps_per_epoch = steps_per_epoch
 
     def _record(self):
-        correct = 0
-        for x, y in self._batches:
-            pred = np.asarray(self.model(x, training=False))
-            correct += int((pred.argmax(-1) == np.asarray(y)).sum())
         self.points.append({
             "step": int(self.model.optimizer.iterations.numpy()),
-            "val_accuracy": correct / max(self.size, 1)})
+            "val_accuracy": top1(self.model, self._batches)})
 
     def on_train_begin(self, logs=None):
         self._record()
@@ -878,16 +874,22 @@ def _input_batches(model, data, batch_size, scaling):
         yield part[0] if len(part) == 1 else part
 
 
+def top1(model, batches, training=False):
+    """Top-1 accuracy of `model` over (images, labels) batches; `training`
+    as in a Keras call."""
+    correct = total = 0
+    for x, y in batches:
+        pred = np.asarray(model(x, training=training))
+        correct += int((pred.argmax(-1) == np.asarray(y).reshape(-1)).sum())
+        total += len(pred)
+    return correct / max(total, 1)
+
+
 def accuracy(model, split, scaling="unit", batch_size=256):
     """Top-1 accuracy of `model` on the validation part of `split`."""
     shape = data_lib.model_image_shape(model)
-    ds = data_lib.evaluation_dataset(split, shape, batch_size, scaling)
-    correct = 0
-    for x, y in ds:
-        pred = model(x, training=False)
-        correct += int(tf.reduce_sum(tf.cast(
-            tf.argmax(pred, -1) == tf.cast(y, tf.int64), tf.int32)))
-    return correct / len(split.y_val)
+    return top1(model, data_lib.evaluation_dataset(split, shape, batch_size,
+                                                   scaling))
 
 
 __all__ = ["fine_tune", "recalibrate", "FineTuneError", "NonFiniteLoss",

@@ -18,6 +18,7 @@ import numpy as np
 
 from renorm_convert import data as data_lib
 from renorm_convert.convert import convert
+from renorm_convert.finetune import top1
 from renorm_convert.io import write_atomically
 from renorm_convert.schedule import RenormSchedule, renorm_layers
 
@@ -85,16 +86,11 @@ def training_mode_accuracy(model, dataset):
     non-i.i.d. batches works this way and fails with its moving averages.
     The model's statistics are put back afterwards."""
     saved = [v.numpy() for v in model.non_trainable_variables]
-    correct = total = 0
     try:
-        for x, y in dataset:
-            pred = np.asarray(model(x, training=True))
-            correct += int((pred.argmax(-1) == np.asarray(y)).sum())
-            total += len(pred)
+        return top1(model, dataset, training=True)
     finally:
         for v, value in zip(model.non_trainable_variables, saved):
             v.assign(value)
-    return correct / max(total, 1)
 
 
 class _Curve(keras.callbacks.Callback):

@@ -44,6 +44,14 @@ RESNET_SIZE, RESNET_BATCH = (224, 64) if GPUS else (32, 4)
 TOLERANCES = {"float32": (1e-4, 1e-4), "mixed_float16": (1e-2, 2e-2)}
 
 
+def _assert_all_close(these, those, rtol, atol):
+    """Outputs and gradients, compared in float32."""
+    for a, b in zip(these, those):
+        np.testing.assert_allclose(tf.cast(a, "float32"),
+                                   tf.cast(b, "float32"), rtol=rtol,
+                                   atol=atol)
+
+
 def _train_step_function(layer, jit_compile):
     """One training step of `layer` alone: its output, and the gradients
     of `sum(y * w)` with respect to the input and the layer's weights."""
@@ -78,13 +86,7 @@ def test_matches_keras_renorm(policy, jit_compile, shape, axis):
         x = tf.cast(_inputs(shape, seed=i), ours.compute_dtype)
         (y1, g1), (y2, g2) = steps[0](x, w), steps[1](x, w)
         assert y1.dtype == y2.dtype == ours.compute_dtype
-        np.testing.assert_allclose(tf.cast(y1, "float32"),
-                                   tf.cast(y2, "float32"), rtol=rtol,
-                                   atol=atol)
-        for a, b in zip(g1, g2):
-            np.testing.assert_allclose(tf.cast(a, "float32"),
-                                       tf.cast(b, "float32"), rtol=rtol,
-                                       atol=atol)
+        _assert_all_close([y1, *g1], [y2, *g2], rtol, atol)
     for a, b in zip(ours.variables, peer.variables):
         assert a.dtype == b.dtype == "float32"
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5,
@@ -118,13 +120,7 @@ def test_microbatches_under_xla_match_without(policy, shape, axis, signature):
     for i in range(3):
         x = tf.cast(_inputs(shape, seed=i), layers[0].compute_dtype)
         (y1, g1), (y2, g2) = plain(x, w), compiled(x, w)
-        np.testing.assert_allclose(tf.cast(y1, "float32"),
-                                   tf.cast(y2, "float32"), rtol=rtol,
-                                   atol=atol)
-        for a, b in zip(g1, g2):
-            np.testing.assert_allclose(tf.cast(a, "float32"),
-                                       tf.cast(b, "float32"), rtol=rtol,
-                                       atol=atol)
+        _assert_all_close([y1, *g1], [y2, *g2], rtol, atol)
     for a, b in zip(layers[0].variables, layers[1].variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5,
                                    atol=1e-5, err_msg=a.path)
