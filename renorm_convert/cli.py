@@ -609,7 +609,7 @@ def _number(minimum=None, maximum=None, *, above=None, below=None):
 
 
 def _opset(text):
-    from renorm_convert.export import MAX_OPSET, MIN_OPSET
+    from renorm_convert._limits import MAX_OPSET, MIN_OPSET  # no TensorFlow
 
     value = _integer(MIN_OPSET)(text)
     if value > MAX_OPSET:

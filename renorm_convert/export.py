@@ -18,6 +18,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from renorm_convert._limits import MAX_OPSET, MIN_OPSET
 from renorm_convert.fold import fold
 from renorm_convert.io import kill_point, replace_atomically
 
@@ -707,9 +708,6 @@ def _compare(report, expected, got, expected_logits, got_logits):
             (first.argmax(-1) == other.argmax(-1)).mean())
 
 
-# tf2onnx 1.17 converts these opsets and onnxruntime runs what it writes;
-# below 9, tf2onnx leaves variables as graph inputs (measured).
-MIN_OPSET, MAX_OPSET = 9, 18
 
 
 def check_opset(opset):

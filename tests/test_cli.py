@@ -276,7 +276,8 @@ import sys
 sys.argv[0] = "renorm-convert"
 from renorm_convert.cli import main
 for argv in (["--help"], ["finetune", "--help"], ["export", "--help"],
-             ["finetune", "m.keras", "-o", "o.keras", "--epochs", "x"]):
+             ["finetune", "m.keras", "-o", "o.keras", "--epochs", "x"],
+             ["export", "m.keras", "-o", "o.onnx", "--opset", "99"]):
     try:
         main(argv)
     except SystemExit:
@@ -290,6 +291,7 @@ def test_help_and_usage_errors_answer_before_tensorflow_loads():
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "False False", out.stderr
     assert "--epochs: expected an integer; got 'x'" in out.stderr
+    assert "--opset: expected an opset from 9 to 18; got 99" in out.stderr
     # The installed command, timed: TensorFlow's import alone takes 5-10 s.
     command = os.path.join(os.path.dirname(sys.executable), "renorm-convert")
     if os.path.exists(command):
