@@ -893,7 +893,8 @@ def build_parser():
                         "Fashion-MNIST has 10)")
     p.add_argument("--eval-every", type=_integer(1), default=150,
                    metavar="STEPS", help="validate every STEPS steps")
-    p.add_argument("--model", default="cnn", choices=["cnn", "cnn-wide"],
+    p.add_argument("--model", default="cnn",
+                   choices=["cnn-plain", "cnn", "cnn-wide", "cnn-deep"],
                    help="the network: four convolutions and a normalized "
                         "dense head, at width 16 or 32")
     p.add_argument("--data", default="fashion-mnist", metavar="SOURCE",

@@ -50,33 +50,52 @@ class Config:
     deterministic: bool = True
 
 
-def small_cnn(shape, num_classes, width=16):
-    """Two blocks of two convolutions, each batch-normalized, and a
-    batch-normalized dense head (where the paper's effects show most)."""
+def small_cnn(shape, num_classes, width=16, blocks=2, convs_per_block=2,
+              dense_head=True, name="small_cnn"):
+    """`blocks` blocks of `convs_per_block` batch-normalized convolutions
+    (3x3, widths doubling from `width`) each followed by max pooling; then
+    a batch-normalized dense layer of 64 (`dense_head`, where the paper's
+    effects show most) or global average pooling, and the logits."""
     inputs = keras.Input(shape)
     x = inputs
-    for block, filters in enumerate((width, 2 * width)):
-        for i in range(2):
+    for block in range(blocks):
+        filters = width * 2 ** block
+        for i in range(convs_per_block):
             x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False,
                                     name=f"b{block}_conv{i}")(x)
             x = keras.layers.BatchNormalization(name=f"b{block}_bn{i}")(x)
             x = keras.layers.ReLU()(x)
         x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(64, use_bias=False, name="fc")(x)
-    x = keras.layers.BatchNormalization(name="fc_bn")(x)
-    x = keras.layers.ReLU()(x)
+    if dense_head:
+        x = keras.layers.Flatten()(x)
+        x = keras.layers.Dense(64, use_bias=False, name="fc")(x)
+        x = keras.layers.BatchNormalization(name="fc_bn")(x)
+        x = keras.layers.ReLU()(x)
+    else:
+        x = keras.layers.GlobalAveragePooling2D()(x)
     outputs = keras.layers.Dense(num_classes, name="logits")(x)
-    return keras.Model(inputs, outputs, name="small_cnn")
+    return keras.Model(inputs, outputs, name=name)
+
+
+# The experiments' architectures, shallowest first: --model NAME.
+MODELS = {
+    # Three blocks of one convolution, no normalized head: the plain CNN.
+    "cnn-plain": dict(blocks=3, convs_per_block=1, dense_head=False),
+    # Two blocks of two convolutions and a batch-normalized dense head.
+    "cnn": dict(blocks=2, convs_per_block=2, dense_head=True),
+    "cnn-wide": dict(blocks=2, convs_per_block=2, dense_head=True, width=32),
+    # Three blocks of two convolutions and a batch-normalized dense head.
+    "cnn-deep": dict(blocks=3, convs_per_block=2, dense_head=True),
+}
 
 
 def _model(config, shape, num_classes):
-    if config.model == "cnn":
-        return small_cnn(shape, num_classes)
-    if config.model == "cnn-wide":
-        return small_cnn(shape, num_classes, width=32)
-    raise ValueError(f"unknown model {config.model!r}: use cnn or cnn-wide "
-                     "(or load your own through the Python API).")
+    if config.model not in MODELS:
+        raise ValueError(f"model={config.model!r}: use one of "
+                         f"{', '.join(MODELS)} (or load your own through "
+                         "the Python API).")
+    return small_cnn(shape, num_classes, name=config.model.replace("-", "_"),
+                     **MODELS[config.model])
 
 
 def training_mode_accuracy(model, dataset):
