@@ -25,9 +25,9 @@ def _load():
     from renorm_convert.convert import ConversionError, convert, revert
     from renorm_convert.export import ExportError, ExportReport, export_onnx
     from renorm_convert.finetune import (FineTuneError, NonFiniteLoss,
-                                         fine_tune, recalibrate)
+                                         accuracy, fine_tune, recalibrate)
     from renorm_convert.fold import ChannelAffine, fold
-    from renorm_convert.graph import GraphError, model_graph
+    from renorm_convert.graph import GraphError, iter_layers, model_graph
     from renorm_convert.layers import BatchRenormalization
     from renorm_convert.schedule import RenormSchedule
 
@@ -54,11 +54,13 @@ __all__ = [
     "GraphError",
     "NonFiniteLoss",
     "RenormSchedule",
+    "accuracy",
     "convert",
     "data",
     "export_onnx",
     "fine_tune",
     "fold",
+    "iter_layers",
     "model_graph",
     "recalibrate",
     "revert",

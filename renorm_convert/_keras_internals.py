@@ -27,3 +27,17 @@ def in_xla_compilation():
     if check is None:
         return True
     return bool(check(ops.get_default_graph()))
+
+
+def flatten_layers(layer, include_self=False, recursive=True):
+    """Every layer tracked by `layer` (nested models and the sublayers of
+    custom layers too, each once), in Keras's tracking order.
+
+    Why: Keras 3 has no public recursive iteration (`Model.layers` lists the
+    top level only; `Layer._flatten_layers` is what Keras's own
+    `summary`, `weights` and saving use). Without it, conversion and the
+    schedule would miss the normalization layers inside nested models and
+    custom blocks.
+    """
+    return list(layer._flatten_layers(include_self=include_self,
+                                      recursive=recursive))

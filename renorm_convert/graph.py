@@ -15,6 +15,8 @@ from keras.src import tree
 from keras.src.models.functional import Functional
 from keras.src.saving.serialization_lib import SafeModeScope
 
+from renorm_convert._keras_internals import flatten_layers
+
 
 def clone_layer(layer, **overrides):
     """A new, unbuilt layer from `layer`'s config (with `overrides`).
@@ -27,6 +29,12 @@ def clone_layer(layer, **overrides):
     config.update(overrides)
     with SafeModeScope(False):
         return type(layer).from_config(config)
+
+
+def iter_layers(model):
+    """Every layer of `model` at any depth (inside nested models and custom
+    layers too), each once, parents before their sublayers; not `model`."""
+    return iter(flatten_layers(model))
 
 
 class GraphError(ValueError):
