@@ -22,7 +22,9 @@ def _load():
 
     for module in ("data", "export", "graph", "io", "schedule"):
         importlib.import_module(f"renorm_convert.{module}")
-    from renorm_convert.convert import ConversionError, convert, revert
+    from renorm_convert.convert import (ConversionError, convert, copy_model,
+                                        freeze_all_but_normalization, recast,
+                                        replace_head, revert, unfreeze)
     from renorm_convert.export import ExportError, ExportReport, export_onnx
     from renorm_convert.finetune import (FineTuneError, NonFiniteLoss,
                                          accuracy, fine_tune, recalibrate)
@@ -56,14 +58,19 @@ __all__ = [
     "RenormSchedule",
     "accuracy",
     "convert",
+    "copy_model",
     "data",
     "export_onnx",
     "fine_tune",
     "fold",
+    "freeze_all_but_normalization",
     "iter_layers",
     "model_graph",
     "recalibrate",
+    "recast",
+    "replace_head",
     "revert",
+    "unfreeze",
 ]
 __version__ = "0.1.0"
 

@@ -12,6 +12,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import sys
 import time
 
@@ -34,7 +35,7 @@ def _progress(message):
 
 
 def _load(args, path=None):
-    from renorm_convert.io import import_custom_objects, load
+    from renorm_convert.io import load
 
     if getattr(args, "unsafe", False):
         _progress("warning: --unsafe: Python code in Lambda layers of the file "
@@ -136,7 +137,7 @@ def cmd_convert(args):
     keeps all its weights and statistics; write the result to -o OUT.keras and
     print the measured inference parity."""
     import renorm_convert as rc
-    from renorm_convert.io import check_output, save_atomically
+    from renorm_convert.io import save_atomically
 
     check_output(args.output, [args.model], (".keras",))
     model = _load(args)
@@ -171,7 +172,7 @@ def cmd_revert(args):
     BatchNormalization (current moving statistics), so the model can be used
     without this package; write it to -o OUT.keras."""
     import renorm_convert as rc
-    from renorm_convert.io import check_output, save_atomically
+    from renorm_convert.io import save_atomically
 
     check_output(args.output, [args.model], (".keras",))
     model = _load(args)
@@ -193,11 +194,8 @@ def cmd_export(args):
     """Export MODEL to ONNX with every foldable normalization folded into the
     preceding Conv/Dense layer, and (unless --no-verify) check the file with
     onnxruntime against Keras."""
-    import numpy as np
-
     import renorm_convert as rc
     from renorm_convert import data as data_lib
-    from renorm_convert.io import check_output
 
     inputs = [args.model] + [p for p in [data_lib.source_path(args.data)]
                              if p]
@@ -217,20 +215,17 @@ def cmd_export(args):
                      "the activation ranges on (e.g. --data fashion-mnist)")
     verify, labels, calibration = not args.no_verify, None, None
     if args.data:
-        shape = data_lib.model_image_shape(model)
         split = data_lib.load_source(args.data).subset(
             train=args.calibration_size if args.int8 else None,
             val=args.verify_size, seed=0)
         if args.int8:
-            calibration = np.asarray(data_lib.adapt(
-                split.x_train, shape, scaling=args.scaling))
+            calibration, _ = split.inputs_for(model, part="train",
+                                              scaling=args.scaling)
         if verify and not len(split.y_val):
             raise _usage(f"--data {args.data}: no validation examples to "
                          "verify on")
         if verify:
-            verify = np.asarray(data_lib.adapt(split.x_val, shape,
-                                               scaling=args.scaling))
-            labels = split.y_val
+            verify, labels = split.inputs_for(model, scaling=args.scaling)
     _progress("folding and converting with tf2onnx"
               + (", then quantizing to int8" if args.int8 else ""))
     start = time.perf_counter()
@@ -252,9 +247,9 @@ def cmd_finetune(args):
     with one sub-directory of images per class."""
     import renorm_convert as rc
     from renorm_convert import data as data_lib
-    from renorm_convert.finetune import (NonFiniteLoss, accuracy, is_chief,
-                                         make_strategy)
-    from renorm_convert.io import check_output, save_atomically
+    from renorm_convert.distribute import is_chief, make_strategy
+    from renorm_convert.finetune import NonFiniteLoss, accuracy
+    from renorm_convert.io import save_atomically
 
     _check_finetune_paths(args)
     # A multi-worker strategy must exist before TensorFlow's first op.
@@ -350,7 +345,6 @@ def _check_finetune_paths(args):
     lost to a path that was wrong from the start."""
     from renorm_convert import checkpoint
     from renorm_convert.data import source_path
-    from renorm_convert.io import check_output, check_outputs
 
     check_output(args.output, [args.model], (".keras",))
     prefix = _history_prefix(args)
@@ -381,6 +375,7 @@ def cmd_reproduce(args):
     paper's. The default scale takes about 10 minutes on 2 CPU cores; raise
     --steps / --seeds (and use a GPU) for full scale."""
     from renorm_convert import reproduce
+    from renorm_convert.reporting import write_experiment
 
     if args.steps < args.eval_every:
         raise _usage(f"--steps ({args.steps}) must be at least --eval-every "
@@ -400,7 +395,7 @@ def cmd_reproduce(args):
               f"{args.steps} steps")
     result = reproduce.run(config, progress=_progress)
     prefix = os.path.join(args.out, args.experiment.replace("-", "_"))
-    files = reproduce.write_outputs(result, prefix)
+    files = write_experiment(result, prefix)
     paper = result["paper"]
     print(f"{args.experiment} ({paper['setup']} in the paper):")
     print(f"{'':14}{'this run (mean ± std)':>24}{'paper (ImageNet)':>20}")
@@ -441,13 +436,8 @@ def cmd_demo(args):
     import numpy as np
 
     import renorm_convert as rc
-    from renorm_convert import data as data_lib
-    from renorm_convert.finetune import accuracy
-    from renorm_convert.fold import fold_plan
-    from renorm_convert.io import save_atomically
-
     from renorm_convert.data import source_path
-    from renorm_convert.io import check_outputs
+    from renorm_convert.io import save_atomically
 
     started = time.perf_counter()
     path = args.model or default_model_path()
@@ -460,16 +450,13 @@ def cmd_demo(args):
         raise _usage(f"{path}: the reference model is missing; build it with "
                      "`python models/build.py` or pass --model FILE.")
     model = _load(args, path)
-    split = data_lib.load_source(args.data).subset(
+    split = rc.data.load_source(args.data).subset(
         train=args.train_size, val=args.val_size, seed=0)
-    plan = fold_plan(model)
-    _progress(f"inspected: {len(plan)} normalization layers, "
-              f"{sum(p['foldable'] for p in plan)} foldable")
+
     converted = rc.convert(model, microbatch_size=args.microbatch)
-    diff, rel = _parity(model, converted, model)
-    converted_path = os.path.join(args.out, "converted.keras")
-    save_atomically(converted, converted_path)
-    before = accuracy(converted, split)
+    del model
+    save_atomically(converted, os.path.join(args.out, "converted.keras"))
+    before = rc.accuracy(converted, split)
     _progress(f"converted {len(converted.renorm_converted)} layers; "
               f"fine-tuning {args.epochs} epoch(s) on {len(split.y_train)} "
               f"examples, microbatches of {args.microbatch}")
@@ -478,16 +465,14 @@ def cmd_demo(args):
         learning_rate=args.lr, momentum=0.9,
         history_path=os.path.join(args.out, "history"),
         plot=os.path.join(args.out, "history.png"), seed=args.seed,
-        verbose=2)
+        verbose=2, copy=False)
     tuned = history.trained_model
-    after = accuracy(tuned, split)
-    tuned_path = os.path.join(args.out, "finetuned.keras")
-    save_atomically(tuned, tuned_path)
-    onnx_path = os.path.join(args.out, "finetuned.onnx")
+    after = rc.accuracy(tuned, split)
+    save_atomically(tuned, os.path.join(args.out, "finetuned.keras"))
     _progress("exporting to ONNX")
-    x = np.asarray(data_lib.adapt(split.x_val[:256],
-                                  data_lib.model_image_shape(tuned)))
-    report = rc.export_onnx(tuned, onnx_path, verify=x)
+    x, y = split.inputs_for(tuned, 256)
+    report = rc.export_onnx(tuned, os.path.join(args.out, "finetuned.onnx"),
+                            verify=x, labels=y)
     trainable = sum(int(np.prod(w.shape)) for w in tuned.trainable_weights)
     rows = [
         ("model", f"{os.path.basename(path)} ({trainable:,} trainable "
@@ -495,9 +480,7 @@ def cmd_demo(args):
                   "normalization statistics)"),
         ("layers converted", f"{len(converted.renorm_converted)} "
                              "BatchNormalization -> BatchRenormalization"),
-        ("conversion parity", f"max abs diff {diff:.2g} ({rel:.2g} of "
-                              "output scale)"),
-        ("accuracy before fine-tuning", f"{100 * before:.2f}%"),
+        ("accuracy before fine-tuning", f"{100 * before:.2f}% (converted)"),
         ("accuracy after fine-tuning", f"{100 * after:.2f}% ({args.epochs} "
                                        f"epoch, microbatch {args.microbatch})"),
         ("final r_max / d_max", f"{history.steps[-1]['r_max']:.2f} / "
@@ -510,7 +493,8 @@ def cmd_demo(args):
          f"on {report.verified_on.replace('given', 'validation')}: logits "
          f"{_maybe(report.logits_relative_diff)}, outputs "
          f"{report.relative_diff:.2g} of their scale; same top-1 on "
-         f"{100 * report.top1_agreement:.1f}%"),
+         f"{100 * report.top1_agreement:.1f}% of them, accuracy "
+         f"{100 * report.float_accuracy:.2f}%"),
         ("artifacts", args.out),
         ("total time", f"{time.perf_counter() - started:.0f} s"),
     ]
@@ -668,6 +652,135 @@ class _Usage(Exception):
 
 def _usage(message):
     return _Usage(message)
+
+
+# Output paths, checked for a person before any work: the messages name the
+# flags.
+
+
+def import_custom_objects(modules):
+    """Imports each `module.path` (which registers its classes) and returns
+    the Keras layers, models and functions it defines, by class name."""
+    import importlib
+    import inspect
+
+    import keras
+
+    objects = {}
+    for name in modules or ():
+        try:
+            module = importlib.import_module(name)
+        except Exception as e:
+            raise _usage(
+                f"--custom-objects {name}: cannot import it ({type(e).__name__}"
+                f": {e}). Give an importable module path (on PYTHONPATH)."
+            ) from None
+        for attr, value in vars(module).items():
+            if inspect.isclass(value) and issubclass(
+                value, (keras.layers.Layer, keras.losses.Loss,
+                        keras.metrics.Metric)):
+                objects[attr] = value
+                # Files name registered classes as "package>Class".
+                objects[keras.saving.get_registered_name(value)] = value
+    return objects
+
+
+
+
+def check_output(output, inputs, suffixes):
+    """Refuses an output path that is an input (also through `..`, a
+    symbolic or a hard link), is a directory, has the wrong suffix, or lies
+    in a directory that does not exist or cannot be written."""
+    output = str(output)
+    if not output.lower().endswith(suffixes):
+        raise _usage(
+            f"-o {output}: the output name must end in {' or '.join(suffixes)}."
+        )
+    check_outputs([("-o", output, "file")],
+                  [("model", path) for path in inputs])
+
+
+def _real(path):
+    return os.path.realpath(os.path.abspath(str(path)))
+
+
+def _same(a, b):
+    if _real(a) == _real(b):
+        return True
+    try:
+        return os.path.samefile(a, b)  # hard links
+    except OSError:
+        return False
+
+
+def _inside(path, directory):
+    inner, outer = _real(path), _real(directory)
+    return inner != outer and inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def _check_location(flag, path, kind):
+    if kind == "file":
+        if os.path.isdir(path):
+            raise _usage(f"{flag} {path}: is a directory; give a file "
+                             "name.")
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise _usage(f"{flag} {path}: the directory {directory} does "
+                             "not exist; create it first.")
+    else:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise _usage(f"{flag} {path}: is a file, not a directory; "
+                             "give a directory.")
+        directory = os.path.abspath(path)
+        while not os.path.exists(directory):
+            directory = os.path.dirname(directory)
+        if not os.path.isdir(directory):
+            raise _usage(f"{flag} {path}: {directory} is a file, not a "
+                             "directory.")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise _usage(f"{flag} {path}: the directory {directory} is not "
+                         "writable.")
+
+
+def check_outputs(outputs, inputs=()):
+    """Checks, before any work, every place a run will write.
+
+    Args:
+        outputs: (flag, path, kind) triples, kind "file", "dir" (a
+            directory of the run's own, which must not hold an input or
+            another output) or "logdir" (a directory the run adds files
+            to, such as TensorBoard's).
+        inputs: (what, path) pairs: model files, data files or folders.
+
+    Raises:
+        _Usage: an output is an input or holds one, two outputs collide,
+            or a location is missing, of the wrong kind or not writable.
+    """
+    outputs = [(flag, str(path), kind) for flag, path, kind in outputs]
+    inputs = [(what, str(path)) for what, path in inputs if path]
+    for flag, path, kind in outputs:
+        _check_location(flag, path, kind)
+        for what, source in inputs:
+            if _same(path, source):
+                raise _usage(
+                    f"{flag} {path}: is the input file {source} (the {what}); "
+                    "give another output path (inputs are never "
+                    "overwritten).")
+            if kind == "dir" and _inside(source, path):
+                raise _usage(
+                    f"{flag} {path}: holds the input {source} (the {what}); "
+                    "give a directory of its own.")
+            if os.path.isdir(source) and _inside(path, source):
+                raise _usage(
+                    f"{flag} {path}: lies inside the input directory "
+                    f"{source} (the {what}); write elsewhere.")
+    for i, (flag, path, kind) in enumerate(outputs):
+        for other_flag, other, other_kind in outputs[i + 1:]:
+            if _same(path, other) or (kind == "dir" and _inside(other, path)) or (
+                    other_kind == "dir" and _inside(path, other)):
+                raise _usage(
+                    f"{flag} {path} and {other_flag} {other}: would write "
+                    "the same place; give each output its own path.")
 
 
 def _add_load_options(p):
@@ -929,6 +1042,7 @@ def main(argv=None):
     from renorm_convert.convert import ConversionError
     from renorm_convert.data import DataError
     from renorm_convert.export import ExportError
+    from renorm_convert.distribute import StrategyError
     from renorm_convert.finetune import FineTuneError
     from renorm_convert.io import UsageError
 
@@ -944,7 +1058,7 @@ def main(argv=None):
         with filtered_stderr():
             return args.func(args)
     except (_Usage, UsageError, ConversionError, ExportError, DataError,
-            FineTuneError) as e:
+            FineTuneError, StrategyError) as e:
         print(f"renorm-convert {args.command}: error: {_one_line(e)}",
               file=sys.stderr)
         return EXIT_USAGE
@@ -974,8 +1088,33 @@ def main(argv=None):
             signal.signal(signal.SIGTERM, previous)
 
 
+# Library errors name Python arguments (`non_iid_classes=4`); a person at
+# the command line reads the flag instead (`--non-iid 4`).
+_FLAGS = {
+    "non_iid_classes": "--non-iid", "batch_size": "--batch-size",
+    "microbatch_size": "--microbatch", "head": "--head",
+    "momentum": "--momentum", "learning_rate": "--lr",
+    "mixed_precision": "--mixed-precision", "train_only": "--train-only",
+    "strategy": "--strategy", "optimizer": "--optimizer",
+    "checkpoint_dir": "--checkpoint-dir", "opset": "--opset",
+    "seed": "--seed", "r_max": "--r-max", "d_max": "--d-max",
+    "renorm_momentum": "--renorm-momentum",
+}
+_ARGUMENT = re.compile(r"(?<![\w.])(" + "|".join(_FLAGS) + r")=")
+
+
+def as_flags(text):
+    """`text` with the Python arguments it names written as flags."""
+    text = text.replace("safe_mode=False", "--unsafe")
+    text = text.replace("pass custom_objects={name: class}",
+                        "pass --custom-objects your.module")
+    return _ARGUMENT.sub(lambda m: _FLAGS[m.group(1)] + (
+        " " if m.end() < len(text) and text[m.end()] not in " ,." else ""),
+        text)
+
+
 def _one_line(error):
-    text = " ".join(str(error).split())
+    text = as_flags(" ".join(str(error).split()))
     return text if len(text) <= 400 else text[:397] + "..."
 
 

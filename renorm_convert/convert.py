@@ -1,4 +1,7 @@
-"""convert / revert: rebuild a model with its normalization layers swapped.
+"""Model transforms that keep weights: `convert` / `revert` (normalization
+layers swapped), and the surgery training needs: `replace_head`,
+`freeze_all_but_normalization` / `unfreeze`, `copy_model`, `recast`. Each
+returns a new model and leaves its input as it was.
 
 Functional and Sequential models (nested ones too) are rebuilt with
 `keras.models.clone_model(..., recursive=True)`, which keeps the graph, shared
@@ -14,6 +17,7 @@ import re
 import keras
 from keras.src.saving import serialization_lib
 
+from renorm_convert._keras_internals import flatten_layers
 from renorm_convert.graph import clone_layer, is_graph_model
 from renorm_convert.layers import (BatchRenormalization, build_with_values,
                                    values_by_name)
@@ -554,3 +558,122 @@ def _put(layer, attr, index, old, new, path):
         dict.__setitem__(container, index, new)
     else:
         list.__setitem__(container, index, new)
+
+
+# Layers that may follow the classifier: they pool, reshape, activate or
+# drop, and never mix channels, so they carry the class dimension through.
+_HEAD_TAIL = (
+    keras.layers.Activation, keras.layers.Softmax, keras.layers.ReLU,
+    keras.layers.Dropout, keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D, keras.layers.SpatialDropout3D,
+    keras.layers.GaussianDropout, keras.layers.AlphaDropout,
+    keras.layers.Flatten, keras.layers.Reshape, keras.layers.Identity,
+    keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling3D, keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D, keras.layers.GlobalMaxPooling3D,
+)
+_CONVS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+
+
+def _classifier_chain(model, num_classes):
+    """(classifier, [layers after it]) for the layer producing the model's
+    class dimension: a Dense, or a Conv followed only by _HEAD_TAIL layers."""
+    def refuse(found):
+        raise ConversionError(
+            f"cannot give model '{model.name}' a head of {num_classes} "
+            f"classes: it has no classifier layer to replace ({found}). A Dense or Conv layer producing the "
+            "classes, followed only by pooling, flatten, reshape, activation "
+            "or dropout, can be replaced; give other models a head yourself.")
+
+    if len(model.outputs) != 1:
+        refuse(f"it has {len(model.outputs)} outputs")
+    tail = []
+    tensor = model.outputs[0]
+    while True:
+        layer, node_index, _ = tensor._keras_history
+        node = layer._inbound_nodes[node_index]
+        if isinstance(layer, keras.layers.Dense) or (
+                isinstance(layer, _CONVS) and layer.groups == 1):
+            return layer, node.input_tensors[0], tail[::-1]
+        if not isinstance(layer, _HEAD_TAIL) or len(node.input_tensors) != 1:
+            refuse(f"the output comes from {type(layer).__name__} "
+                   f"'{layer.name}'"
+                   + (f" after {', '.join(repr(t.name) for t in tail)}"
+                      if tail else ""))
+        tail.append(layer)
+        tensor = node.input_tensors[0]
+
+
+def _tail_config(layer, classes, num_classes):
+    config = layer.get_config()
+    if isinstance(layer, keras.layers.Reshape):
+        shape = list(config["target_shape"])
+        if shape[-1] not in (classes, -1):
+            raise ConversionError(
+                f"cannot carry {num_classes} classes "
+                f"through Reshape '{layer.name}' to {tuple(shape)}; give the "
+                "model a head yourself.")
+        config["target_shape"] = tuple(shape[:-1]) + (
+            shape[-1] if shape[-1] == -1 else num_classes,)
+    return config
+
+
+def replace_head(model, num_classes):
+    """A copy of `model` whose classifier (the Dense, or a Conv followed
+    only by pooling / flatten / reshape / activation / dropout, as in
+    SqueezeNet or keras.applications.MobileNet) is a new, freshly
+    initialized layer with `num_classes` outputs and the same activation,
+    the layers after it kept, for fine-tuning on another label set."""
+    return with_new_head(copy_model(model), num_classes)
+
+
+def with_new_head(model, num_classes):
+    """`replace_head` without the copy: the new model shares every layer but
+    the head (and the layers after it) with `model`; for callers that own
+    `model`."""
+    old, features, tail = _classifier_chain(model, num_classes)
+    config = old.get_config()
+    config["units" if isinstance(old, keras.layers.Dense)
+           else "filters"] = num_classes
+    config["name"] = f"{old.name}_head{num_classes}"
+    x = type(old).from_config(config)(features)
+    classes = old.units if isinstance(old, keras.layers.Dense) else old.filters
+    for layer in tail:
+        x = type(layer).from_config(_tail_config(layer, classes,
+                                                 num_classes))(x)
+    return keras.Model(model.inputs, x, name=model.name)
+
+
+def freeze_all_but_normalization(model):
+    """A copy of `model` in which only the normalization layers' parameters
+    are trainable (Frankle et al., "Training BatchNorm and only
+    BatchNorm"); `unfreeze` undoes it."""
+    copy = copy_model(model)
+    set_trainable(copy, is_normalization)
+    return copy
+
+
+def unfreeze(model):
+    """A copy of `model` with every layer trainable."""
+    copy = copy_model(model)
+    set_trainable(copy, lambda layer: True)
+    return copy
+
+
+def set_trainable(model, which):
+    """Sets, in place, each leaf layer of `model` trainable where
+    `which(layer)` is true and frozen elsewhere (containers follow their
+    leaves); returns how many leaves are trainable. For callers that own
+    `model`; `freeze_all_but_normalization` and `unfreeze` copy first."""
+    count = 0
+    for layer in flatten_layers(model):
+        if flatten_layers(layer, recursive=False):
+            continue  # containers follow their leaves
+        layer.trainable = bool(which(layer))
+        count += int(layer.trainable)
+    return count
+
+
+def is_normalization(layer):
+    """BatchNormalization, BatchRenormalization, and their subclasses."""
+    return isinstance(layer, keras.layers.BatchNormalization)

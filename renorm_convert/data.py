@@ -60,6 +60,19 @@ class Split:
         return dataclasses.replace(self, x_train=xt, y_train=yt, x_val=xv,
                                    y_val=yv)
 
+    def inputs_for(self, model, count=None, *, part="val", scaling="unit"):
+        """(images, labels) as NumPy arrays, the first `count` (all when
+        None) of the validation (`part="val"`) or training ("train") part,
+        resized and scaled as `model`'s one image input takes them: e.g.
+        `export_onnx(model, path, verify=x, labels=y)`."""
+        if part not in ("val", "train"):
+            raise DataError(f"part={part!r}: expected 'val' or 'train'.")
+        x, y = ((self.x_val, self.y_val) if part == "val"
+                else (self.x_train, self.y_train))
+        x, y = x[:count], y[:count]
+        return (np.asarray(adapt(x, model_image_shape(model),
+                                 self.value_range, scaling)), np.asarray(y))
+
 
 def _read_idx(path):
     with gzip.open(path, "rb") as f:
@@ -86,7 +99,7 @@ def load_fashion_mnist(directory=None):
         raise DataError(
             f"Fashion-MNIST not found in {directory} (missing {missing[0]}). "
             "Install it with `sudo apt-get install dataset-fashion-mnist`, or "
-            "give its directory as --data fashion-mnist:DIR."
+            "give its directory as the source 'fashion-mnist:DIR'."
         )
     arrays = {k: _read_idx(os.path.join(directory, v))
               for k, v in names.items()}
@@ -228,7 +241,8 @@ def source_path(spec):
 def load_source(spec):
     """A `Split` from a source spec (see the module docstring)."""
     if spec is None:
-        raise DataError("no data source given; use e.g. --data fashion-mnist")
+        raise DataError("no data source given: use one such as "
+                        "'fashion-mnist' (see load_source).")
     if spec == "fashion-mnist" or spec.startswith("fashion-mnist:"):
         return load_fashion_mnist(spec.split(":", 1)[1] if ":" in spec
                                   else None)
@@ -327,22 +341,22 @@ def epoch_indices(labels, batch_size, *, seed, epoch, non_iid_classes=None):
 
 def check_batching(split, batch_size, non_iid_classes=None, microbatch=None):
     if batch_size < 1:
-        raise DataError(f"batch size must be >= 1; got {batch_size}.")
+        raise DataError(f"batch_size={batch_size}: must be >= 1.")
     if batch_size > len(split.y_train):
-        raise DataError(f"batch size {batch_size} is larger than the "
+        raise DataError(f"batch_size={batch_size}: larger than the "
                         f"{len(split.y_train)} training examples.")
     if non_iid_classes:
         if batch_size % non_iid_classes:
             raise DataError(
-                f"--non-iid {non_iid_classes}: the batch size {batch_size} "
+                f"non_iid_classes={non_iid_classes}: the batch size {batch_size} "
                 f"must be a multiple of it (batches of {non_iid_classes} "
                 "classes with equally many examples each).")
         if non_iid_classes > split.num_classes:
-            raise DataError(f"--non-iid {non_iid_classes}: the data has only "
+            raise DataError(f"non_iid_classes={non_iid_classes}: the data has only "
                             f"{split.num_classes} classes.")
     if microbatch is not None and (microbatch < 1 or microbatch > batch_size):
-        raise DataError(f"microbatch size {microbatch} must be between 1 and "
-                        f"the batch size {batch_size}.")
+        raise DataError(f"microbatch_size={microbatch}: must be between 1 "
+                        f"and the batch size {batch_size}.")
 
 
 def training_dataset(split, shape, batch_size, *, epochs, seed=0,

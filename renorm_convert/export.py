@@ -140,7 +140,7 @@ def to_onnx(model, opset=None, batch_size=None):
         text = " ".join(str(e).split())[:300]
         raise ExportError(
             f"tf2onnx could not convert model '{model.name}': "
-            f"{type(e).__name__}: {text}. Try another --opset, or replace the "
+            f"{type(e).__name__}: {text}. Try another opset=, or replace the "
             "layer whose op it names."
         ) from e
     _check_ops(onnx_model, model.name)
@@ -328,7 +328,7 @@ def _check_ops(onnx_model, name):
         raise ExportError(
             f"tf2onnx cannot convert the TensorFlow op(s) {', '.join(ops)} of "
             f"model '{name}' (first at '{where}'); replace the layer that "
-            "uses it, or try another --opset."
+            "uses it, or try another opset=."
         )
 
 

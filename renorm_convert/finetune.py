@@ -1,8 +1,6 @@
 """fine_tune: train a converted model with the renorm schedule, microbatches,
 non-i.i.d. batches, mixed precision, XLA, tf.distribute, and resume."""
 
-import csv
-import io as _io
 import json
 import logging
 import math
@@ -14,10 +12,14 @@ import tensorflow as tf
 
 from renorm_convert import checkpoint as checkpoint_lib
 from renorm_convert import data as data_lib
-from renorm_convert.convert import (copy_model, recast,
-                                    restore_strided_pointwise,
-                                    subsample_strided_pointwise)
+from renorm_convert import distribute
+from renorm_convert._keras_internals import flatten_layers
+from renorm_convert.convert import (copy_model, is_normalization, recast,
+                                    restore_strided_pointwise, set_trainable,
+                                    subsample_strided_pointwise,
+                                    with_new_head)
 from renorm_convert.io import kill_point, write_atomically
+from renorm_convert.reporting import plot_history, write_history
 from renorm_convert.schedule import RenormSchedule, renorm_layers
 
 _log = logging.getLogger("renorm_convert")
@@ -40,186 +42,11 @@ class NonFiniteLoss(RuntimeError):
         self.history = history
 
 
-def use_gpu_memory_growth():
-    """Lets TensorFlow grow GPU memory as needed (several processes can then
-    share a GPU); returns the GPUs found."""
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:
-            pass  # already initialised: the setting is fixed by now
-    return gpus
-
-
-def make_strategy(strategy):
-    """None, a tf.distribute.Strategy, or "mirrored" / "multi-worker"."""
-    if strategy is None or isinstance(strategy, tf.distribute.Strategy):
-        return strategy
-    if strategy == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if strategy == "multi-worker":
-        if not os.environ.get("TF_CONFIG"):
-            raise FineTuneError(
-                "strategy 'multi-worker' needs TF_CONFIG describing the "
-                "cluster and this worker's index (see README).")
-        try:
-            return tf.distribute.MultiWorkerMirroredStrategy()
-        except RuntimeError as e:
-            raise FineTuneError(
-                f"cannot start the multi-worker strategy now ({e}): create "
-                "tf.distribute.MultiWorkerMirroredStrategy() at the start of "
-                "the program, before any TensorFlow op, and pass it as "
-                "`strategy`.") from None
-    raise FineTuneError(f"unknown strategy {strategy!r}: use None, 'mirrored' "
-                        "or 'multi-worker'.")
-
-
-def is_multi_worker(strategy):
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-
-
-def is_chief():
-    """False on the non-chief workers of a TF_CONFIG cluster: they train but
-    write no files."""
-    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
-    task = config.get("task", {})
-    if task.get("type") in (None, "chief"):
-        return True
-    has_chief = "chief" in config.get("cluster", {})
-    return task.get("type") == "worker" and task.get("index", 0) == 0 and (
-        not has_chief)
-
-
-def _patch_for_multi_worker(model, strategy, sample):
-    """Works around Keras 3's `fit` under MultiWorkerMirroredStrategy
-    (keras-team/keras#20585): its symbolic build reduces a data batch across
-    workers ("Attempt to convert a value (PerReplica...)") and its step
-    reduces scalar logs along axis 0 ("Invalid reduction dimension 0").
-    Build from a local batch instead, and return the logs of the first local
-    replica: Keras's metric variables are already aggregated across workers
-    when read, and the gradients are all-reduced by the strategy as usual."""
-
-    def symbolic_build(iterator=None, data_batch=None):
-        with strategy.scope():
-            model._symbolic_build(data_batch=sample)
-
-    def local(value):
-        if isinstance(value, tf.distribute.DistributedValues):
-            return strategy.experimental_local_results(value)[0]
-        return value
-
-    def make(step):
-        @tf.function
-        def function(iterator):
-            outputs = strategy.run(step, args=(next(iterator),))
-            return keras.tree.map_structure(local, outputs)
-
-        return function
-
-    model._maybe_symbolic_build = symbolic_build
-    model.train_function = make(model.train_step)
-    model.test_function = make(model.test_step)
-
-
 def _output_is_probability(model):
     layer = model.layers[-1]
     activation = getattr(layer, "activation", None)
     return activation is keras.activations.softmax or (
         getattr(activation, "__name__", "") == "softmax")
-
-
-# Layers that may follow the classifier: they pool, reshape, activate or
-# drop, and never mix channels, so they carry the class dimension through.
-_HEAD_TAIL = (
-    keras.layers.Activation, keras.layers.Softmax, keras.layers.ReLU,
-    keras.layers.Dropout, keras.layers.SpatialDropout1D,
-    keras.layers.SpatialDropout2D, keras.layers.SpatialDropout3D,
-    keras.layers.GaussianDropout, keras.layers.AlphaDropout,
-    keras.layers.Flatten, keras.layers.Reshape, keras.layers.Identity,
-    keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D,
-    keras.layers.GlobalAveragePooling3D, keras.layers.GlobalMaxPooling1D,
-    keras.layers.GlobalMaxPooling2D, keras.layers.GlobalMaxPooling3D,
-)
-_CONVS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
-
-
-def _classifier_chain(model, num_classes):
-    """(classifier, [layers after it]) for the layer producing the model's
-    class dimension: a Dense, or a Conv followed only by _HEAD_TAIL layers."""
-    def refuse(found):
-        raise FineTuneError(
-            f"head={num_classes}: model '{model.name}' has no classifier "
-            f"layer to replace: {found}. A Dense or Conv layer producing the "
-            "classes, followed only by pooling, flatten, reshape, activation "
-            "or dropout, can be replaced; give other models a head yourself.")
-
-    if len(model.outputs) != 1:
-        refuse(f"it has {len(model.outputs)} outputs")
-    tail = []
-    tensor = model.outputs[0]
-    while True:
-        layer, node_index, _ = tensor._keras_history
-        node = layer._inbound_nodes[node_index]
-        if isinstance(layer, keras.layers.Dense) or (
-                isinstance(layer, _CONVS) and layer.groups == 1):
-            return layer, node.input_tensors[0], tail[::-1]
-        if not isinstance(layer, _HEAD_TAIL) or len(node.input_tensors) != 1:
-            refuse(f"the output comes from {type(layer).__name__} "
-                   f"'{layer.name}'"
-                   + (f" after {', '.join(repr(t.name) for t in tail)}"
-                      if tail else ""))
-        tail.append(layer)
-        tensor = node.input_tensors[0]
-
-
-def _tail_config(layer, classes, num_classes):
-    config = layer.get_config()
-    if isinstance(layer, keras.layers.Reshape):
-        shape = list(config["target_shape"])
-        if shape[-1] not in (classes, -1):
-            raise FineTuneError(
-                f"head={num_classes}: cannot carry {num_classes} classes "
-                f"through Reshape '{layer.name}' to {tuple(shape)}; give the "
-                "model a head yourself.")
-        config["target_shape"] = tuple(shape[:-1]) + (
-            shape[-1] if shape[-1] == -1 else num_classes,)
-    return config
-
-
-def replace_head(model, num_classes):
-    """A model whose classifier (the Dense, or a Conv followed only by
-    pooling / flatten / reshape / activation / dropout, as in SqueezeNet or
-    keras.applications.MobileNet) is a new, freshly initialized layer with
-    `num_classes` outputs and the same activation, the layers after it
-    kept, for fine-tuning on another label set."""
-    old, features, tail = _classifier_chain(model, num_classes)
-    config = old.get_config()
-    config["units" if isinstance(old, keras.layers.Dense)
-           else "filters"] = num_classes
-    config["name"] = f"{old.name}_head{num_classes}"
-    x = type(old).from_config(config)(features)
-    classes = old.units if isinstance(old, keras.layers.Dense) else old.filters
-    for layer in tail:
-        x = type(layer).from_config(_tail_config(layer, classes,
-                                                 num_classes))(x)
-    return keras.Model(model.inputs, x, name=model.name)
-
-
-def _is_norm(layer):
-    return isinstance(layer, keras.layers.BatchNormalization)
-
-
-def freeze_all_but_normalization(model):
-    """Trains only normalization parameters (Frankle et al., "Training
-    BatchNorm and only BatchNorm"); returns how many layers stay trainable."""
-    count = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
-        if list(layer._flatten_layers(include_self=False, recursive=False)):
-            continue  # containers follow their leaves
-        layer.trainable = _is_norm(layer)
-        count += int(_is_norm(layer))
-    return count
 
 
 def gradient_report(model, x, y, loss):
@@ -232,7 +59,7 @@ def gradient_report(model, x, y, loss):
         value = loss(y, pred)
     grads = tape.gradient(value, variables)
     owner = {}
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in flatten_layers(model):
         for v in layer.trainable_variables:
             owner.setdefault(id(v), layer)
     sums = {}
@@ -241,7 +68,7 @@ def gradient_report(model, x, y, loss):
             continue
         layer = owner.get(id(v))
         kind = type(layer).__name__ if layer is not None else "?"
-        group = "normalization" if _is_norm(layer) else "other"
+        group = "normalization" if is_normalization(layer) else "other"
         key = (group, kind, v.path.split("/")[-1])
         s = sums.setdefault(key, [0.0, 0])
         s[0] += float(tf.reduce_sum(tf.abs(tf.cast(g, tf.float32))))
@@ -347,17 +174,21 @@ class NanGuard(keras.callbacks.Callback):
                 v.assign(value)
 
 
-def _prepare_model(model, *, head, train_only, microbatch_size, precision,
-                   momentum):
+def _prepare_model(model, *, copy, head, train_only, microbatch_size,
+                   precision, momentum, strategy):
     if precision is not None:
         if precision not in PRECISIONS:
             raise FineTuneError(f"mixed_precision={precision!r}: use 'float16' "
                                 "or 'bfloat16'.")
         model = recast(model, PRECISIONS[precision])
-    else:
+    elif copy or strategy is not None:
+        # Under a strategy the variables must be created inside its scope.
         model = copy_model(model)
     if head is not None:
-        model = replace_head(model, int(head))
+        try:
+            model = with_new_head(model, int(head))
+        except ValueError as e:
+            raise FineTuneError(f"head={head}: {e}") from None
     if microbatch_size is not None:
         for layer in renorm_layers(model):
             layer.microbatch_size = int(microbatch_size)
@@ -365,19 +196,18 @@ def _prepare_model(model, *, head, train_only, microbatch_size, precision,
         if not 0.0 <= float(momentum) < 1.0:
             raise FineTuneError(f"momentum={momentum}: expected a value in "
                                 "[0, 1).")
-        for layer in model._flatten_layers(include_self=False,
-                                           recursive=True):
-            if _is_norm(layer):
+        for layer in flatten_layers(model):
+            if is_normalization(layer):
                 layer.momentum = float(momentum)
                 layer.renorm_momentum = float(momentum)
     if train_only == "norm":
-        if freeze_all_but_normalization(model) == 0:
+        if set_trainable(model, is_normalization) == 0:
             raise FineTuneError("train_only='norm': the model has no "
                                 "normalization layer.")
     elif train_only is not None:
         raise FineTuneError(f"train_only={train_only!r}: only 'norm' is "
                             "supported.")
-    if not tf.config.list_physical_devices("GPU"):
+    if not distribute.has_gpu():
         # The oneDNN strided 1x1 weight gradient crashes the process on
         # AVX-512 CPUs (see subsample_strided_pointwise); undone after fit.
         subsample_strided_pointwise(model)
@@ -385,13 +215,24 @@ def _prepare_model(model, *, head, train_only, microbatch_size, precision,
 
 
 def _optimizer(name, learning_rate):
+    if isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+        pass
+    elif (isinstance(learning_rate, bool) or not isinstance(
+            learning_rate, (int, float, np.floating, np.integer))
+          or not math.isfinite(learning_rate) or learning_rate <= 0):
+        raise FineTuneError(
+            f"learning_rate={learning_rate!r}: expected a positive number or "
+            "a keras.optimizers.schedules.LearningRateSchedule.")
     try:
-        return keras.optimizers.get({"class_name": name,
-                                     "config": {"learning_rate": learning_rate}})
+        optimizer = keras.optimizers.get(name)
     except ValueError:
         raise FineTuneError(
-            f"unknown optimizer {name!r}: use a Keras optimizer name such as "
+            f"optimizer={name!r}: use a Keras optimizer name such as "
             "rmsprop (the paper's), adam, sgd or adamw.") from None
+    config = optimizer.get_config()
+    config["learning_rate"] = learning_rate
+    return type(optimizer)(**{k: v for k, v in config.items()
+                              if k != "name"})
 
 
 def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
@@ -402,18 +243,24 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
               jit_compile=False, strategy=None, checkpoint_dir=None,
               history_path=None, plot=None, tensorboard_dir=None,
               gradient_report_path=None, callbacks=(), seed=0,
-              verbose="auto", progress=None):
+              verbose="auto", progress=None, copy=True, steps_per_epoch=None,
+              validation_curve=4):
     """Fine-tunes a (converted) model; returns Keras's History.
 
     Args:
-        model: A Keras model, usually from `convert`. It is not modified: the
-            model trained is a copy, at `history.trained_model`.
+        model: A Keras model, usually from `convert`. It is not modified
+            (unless `copy=False`): the model trained is a copy, at
+            `history.trained_model`.
         train: A `data.Split` (its validation part is used unless
             `validation` is given), or a `tf.data.Dataset` of batches.
         validation: A `data.Split` or `tf.data.Dataset`, or None.
         epochs, batch_size: As in `fit` (batch_size for Splits).
+        steps_per_epoch: Epochs of this many steps instead of one pass over
+            the data each; the data then runs on across epochs (an epoch is
+            then simply how often validation and checkpoints happen).
         optimizer, learning_rate: A Keras optimizer name (e.g. "rmsprop", as
-            in the paper, or "adam") and its learning rate.
+            in the paper, or "adam") and its learning rate: a number or a
+            `keras.optimizers.schedules.LearningRateSchedule`.
         head: Replace the last Dense layer by one with this many classes.
         train_only: "norm" trains only the normalization parameters.
         schedule: "auto" (`RenormSchedule.for_run` over this run's steps), a
@@ -447,6 +294,12 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
         seed: Seeds weights of new layers, data order and dropout.
         progress: Called with a line of text when the run resumes from a
             checkpoint or skips a damaged one (default: logged).
+        copy: False trains `model` itself, for callers that own it (no
+            copy of the weights is made unless mixed precision or a
+            strategy needs one); `history.trained_model` is the model
+            trained either way.
+        validation_curve: Evaluations per epoch for
+            `history.validation_curve` (0: none).
 
     Returns:
         Keras's History over the whole run (a resumed run includes the
@@ -462,18 +315,29 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
         NonFiniteLoss: the loss became NaN / inf; the exception holds the
             model with the last good weights and optimizer state.
     """
-    use_gpu_memory_growth()
+    distribute.use_gpu_memory_growth()
     keras.utils.set_random_seed(seed)
-    strategy = make_strategy(strategy)
-    scope = strategy.scope() if strategy is not None else _NullScope()
+    try:
+        strategy = distribute.make_strategy(strategy)
+    except distribute.StrategyError as e:
+        raise FineTuneError(str(e)) from None
+    if steps_per_epoch is not None and (
+            isinstance(steps_per_epoch, bool)
+            or not isinstance(steps_per_epoch, (int, np.integer))
+            or steps_per_epoch < 1):
+        raise FineTuneError(f"steps_per_epoch={steps_per_epoch!r}: expected "
+                            "a positive integer, or None for whole passes.")
+    scope = distribute.scope(strategy)
     with scope:
-        model = _prepare_model(model, head=head, train_only=train_only,
+        model = _prepare_model(model, copy=copy, head=head,
+                               train_only=train_only,
                                microbatch_size=microbatch_size,
-                               precision=mixed_precision, momentum=momentum)
+                               precision=mixed_precision, momentum=momentum,
+                               strategy=strategy)
         train_ds, steps, val_ds, sample = _datasets(
             model, train, validation, batch_size=batch_size, epochs=epochs,
             seed=seed, non_iid_classes=non_iid_classes, scaling=scaling,
-            head=head)
+            head=head, steps_per_epoch=steps_per_epoch)
         probabilities = _output_is_probability(model)
         loss = keras.losses.SparseCategoricalCrossentropy(
             from_logits=not probabilities)
@@ -481,13 +345,14 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
                       loss=loss, metrics=["accuracy"],
                       jit_compile=bool(jit_compile))
     say = progress or _log.info
-    chief = not is_multi_worker(strategy) or is_chief()
-    if is_multi_worker(strategy):
-        _patch_for_multi_worker(model, strategy, sample)
+    multi_worker = distribute.is_multi_worker(strategy)
+    chief = not multi_worker or distribute.is_chief()
+    if multi_worker:
+        distribute.patch_for_multi_worker(model, strategy, sample)
         if checkpoint_dir and not chief:
             # Workers must not write over the chief's checkpoints.
-            checkpoint_dir = os.path.join(checkpoint_dir, "worker-" + str(
-                json.loads(os.environ["TF_CONFIG"])["task"]["index"]))
+            checkpoint_dir = os.path.join(
+                checkpoint_dir, f"worker-{distribute.worker_index()}")
     resume = None
     if checkpoint_dir:
         checkpoint_dir = checkpoint_lib.claim(checkpoint_dir)
@@ -521,8 +386,8 @@ def fine_tune(model, train, *, validation=None, epochs=1, batch_size=32,
         step_log.steps = list(resume.steps)
     all_callbacks += [step_log, guard]
     curve = None
-    if val_ds is not None and not is_multi_worker(strategy):
-        curve = ValidationCurve(val_ds, steps)
+    if val_ds is not None and not multi_worker and validation_curve:
+        curve = ValidationCurve(val_ds, steps, per_epoch=int(validation_curve))
         all_callbacks.append(curve)
     if checkpoint_dir:
         all_callbacks.append(checkpoint_lib.Checkpoint(
@@ -603,22 +468,19 @@ def resumed_epochs(checkpoint_dir):
     return state.epoch if state is not None else 0
 
 
-class _NullScope:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _datasets(model, train, validation, *, batch_size, epochs, seed,
-              non_iid_classes, scaling, head):
+              non_iid_classes, scaling, head, steps_per_epoch):
+    """(training batches for the whole run, steps per epoch, validation
+    batches or None, one training batch)."""
     if isinstance(train, tf.data.Dataset):
+        sample = next(iter(train))
+        if steps_per_epoch is not None:
+            return train.repeat(), steps_per_epoch, validation, sample
         steps = int(train.cardinality().numpy())
         if steps < 1:
-            raise FineTuneError("the training dataset must have a known, "
-                                "finite number of batches.")
-        sample = next(iter(train))
+            raise FineTuneError(
+                "train: the dataset must have a known, finite number of "
+                "batches, or give steps_per_epoch.")
         return train.repeat(epochs), steps, validation, sample
     if not isinstance(train, data_lib.Split):
         raise FineTuneError(
@@ -636,107 +498,22 @@ def _datasets(model, train, validation, *, batch_size, epochs, seed,
             f"labels go up to {top}"
             f" but the model has {outputs} outputs; pass head={classes} to "
             "replace the classification head.")
+    passes = epochs
+    if steps_per_epoch is not None:
+        data_lib.check_batching(train, batch_size, non_iid_classes)
+        per_pass = len(train.y_train) // batch_size
+        passes = -(-epochs * steps_per_epoch // per_pass)
     train_ds, steps = data_lib.training_dataset(
-        train, shape, batch_size, epochs=epochs, seed=seed,
+        train, shape, batch_size, epochs=passes, seed=seed,
         non_iid_classes=non_iid_classes, scaling=scaling)
+    if steps_per_epoch is not None:
+        steps = steps_per_epoch
     val = validation if validation is not None else train
     val_ds = val if isinstance(val, tf.data.Dataset) else (
         data_lib.evaluation_dataset(val, shape, scaling=scaling)
         if len(val.y_val) else None)
     sample = next(iter(train_ds))
     return train_ds, steps, val_ds, sample
-
-
-def write_history(history, path):
-    """PATH.csv (per epoch), PATH.steps.csv (per step) and PATH.json."""
-    base = str(path)
-    for suffix in (".csv", ".json"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-    epochs = history.history
-    keys = list(epochs)
-    rows = [{"epoch": i + 1, **{k: epochs[k][i] for k in keys}}
-            for i in range(len(epochs.get("loss", [])))]
-    write_atomically(base + ".csv", _csv(rows))
-    write_atomically(base + ".steps.csv", _csv(getattr(history, "steps", [])))
-    payload = {"epochs": rows, "steps": getattr(history, "steps", []),
-               "validation_curve": getattr(history, "validation_curve", [])}
-    write_atomically(base + ".json", json.dumps(payload, indent=1).encode())
-
-
-def _csv(rows):
-    buffer = _io.StringIO()
-    if rows:
-        fields = []
-        for r in rows:
-            fields += [k for k in r if k not in fields]
-        writer = csv.DictWriter(buffer, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    return buffer.getvalue().encode()
-
-
-def plot_history(history, path, title=None):
-    """A PNG of the run: training loss per step; validation accuracy from
-    step 0 (the model before fine-tuning, marked) at a few points in every
-    epoch, with the per-epoch accuracies; r_max / d_max per step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = getattr(history, "steps", [])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    if steps:
-        x = [s["step"] for s in steps]
-        axes[0].plot(x, [s.get("loss") for s in steps], lw=0.8)
-        axes[2].plot(x, [s.get("r_max", 1.0) for s in steps], label="r_max")
-        axes[2].plot(x, [s.get("d_max", 0.0) for s in steps], label="d_max")
-        axes[2].legend()
-    axes[0].set(xlabel="training step", ylabel="loss (running mean in epoch)",
-                title="training loss")
-    axes[2].set(xlabel="training step", ylabel="bound",
-                title="renorm clipping bounds")
-    ax = axes[1]
-    curve = getattr(history, "validation_curve", [])
-    if curve:
-        size = getattr(history, "validation_curve_size", 0)
-        ax.plot([p["step"] for p in curve],
-                [100 * p["val_accuracy"] for p in curve], marker=".",
-                color="tab:red", label=f"validation ({size} examples)")
-        start = curve[0]
-        ax.plot([start["step"]], [100 * start["val_accuracy"]], marker="*",
-                markersize=14, color="black", linestyle="none",
-                label=f"before fine-tuning: "
-                      f"{100 * start['val_accuracy']:.1f}%")
-    h = history.history
-    epoch_steps = _epoch_end_steps(steps, len(h.get("loss", [])))
-    for key, label, colour in (
-            ("accuracy", "training, per epoch", "tab:blue"),
-            ("val_accuracy", "validation (all), per epoch", "tab:green")):
-        if key in h:
-            ax.plot(epoch_steps, [100 * v for v in h[key]], marker="o",
-                    color=colour, linestyle="--" if len(h[key]) > 1
-                    else "none", label=label)
-    ax.set(xlabel="training step", ylabel="accuracy (%)",
-           title="accuracy, from the model as given")
-    ax.legend(fontsize=8, loc="lower right")
-    for axis in axes:
-        axis.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    buffer = _io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    write_atomically(path, buffer.getvalue())
-
-
-def _epoch_end_steps(steps, n_epochs):
-    ends = {}
-    for s in steps:
-        ends[s["epoch"]] = s["step"]
-    return [ends.get(e, e + 1) for e in range(n_epochs)]
 
 
 def recalibrate(model, data, *, batches=None, batch_size=32,
@@ -780,9 +557,8 @@ def recalibrate(model, data, *, batches=None, batch_size=32,
         The recalibrated copy.
     """
     copy = copy_model(model)
-    norms = [layer for layer in copy._flatten_layers(include_self=False,
-                                                     recursive=True)
-             if _is_norm(layer)]
+    norms = [layer for layer in flatten_layers(copy)
+             if is_normalization(layer)]
     if not norms:
         raise FineTuneError(f"model '{model.name}' has no normalization "
                             "layer to recalibrate.")
@@ -893,5 +669,4 @@ def accuracy(model, split, scaling="unit", batch_size=256):
 
 
 __all__ = ["fine_tune", "recalibrate", "FineTuneError", "NonFiniteLoss",
-           "gradient_report",
-           "replace_head", "freeze_all_but_normalization", "accuracy"]
+           "gradient_report", "accuracy", "top1"]

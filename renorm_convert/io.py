@@ -1,8 +1,7 @@
-"""Loading and saving models for the command line: clear errors for bad files,
-atomic writes, inputs never overwritten."""
+"""Loading models with a clear error for every way a file can be wrong, and
+atomic writes: a file is either its old self or the whole new one, and no
+temporary file outlives its writer."""
 
-import importlib
-import inspect
 import os
 import re
 import signal
@@ -19,28 +18,6 @@ MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 class UsageError(ValueError):
     """Bad input from the user: the message says what and how to fix it."""
-
-
-def import_custom_objects(modules):
-    """Imports each `module.path` (which registers its classes) and returns
-    the Keras layers, models and functions it defines, by class name."""
-    objects = {}
-    for name in modules or ():
-        try:
-            module = importlib.import_module(name)
-        except Exception as e:
-            raise UsageError(
-                f"--custom-objects {name}: cannot import it ({type(e).__name__}"
-                f": {e}). Give an importable module path (on PYTHONPATH)."
-            ) from None
-        for attr, value in vars(module).items():
-            if inspect.isclass(value) and issubclass(
-                value, (keras.layers.Layer, keras.losses.Loss,
-                        keras.metrics.Metric)):
-                objects[attr] = value
-                # Files name registered classes as "package>Class".
-                objects[keras.saving.get_registered_name(value)] = value
-    return objects
 
 
 def load(path, *, safe_mode=True, custom_objects=None):
@@ -84,15 +61,17 @@ def _explain_load_error(path, error):
     if "Lambda" in text and "safe_mode" in text:
         return (
             f"{path}: has a Lambda layer whose Python code would run on "
-            "loading; refused in safe mode. Pass --unsafe if you trust the file."
+            "loading; refused in safe mode. Load it with safe_mode=False if "
+            "you trust the file."
         )
     if "Could not locate" in text or "Unknown layer" in text or (
             "custom" in text.lower() and "class" in text.lower()):
         cls = _class_name_in(text)
         return (
-            f"{path}: uses the class {cls}, which is not registered. Pass "
-            "--custom-objects your.module (a module that defines it, "
-            "decorated with @keras.saving.register_keras_serializable())."
+            f"{path}: uses the class {cls}, which is not registered. Import "
+            "the module that defines it (decorated with "
+            "@keras.saving.register_keras_serializable()) first, or pass "
+            "custom_objects={name: class}."
         )
     if isinstance(error, (OSError, zipfile.BadZipFile, EOFError)) or any(
             w in text for w in ("truncated", "signature", "Unable to open",
@@ -111,102 +90,6 @@ def _class_name_in(text):
         if marker in text:
             return "'" + text.split(marker, 1)[1].split("'", 1)[0] + "'"
     return "(see the model's config)"
-
-
-def check_output(output, inputs, suffixes):
-    """Refuses an output path that is an input (also through `..`, a
-    symbolic or a hard link), is a directory, has the wrong suffix, or lies
-    in a directory that does not exist or cannot be written."""
-    output = str(output)
-    if not output.lower().endswith(suffixes):
-        raise UsageError(
-            f"-o {output}: the output name must end in {' or '.join(suffixes)}."
-        )
-    check_outputs([("-o", output, "file")],
-                  [("model", path) for path in inputs])
-
-
-def _real(path):
-    return os.path.realpath(os.path.abspath(str(path)))
-
-
-def _same(a, b):
-    if _real(a) == _real(b):
-        return True
-    try:
-        return os.path.samefile(a, b)  # hard links
-    except OSError:
-        return False
-
-
-def _inside(path, directory):
-    inner, outer = _real(path), _real(directory)
-    return inner != outer and inner.startswith(outer.rstrip(os.sep) + os.sep)
-
-
-def _check_location(flag, path, kind):
-    if kind == "file":
-        if os.path.isdir(path):
-            raise UsageError(f"{flag} {path}: is a directory; give a file "
-                             "name.")
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise UsageError(f"{flag} {path}: the directory {directory} does "
-                             "not exist; create it first.")
-    else:
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise UsageError(f"{flag} {path}: is a file, not a directory; "
-                             "give a directory.")
-        directory = os.path.abspath(path)
-        while not os.path.exists(directory):
-            directory = os.path.dirname(directory)
-        if not os.path.isdir(directory):
-            raise UsageError(f"{flag} {path}: {directory} is a file, not a "
-                             "directory.")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path}: the directory {directory} is not "
-                         "writable.")
-
-
-def check_outputs(outputs, inputs=()):
-    """Checks, before any work, every place a run will write.
-
-    Args:
-        outputs: (flag, path, kind) triples, kind "file", "dir" (a
-            directory of the run's own, which must not hold an input or
-            another output) or "logdir" (a directory the run adds files
-            to, such as TensorBoard's).
-        inputs: (what, path) pairs: model files, data files or folders.
-
-    Raises:
-        UsageError: an output is an input or holds one, two outputs collide,
-            or a location is missing, of the wrong kind or not writable.
-    """
-    outputs = [(flag, str(path), kind) for flag, path, kind in outputs]
-    inputs = [(what, str(path)) for what, path in inputs if path]
-    for flag, path, kind in outputs:
-        _check_location(flag, path, kind)
-        for what, source in inputs:
-            if _same(path, source):
-                raise UsageError(
-                    f"{flag} {path}: is the input file {source} (the {what}); "
-                    "give another output path (inputs are never "
-                    "overwritten).")
-            if kind == "dir" and _inside(source, path):
-                raise UsageError(
-                    f"{flag} {path}: holds the input {source} (the {what}); "
-                    "give a directory of its own.")
-            if os.path.isdir(source) and _inside(path, source):
-                raise UsageError(
-                    f"{flag} {path}: lies inside the input directory "
-                    f"{source} (the {what}); write elsewhere.")
-    for i, (flag, path, kind) in enumerate(outputs):
-        for other_flag, other, other_kind in outputs[i + 1:]:
-            if _same(path, other) or (kind == "dir" and _inside(other, path)) or (
-                    other_kind == "dir" and _inside(path, other)):
-                raise UsageError(
-                    f"{flag} {path} and {other_flag} {other}: would write "
-                    "the same place; give each output its own path.")
 
 
 def save_atomically(model, path):

@@ -5,12 +5,11 @@ against training steps.
 
 Batch norm here is `BatchRenormalization` held at r_max = 1, d_max = 0, which
 computes exactly batch norm (per microbatch when microbatches are used, as the
-paper's baseline does); batch renorm follows `RenormSchedule.for_run`.
+paper's baseline does); batch renorm follows `RenormSchedule.for_run`. Both
+arms train through `fine_tune`, the one training path.
 """
 
 import dataclasses
-import io as _io
-import json
 import time
 
 import keras
@@ -18,9 +17,8 @@ import numpy as np
 
 from renorm_convert import data as data_lib
 from renorm_convert.convert import convert
-from renorm_convert.finetune import top1
-from renorm_convert.io import write_atomically
-from renorm_convert.schedule import RenormSchedule, renorm_layers
+from renorm_convert.finetune import fine_tune, top1
+from renorm_convert.schedule import renorm_layers
 
 # The paper's numbers (ImageNet, Inception-v2 style network), for reference.
 PAPER = {
@@ -113,6 +111,10 @@ def training_mode_accuracy(model, dataset):
 
 
 class _Curve(keras.callbacks.Callback):
+    """At the end of every evaluation period: the step, the accuracy in
+    inference mode (Keras's validation, from the logs) and in training mode
+    on the same i.i.d. batches."""
+
     def __init__(self, eval_ds):
         super().__init__()
         self.points = []
@@ -126,32 +128,30 @@ class _Curve(keras.callbacks.Callback):
 
 
 def _train(model, split, config, renorm, seed, eval_ds):
-    shape = data_lib.model_image_shape(model)
-    non_iid = config.classes_per_batch if config.experiment == "non-iid" \
-        else None
-    epochs_needed = -(-config.steps * config.batch_size // len(split.y_train))
-    train_ds, _ = data_lib.training_dataset(
-        split, shape, config.batch_size, epochs=max(epochs_needed, 1),
-        seed=seed, non_iid_classes=non_iid)
-    lr = keras.optimizers.schedules.PiecewiseConstantDecay(
+    """Trains `model` (owned here) through `fine_tune`: batch renorm with
+    the schedule scaled to the run, batch norm with the bounds held where
+    `convert` put them (r_max 1, d_max 0). Returns the curve's points."""
+    curve = _Curve(eval_ds)
+    learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay(
         [int(0.75 * config.steps)],
         [config.learning_rate, config.learning_rate * 0.1])
-    model.compile(keras.optimizers.Adam(lr),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
-    curve = _Curve(eval_ds)
-    callbacks = [curve]
-    if renorm:
-        callbacks.insert(0, RenormSchedule.for_run(config.steps))
-    model.fit(train_ds, steps_per_epoch=config.eval_every,
+    fine_tune(model, split, validation=eval_ds,
               epochs=config.steps // config.eval_every,
-              validation_data=eval_ds, callbacks=callbacks, verbose=0,
-              shuffle=False)
+              steps_per_epoch=config.eval_every,
+              batch_size=config.batch_size, optimizer="adam",
+              learning_rate=learning_rate,
+              schedule="auto" if renorm else None,
+              non_iid_classes=(config.classes_per_batch
+                               if config.experiment == "non-iid" else None),
+              callbacks=[curve], seed=seed, verbose=0, copy=False,
+              validation_curve=0)
     return curve.points
 
 
-def run(config, progress=print):
-    """Runs the experiment; returns {"curves": [...], "final": {...}}."""
+def run(config, progress=None):
+    """Runs the experiment; returns {"curves": [...], "final": {...},
+    "config": ..., "paper": ...}. `progress`, if given, is called with a
+    line of text after every arm of every seed."""
     if config.deterministic:
         import tensorflow as tf
 
@@ -175,9 +175,10 @@ def run(config, progress=print):
                             renorm_momentum=config.momentum)
             start = time.perf_counter()
             points = _train(model, split, config, renorm, seed, eval_ds)
-            final = points[-1][1]
-            progress(f"seed {seed} {variant}: validation accuracy "
-                     f"{100 * final:.2f}% ({time.perf_counter() - start:.0f} s)")
+            if progress is not None:
+                progress(f"seed {seed} {variant}: validation accuracy "
+                         f"{100 * points[-1][1]:.2f}% "
+                         f"({time.perf_counter() - start:.0f} s)")
             layers = renorm_layers(model)
             curves += [{"seed": seed, "variant": variant, "step": s,
                         "val_accuracy": a,
@@ -201,88 +202,3 @@ def run(config, progress=print):
         "seeds": len(bn)}
     return {"config": dataclasses.asdict(config), "curves": curves,
             "final": final, "paper": PAPER[config.experiment]}
-
-
-def write_outputs(result, prefix):
-    """PREFIX.csv (curves), PREFIX.json (everything), PREFIX.png (plot)."""
-    import csv
-
-    buffer = _io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(result["curves"][0]))
-    writer.writeheader()
-    writer.writerows(result["curves"])
-    write_atomically(prefix + ".csv", buffer.getvalue().encode())
-    write_atomically(prefix + ".json", json.dumps(result, indent=1).encode())
-    write_atomically(prefix + ".png", _plot(result))
-    return [prefix + s for s in (".csv", ".json", ".png")]
-
-
-def _plot(result):
-    """The curves of `result` as PNG bytes."""
-    import matplotlib.pyplot as plt
-
-    fig = _figure(result)
-    out = _io.BytesIO()
-    fig.savefig(out, format="png", dpi=100)
-    plt.close(fig)
-    return out.getvalue()
-
-
-def _title(result):
-    cfg = result["config"]
-    what = (f"microbatches of {cfg['microbatch']}"
-            if cfg["experiment"] == "microbatch" else
-            f"non-i.i.d. batches: {cfg['classes_per_batch']} classes x "
-            f"{cfg['batch_size'] // cfg['classes_per_batch']}")
-    return [f"{cfg['data']}, model {cfg.get('model', 'cnn')}, batch "
-            f"{cfg['batch_size']}, {what}",
-            f"{cfg['steps']} steps; mean ± std over {cfg['seeds']} seeds"]
-
-
-def _figure(result):
-    """The matplotlib figure `_plot` renders: validation accuracy of both
-    arms against steps, and the paper's final accuracies as dashed lines."""
-    import textwrap
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = {"batch norm": "tab:blue", "batch renorm": "tab:red"}
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    for variant, colour in colours.items():
-        rows = [c for c in result["curves"] if c["variant"] == variant]
-        if not rows:
-            continue
-        steps = sorted({r["step"] for r in rows})
-        acc = [np.array([r["val_accuracy"] for r in rows
-                         if r["step"] == s]) * 100 for s in steps]
-        mean = np.array([a.mean() for a in acc])
-        std = np.array([a.std() for a in acc])
-        ax.plot(steps, mean, color=colour, marker=".", label=f"{variant} (ours)")
-        ax.fill_between(steps, mean - std, mean + std, color=colour,
-                        alpha=0.2)
-        if all("val_accuracy_batch_statistics" in r for r in rows):
-            batch = [np.mean([r["val_accuracy_batch_statistics"] for r in rows
-                              if r["step"] == s]) * 100 for s in steps]
-            ax.plot(steps, batch, color=colour, linestyle=":",
-                    label=f"{variant}, training mode (batch statistics)")
-    paper = result.get("paper") or PAPER[result["config"]["experiment"]]
-    for variant, colour in colours.items():
-        if variant in paper:
-            ax.axhline(paper[variant], color=colour, linestyle="--",
-                       linewidth=1,
-                       label=f"paper, {variant}: {paper[variant]:.1f} % "
-                             "(ImageNet, final)")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation accuracy (%); dotted: training mode\n"
-                  "on i.i.d. test batches of 500")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    # Wrapped to the axes' width (a long dataset path or model name would
-    # otherwise run off the figure's right edge).
-    ax.set_title("\n".join(textwrap.fill(line, width=70)
-                            for line in _title(result)), fontsize=10)
-    fig.tight_layout()
-    return fig

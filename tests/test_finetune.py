@@ -322,7 +322,7 @@ def _feature_model(model, layer_name):
 
 @pytest.mark.parametrize("kind", ["conv", "dense_then_softmax", "mobilenet"])
 def test_replace_head_keeps_what_follows_the_classifier(kind):
-    from renorm_convert.finetune import replace_head
+    from renorm_convert import replace_head
     if kind == "conv":
         model, features = conv_classifier(), "dropout"
     elif kind == "dense_then_softmax":
@@ -339,6 +339,9 @@ def test_replace_head_keeps_what_follows_the_classifier(kind):
         0, 1, (5,) + tuple(model.inputs[0].shape[1:])).astype("float32")
     new = replace_head(model, 7)
     assert new.outputs[0].shape[-1] == 7
+    # A transform: the new model shares no layer (no weight) with its input.
+    old_ids = {id(layer) for layer in rc.iter_layers(model)}
+    assert not old_ids & {id(layer) for layer in rc.iter_layers(new)}
     # What precedes the classifier is the same layers, what follows is the
     # same kinds of layer; the softmax still normalizes.
     np.testing.assert_array_equal(_feature_model(new, features)(x),
@@ -356,7 +359,7 @@ def test_replace_head_keeps_what_follows_the_classifier(kind):
     ("grouped", "Conv2D 'grouped' after 'gap'"),
 ])
 def test_replace_head_refuses_naming_what_it_found(ending, found):
-    from renorm_convert.finetune import replace_head
+    from renorm_convert import replace_head
     inputs = keras.Input((8, 8, 4))
     x = keras.layers.Conv2D(4, 1)(inputs)
     if ending == "bn":
@@ -367,8 +370,14 @@ def test_replace_head_refuses_naming_what_it_found(ending, found):
         x = keras.layers.Conv2D(4, 1, groups=2, name="grouped")(x)
         outputs = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     model = keras.Model(inputs, outputs)
-    with pytest.raises(rc.FineTuneError, match="head=3") as info:
+    with pytest.raises(rc.ConversionError, match="a head of 3 classes") as info:
         replace_head(model, 3)
+    assert found in str(info.value)
+    # Through fine_tune, the message names fine_tune's argument.
+    with pytest.raises(rc.FineTuneError, match="^head=3: ") as info:
+        rc.fine_tune(model, tf.data.Dataset.from_tensors(
+            (np.zeros((1, 8, 8, 4), "float32"), np.zeros((1,), "int64"))),
+            head=3, verbose=0)
     assert found in str(info.value)
 
 
@@ -403,3 +412,68 @@ def test_validation_curve_starts_at_the_model_as_given(small, tmp_path):
         float((trained.argmax(-1) == split.y_val).mean()), abs=1e-9)
     assert curve[-1]["step"] == 2 * steps_per_epoch
     assert (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_steps_per_epoch_runs_the_data_on_across_epochs(small):
+    """Three epochs of 5 steps are the first 15 batches of the data, as one
+    epoch of 15 steps is: same weights at the end, bit for bit."""
+    part = small.subset(train=320, val=64, seed=0)  # 10 batches a pass
+    model = rc.convert(small_cnn())
+    runs = [rc.fine_tune(model, part, epochs=e, steps_per_epoch=s,
+                         batch_size=32, schedule=None, validation_curve=0,
+                         verbose=0, seed=3)
+            for e, s in ((3, 5), (1, 15))]
+    assert [len(h.steps) for h in runs] == [15, 15]
+    assert len(runs[0].history["loss"]) == 3
+    for a, b in zip(runs[0].trained_model.weights,
+                    runs[1].trained_model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    # 15 steps are more than one pass: the second pass really ran.
+    assert not np.array_equal(runs[1].trained_model.weights[0].numpy(),
+                              model.weights[0].numpy())
+
+
+def test_copy_false_trains_the_given_model(small):
+    part = small.subset(train=64, val=32, seed=0)
+    model = rc.convert(small_cnn())
+    before = [v.numpy().copy() for v in model.trainable_weights]
+    kept = rc.fine_tune(model, part, epochs=1, batch_size=32, verbose=0)
+    assert kept.trained_model is not model
+    for v, b in zip(model.trainable_weights, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+    owned = rc.fine_tune(model, part, epochs=1, batch_size=32, verbose=0,
+                         copy=False)
+    assert owned.trained_model is model
+    # Same run, same result: the copy changes nothing but ownership.
+    for a, b in zip(kept.trained_model.weights, model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_freeze_and_unfreeze_are_a_pair_of_transforms():
+    model = rc.convert(small_cnn())
+    frozen = rc.freeze_all_but_normalization(model)
+    assert all(layer.trainable for layer in rc.iter_layers(model))
+    norms = [layer for layer in rc.iter_layers(frozen)
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 2
+    # gamma and beta of the two normalization layers, nothing else.
+    assert len(frozen.trainable_weights) == 4
+    assert {id(v) for v in frozen.trainable_weights} == {
+        id(v) for layer in norms for v in layer.trainable_weights}
+    thawed = rc.unfreeze(frozen)
+    assert len(thawed.trainable_weights) == len(model.trainable_weights)
+    assert len(frozen.trainable_weights) == 4
+    for a, b in zip(thawed.weights, model.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_library_errors_name_arguments_and_the_command_line_flags(small):
+    from renorm_convert.cli import as_flags
+
+    with pytest.raises(data.DataError) as info:
+        data.check_batching(small, 32, non_iid_classes=3)
+    text = str(info.value)
+    assert text.startswith("non_iid_classes=3: ") and "--" not in text
+    assert as_flags(text).startswith("--non-iid 3: ")
+    assert as_flags("Try another opset=, or") == "Try another --opset, or"
+    assert as_flags("renorm_momentum=2") == "--renorm-momentum 2"

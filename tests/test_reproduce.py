@@ -52,14 +52,18 @@ def _synthetic_result(data="fashion-mnist"):
 def test_plot_is_a_png_with_title_inside_labels_and_paper_lines(data, tmp_path):
     import matplotlib.pyplot as plt
 
-    from renorm_convert import reproduce
+    from renorm_convert import reporting, reproduce
 
     result = _synthetic_result(data)
-    png = reproduce._plot(result)
+    written = reporting.write_experiment(result, str(tmp_path / "non_iid"))
+    assert written == [str(tmp_path / f"non_iid{s}")
+                       for s in (".csv", ".json", ".png")]
+    png = (tmp_path / "non_iid.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
-    (tmp_path / "plot.png").write_bytes(png)
+    rows = (tmp_path / "non_iid.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(result["curves"])
 
-    fig = reproduce._figure(result)
+    fig = reporting.experiment_figure(result)
     try:
         renderer = fig.canvas.get_renderer()
         ax = fig.axes[0]
@@ -110,3 +114,34 @@ def test_training_mode_accuracy_uses_batch_statistics_and_restores_them():
         out = h @ dense2.kernel.numpy() + dense2.bias.numpy()
         correct += int((out.argmax(-1) == labels).sum())
     assert got == correct / 64
+
+
+def test_both_arms_train_through_fine_tune(monkeypatch):
+    """The experiments have no training loop of their own: batch norm is
+    fine_tune with the bounds held at 1 / 0 (no schedule), batch renorm is
+    fine_tune with the schedule; what fine_tune returns is what is
+    reported."""
+    from renorm_convert import finetune, reproduce
+
+    calls = []
+
+    def recording(model, train, **kwargs):
+        history = finetune.fine_tune(model, train, **kwargs)
+        layers = reproduce.renorm_layers(history.trained_model)
+        calls.append((kwargs, layers[0].r_max, layers[0].d_max,
+                      len(history.steps)))
+        return history
+
+    monkeypatch.setattr(reproduce, "fine_tune", recording)
+    config = reproduce.Config("non-iid", steps=40, seeds=1, eval_every=20,
+                              eval_size=100, data="digits", batch_size=20,
+                              deterministic=False)
+    result = reproduce.run(config)
+    assert [c[0]["schedule"] for c in calls] == [None, "auto"]
+    assert all(c[0]["non_iid_classes"] == 2 and c[0]["copy"] is False
+               and c[0]["steps_per_epoch"] == 20 and c[0]["epochs"] == 2
+               for c in calls)
+    (bn_kwargs, bn_r, bn_d, bn_steps), (_, rn_r, rn_d, rn_steps) = calls
+    assert (bn_r, bn_d) == (1.0, 0.0) and bn_steps == rn_steps == 40
+    assert rn_r > 1.0 and rn_d > 0.0  # the schedule relaxed the bounds
+    assert [c["r_max"] for c in result["curves"]][-1] == rn_r
