@@ -1008,8 +1008,11 @@ def build_parser():
                    metavar="STEPS", help="validate every STEPS steps")
     p.add_argument("--model", default="cnn",
                    choices=["cnn-plain", "cnn", "cnn-wide", "cnn-deep"],
-                   help="the network: four convolutions and a normalized "
-                        "dense head, at width 16 or 32")
+                   help="the network: cnn-plain (3 blocks of one "
+                        "convolution, pooled), cnn (2 blocks of two and a "
+                        "normalized dense head), cnn-wide (cnn at width 32), "
+                        "cnn-deep (3 blocks of two and a normalized dense "
+                        "head)")
     p.add_argument("--data", default="fashion-mnist", metavar="SOURCE",
                    help="fashion-mnist[:DIR], digits, npz:PATH, or an image "
                         "directory")
@@ -1106,8 +1109,10 @@ _ARGUMENT = re.compile(r"(?<![\w.])(" + "|".join(_FLAGS) + r")=")
 def as_flags(text):
     """`text` with the Python arguments it names written as flags."""
     text = text.replace("safe_mode=False", "--unsafe")
-    text = text.replace("pass custom_objects={name: class}",
-                        "pass --custom-objects your.module")
+    text = re.sub(r"Import the module that defines it \((.*?)\) first, or "
+                  r"pass custom_objects=\{name: class\}\.",
+                  r"Pass --custom-objects your.module (a module that "
+                  r"defines it, \1).", text)
     return _ARGUMENT.sub(lambda m: _FLAGS[m.group(1)] + (
         " " if m.end() < len(text) and text[m.end()] not in " ,." else ""),
         text)

@@ -122,7 +122,7 @@ def test_bad_inputs(model_file, tmp_path, capsys):
     _one_line_error(capsys, ["convert", model_file, "-o",
                              tmp_path / "nodir" / "x.keras"], "does not exist")
     _one_line_error(capsys, ["convert", model_file, "-o", out, "--r-max",
-                             "0.5"], "r_max=0.5")
+                             "0.5"], "Received: --r-max 0.5")
     plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     plain_path = tmp_path / "plain.keras"
     plain.save(plain_path)
@@ -185,7 +185,7 @@ def test_finetune_bad_inputs(tmp_path, capsys):
                     "unknown data source")
     _one_line_error(capsys, base + ["--data", "digits", "--non-iid", "3",
                                     "--batch-size", "32"], "multiple")
-    _one_line_error(capsys, base + ["--data", "digits"], "head=10")
+    _one_line_error(capsys, base + ["--data", "digits"], "--head 10")
     flat = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2),
                              keras.layers.BatchNormalization()])
     flat_path = tmp_path / "flat.keras"
@@ -194,7 +194,7 @@ def test_finetune_bad_inputs(tmp_path, capsys):
                              "digits"], "image input")
     _one_line_error(capsys, base + ["--data", "digits", "--head", "10",
                                     "--optimizer", "nope"],
-                    "unknown optimizer")
+                    "--optimizer 'nope': use a Keras optimizer")
     assert not out.exists()
 
 
