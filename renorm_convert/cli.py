@@ -81,6 +81,7 @@ def cmd_inspect(args):
     """List every normalization layer of MODEL: its path, the layer producing
     its input, channels, and whether it can be folded for export (into its
     producer, or forward into the Conv / Dense layers consuming it)."""
+    import renorm_convert as rc
     from renorm_convert.fold import fold_plan
     from renorm_convert.graph import GraphError
 
@@ -106,8 +107,7 @@ def cmd_inspect(args):
         "batch_renormalization": sum(r["class"] == "BatchRenormalization"
                                      for r in rows),
         "foldable": sum(r["foldable"] for r in rows),
-        "layers": len(model._flatten_layers(include_self=False,
-                                            recursive=True)),
+        "layers": len(list(rc.iter_layers(model))),
         "parameters": int(model.count_params()),
     }
     if args.json:

@@ -477,3 +477,25 @@ def test_library_errors_name_arguments_and_the_command_line_flags(small):
     assert as_flags(text).startswith("--non-iid 3: ")
     assert as_flags("Try another opset=, or") == "Try another --opset, or"
     assert as_flags("renorm_momentum=2") == "--renorm-momentum 2"
+
+
+def test_inputs_for_prepares_images_as_training_does():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (6, 8, 8, 1)).astype("float32")
+    split = data.Split(x, np.arange(6) % 3, x[:4], np.array([2, 0, 1, 1]), 3,
+                       "floats", value_range=1.0)
+    model = keras.Sequential([keras.Input((16, 16, 3)),
+                              keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(3)])
+    images, labels = split.inputs_for(model, 3)
+    assert images.shape == (3, 16, 16, 3) and labels.tolist() == [2, 0, 1]
+    # Bilinear resizing keeps the mean; "unit" scaling of data whose white
+    # is 1.0 leaves the values in [0, 1] (not divided by 255).
+    np.testing.assert_allclose(images.mean(axis=(1, 2, 3)),
+                               x[:3].mean(axis=(1, 2, 3)), rtol=1e-5)
+    np.testing.assert_array_equal(images[..., 0], images[..., 2])
+    train, _ = split.inputs_for(model, part="train", scaling="symmetric")
+    np.testing.assert_allclose(train.mean(axis=(1, 2, 3)),
+                               2 * x.mean(axis=(1, 2, 3)) - 1, atol=1e-5)
+    with pytest.raises(data.DataError, match="part='test'"):
+        split.inputs_for(model, part="test")
