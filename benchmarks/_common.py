@@ -212,6 +212,17 @@ def versions(*extra):
                       f"{os.cpu_count()} CPUs"])
 
 
+def print_rule(width=78):
+    """The double rule between a benchmark's log and its tables."""
+    print("\n" + "=" * width)
+
+
+def print_header(header):
+    """A table's column header, underlined to its width."""
+    print(header)
+    print("-" * len(header))
+
+
 def median_iqr(values):
     """(median, 25th percentile, 75th percentile) of `values`."""
     values = np.asarray(values, float)

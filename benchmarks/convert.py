@@ -187,14 +187,13 @@ def main(argv=None):
 
     med = {key: float(np.median(t)) for key, t in times.items()}
 
-    print("\n" + "=" * 78)
+    common.print_rule()
     print("seconds: median of the rounds [min - max]; vs clone: ratio of "
           "medians;\npaired: median over rounds of per-round ratios")
     hdr = (f"{'model':<14}{'layers':>7}{'BN':>5} {'variant':<14}"
            f"{'seconds':>8} {'[min - max]':>16}{'vs clone':>9}{'paired':>8}"
            f"{'ms/layer':>9}  target")
-    print(hdr)
-    print("-" * len(hdr))
+    common.print_header(hdr)
     verdicts = []
     for name in names:
         layers, bn, _ = info[name]

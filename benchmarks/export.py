@@ -333,7 +333,7 @@ def main(argv=None):
     log("done")
 
     # --- report
-    print("\n" + "=" * 78)
+    common.print_rule()
     print(f"1. Export time and peak memory ({args.reps} fresh subprocesses per "
           "variant;\n   seconds: median [min - max]; cold = first export in "
           "the process;\n   RSS: growth of max RSS (getrusage ru_maxrss) "
@@ -341,8 +341,7 @@ def main(argv=None):
     hdr = (f"{'variant':<14}{'cold s':>8} {'[min - max]':>16}{'vs keras':>9}"
            f"{'warm s':>8}{'vs keras':>9}{'RSS +MiB':>10}{'vs keras':>9}"
            f"{'max RSS MiB':>12}")
-    print(hdr)
-    print("-" * len(hdr))
+    common.print_header(hdr)
     base = {}
     for v in EXPORTS:
         a = np.asarray(res[v], float)
@@ -381,8 +380,7 @@ def main(argv=None):
               "variant)")
         hdr = (f"{'variant':<13}{'ms':>9} {'[p25 - p75]':>18}"
                f"{'vs plain same opt':>19}{'paired':>8}{'vs keras_tf':>13}")
-        print(hdr)
-        print("-" * len(hdr))
+        common.print_header(hdr)
         for v in LATENCY:
             _, p25, p75 = common.median_iqr(np.asarray(times[(v, b)]) * 1e3)
             if v.startswith("ours"):

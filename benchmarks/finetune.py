@@ -219,7 +219,7 @@ def main(argv=None):
     log("done")
 
     b = args.batch_size
-    print("\n" + "=" * 78)
+    common.print_rule()
     print("img/s: batch size / median of all timed batch times "
           "([p25 - p75] of per-batch img/s);\nvs BN: ratio against "
           f"'{BASELINE}' (rc.fine_tune of the BN model); paired: median over "
@@ -235,8 +235,7 @@ def main(argv=None):
         hdr = (f"{'variant':<12}{'img/s':>8} {'[p25 - p75]':>16}{'vs BN':>8}"
                f"{'paired':>8}{'CPU img/s':>10}{'vs BN':>8}"
                f"{'1st batch s':>12}{'call s':>8}  target")
-        print(hdr)
-        print("-" * len(hdr))
+        common.print_header(hdr)
         base = b / np.median(step_times[(name, BASELINE)])
         base_cpu = b / np.median(cpu_times[(name, BASELINE)])
         base_r = per_round[(name, BASELINE)]

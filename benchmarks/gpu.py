@@ -218,8 +218,7 @@ def print_steps(name, size, batch, results, on_gpu):
     print(f"\nstep time: {name} {size}x{size}, batch {batch}")
     hdr = (f"{'setting':<19}{'variant':<9}{'ms/step':>9}{'vs BN':>8}"
            f"{'paired':>8}{'steps':>7}  goal")
-    print(hdr)
-    print("-" * len(hdr))
+    common.print_header(hdr)
     for setting, res in results.items():
         base = res[BASELINE][0]
         for v, (ms, paired, n) in res.items():
@@ -233,8 +232,7 @@ def print_fine_tune(name, size, batch, res, args):
           f"mixed_precision={args.fine_tune_precision}, "
           f"jit_compile={args.fine_tune_jit}")
     hdr = f"{'variant':<9}{'img/s':>9}{'vs BN':>8}{'paired':>8}{'batches':>9}"
-    print(hdr)
-    print("-" * len(hdr))
+    common.print_header(hdr)
     base = res[BASELINE][0]
     for v, (ips, paired, n) in res.items():
         print(f"{v:<9}{ips:9.1f}{ips / base:7.3f}x{paired:7.3f}x{n:9d}")
@@ -315,7 +313,7 @@ def main(argv=None):
              for m in args.fine_tune_models}
     log("done")
 
-    print("\n" + "=" * 72)
+    common.print_rule(72)
     print("ms/step and img/s: from the medians of all timed steps; vs BN: "
           "ratio against bn in the\nsame run; paired: median over rounds of "
           "the per-round ratios (step time: variant / bn;\nimg/s: variant / "

@@ -257,8 +257,7 @@ def print_table(family, batch, res, mem_label):
     print(f"\n{family}  batch={batch}   ({n} timed steps per variant)")
     hdr = (f"{'variant':<13}{'ms/step':>9} {'[p25 - p75]':>16}{'vs BN':>8}"
            f"{'paired':>8}{'peak MiB':>10}{'vs BN':>8}  target (time vs BN)")
-    print(hdr)
-    print("-" * len(hdr))
+    common.print_header(hdr)
     for v, (t, p25, p75, m, pr, _) in res.items():
         mratio = (f"{m / base_m:7.2f}x" if m is not None and base_m
                   else "    n/a")
@@ -333,7 +332,7 @@ def main(argv=None):
                 family, batch, variants, args, log)
     log("done")
 
-    print("\n" + "=" * 78)
+    common.print_rule()
     print("ms/step: median [p25 - p75] of all timed steps; vs BN: ratio of "
           "medians;\npaired: median over rounds of per-round ratios; "
           f"peak MiB: {mem_label}")
