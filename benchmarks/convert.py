@@ -53,17 +53,13 @@ Examples::
     python benchmarks/convert.py --reps 7 --models chain_250 chain_1000
 """
 
-import argparse
 import gc
-import os
-import platform
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import numpy as np
 
-import numpy as np  # noqa: E402
+import _common as common
 
 VARIANTS = ("clone", "clone+weights", "convert")
 MODELS = ("inception_v3", "nasnet_mobile", "chain_250", "chain_500",
@@ -102,13 +98,6 @@ def build_model(name):
     return build_chain(CHAIN_BLOCKS[name], name)
 
 
-def count_bn(model):
-    import keras
-
-    return sum(isinstance(l, keras.layers.BatchNormalization)
-               for l in model._flatten_layers())
-
-
 # --- timing ---------------------------------------------------------------
 
 def run_variant(variant, model):
@@ -136,11 +125,8 @@ def timed(variant, model):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2 rounds, chains only + InceptionV3")
+    parser = common.parser(__doc__)
+    common.add_quick(parser, "smoke run: 2 rounds, chains only + InceptionV3")
     parser.add_argument("--reps", type=int, default=None,
                         help="round-robin rounds (default 5, quick 2)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=None,
@@ -159,18 +145,10 @@ def main(argv=None):
     names = args.models or [m for m in MODELS
                             if not (q and m == "nasnet_mobile")]
 
-    import keras
-    import tensorflow as tf
     import renorm_convert as rc
 
-    start = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
-
-    print(f"TF {tf.__version__}, Keras {keras.__version__}, "
-          f"renorm_convert {rc.__version__}, python "
-          f"{platform.python_version()}, {os.cpu_count()} CPUs")
+    log = common.stopwatch()
+    print(common.versions())
     print(f"rounds={args.reps} warmup={'no' if args.no_warmup else 1} "
           f"models={names} recursion limit={sys.getrecursionlimit()}")
 
@@ -179,7 +157,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         m = build_model(name)
         models[name] = m
-        info[name] = (len(m.layers), count_bn(m), m.count_params())
+        info[name] = (len(m.layers), common.count_bn(m),
+                      m.count_params())
         log(f"built {name}: {info[name][0]} layers, {info[name][1]} BN, "
             f"{info[name][2]:,} params, input {tuple(m.input.shape[1:])} "
             f"in {time.perf_counter() - t0:.1f}s")
@@ -187,8 +166,7 @@ def main(argv=None):
     # Sanity check (and warm-up): convert swaps every BN.
     for name, m in models.items():
         conv = rc.convert(m)
-        n_rc = sum(isinstance(l, rc.BatchRenormalization)
-                   for l in conv._flatten_layers())
+        n_rc = common.count_layers(conv, rc.BatchRenormalization)
         if n_rc != info[name][1]:
             raise SystemExit(f"{name}: convert made {n_rc} "
                              f"BatchRenormalization layers, expected "
@@ -201,9 +179,7 @@ def main(argv=None):
     log("warm-up done")
 
     times = {(n, v): [] for n in names for v in VARIANTS}
-    for r in range(args.reps):
-        k = r % len(VARIANTS)
-        order = VARIANTS[k:] + VARIANTS[:k]
+    for r, order in common.round_robin(VARIANTS, args.reps):
         for name in names:
             for v in order:
                 times[(name, v)].append(timed(v, models[name]))
@@ -211,14 +187,13 @@ def main(argv=None):
 
     med = {key: float(np.median(t)) for key, t in times.items()}
 
-    print("\n" + "=" * 78)
+    common.print_rule()
     print("seconds: median of the rounds [min - max]; vs clone: ratio of "
           "medians;\npaired: median over rounds of per-round ratios")
     hdr = (f"{'model':<14}{'layers':>7}{'BN':>5} {'variant':<14}"
            f"{'seconds':>8} {'[min - max]':>16}{'vs clone':>9}{'paired':>8}"
            f"{'ms/layer':>9}  target")
-    print(hdr)
-    print("-" * len(hdr))
+    common.print_header(hdr)
     verdicts = []
     for name in names:
         layers, bn, _ = info[name]
@@ -226,12 +201,12 @@ def main(argv=None):
         for v in VARIANTS:
             t = np.asarray(times[(name, v)])
             ratio = med[(name, v)] / med[(name, "clone")]
-            paired = float(np.median(t / base))
+            paired = common.paired(t, base)
             target = ""
             if v == "convert":
                 ok = ratio <= TARGET_RATIO
                 verdicts.append(ok)
-                target = f"{'PASS' if ok else 'FAIL'} (<= {TARGET_RATIO}x)"
+                target = common.verdict(ok, f"<= {TARGET_RATIO}x")
             lead = (f"{name:<14}{layers:>7}{bn:>5}" if v == VARIANTS[0]
                     else " " * 26)
             print(f"{lead} {v:<14}{med[(name, v)]:8.3f} "
@@ -255,12 +230,11 @@ def main(argv=None):
             if v == "convert":
                 ok = growth <= TARGET_LINEAR
                 verdicts.append(ok)
-                line += (f"  {'PASS' if ok else 'FAIL'} (per-layer growth "
-                         f"<= {TARGET_LINEAR}x)")
+                line += "  " + common.verdict(
+                    ok, f"per-layer growth <= {TARGET_LINEAR}x")
             print(line)
     log("done")
-    print(f"\nOverall: {'PASS' if all(verdicts) else 'FAIL'} "
-          f"({sum(verdicts)}/{len(verdicts)} targets met)")
+    print("\n" + common.overall(verdicts))
     return 0
 
 

@@ -71,17 +71,13 @@ Examples::
 import argparse
 import collections
 import os
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import numpy as np
 
-import numpy as np  # noqa: E402
+import _common as common
 
 EXPORTS = ("keras_export", "rc_export", "rc_noverify")
 LATENCY = ("ours_opt", "plain_opt", "ours_noopt", "plain_noopt", "keras_tf")
@@ -131,16 +127,13 @@ def build_converted(name):
     return rc.convert(model)
 
 
-def count_layers(model, cls):
-    return sum(isinstance(l, cls) for l in model._flatten_layers())
+def sample_input(model, batch, seed=0):
+    """Standard-normal inputs of the model's input shape, float32."""
+    shape = (batch,) + tuple(model.inputs[0].shape[1:])
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
 
 
 # --- 1. export time and memory ------------------------------------------------
-
-def max_rss_bytes():
-    scale = 1 if platform.system() == "Darwin" else 1024  # Linux: KiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
 
 def do_export(variant, model, path):
     import renorm_convert as rc
@@ -157,16 +150,13 @@ def do_export(variant, model, path):
 
 def export_child(variant, name, path, warm):
     """Runs in a fresh process; prints 'RESULT cold warm rss0 rss1'."""
-    import renorm_convert as rc
-
     model = build_converted(name)
-    xs = rc.export.sample_inputs(model, 2)
-    model(xs[0], training=False)
-    rss0 = max_rss_bytes()
+    model(sample_input(model, 2), training=False)
+    rss0 = common.max_rss_bytes()
     t0 = time.perf_counter()
     do_export(variant, model, path)
     cold = time.perf_counter() - t0
-    rss1 = max_rss_bytes()
+    rss1 = common.max_rss_bytes()
     warm_times = []
     for i in range(warm):
         t0 = time.perf_counter()
@@ -178,15 +168,9 @@ def export_child(variant, name, path, warm):
 
 
 def export_in_subprocess(variant, name, path, warm):
-    cmd = [sys.executable, os.path.abspath(__file__), "--_export-child",
-           variant, name, path, str(warm)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            cold, w, rss0, rss1 = line.split()[1:]
-            return float(cold), float(w), int(rss0), int(rss1)
-    raise RuntimeError(f"export child {variant} failed (rc "
-                       f"{out.returncode}):\n{out.stdout}\n{out.stderr[-3000:]}")
+    cold, w, rss0, rss1 = common.child_result(
+        __file__, ["--_export-child", variant, name, path, warm], "RESULT")
+    return float(cold), float(w), int(rss0), int(rss1)
 
 
 # --- 2. op counts -----------------------------------------------------------
@@ -239,17 +223,10 @@ def bench_latency(runners, batches, rounds, iters, warmup, log):
             for _ in range(warmup):
                 runners[v](b)
     log("latency warm-up done")
-    for r in range(rounds):
-        k = r % len(LATENCY)
-        order = LATENCY[k:] + LATENCY[:k]
+    for r, order in common.round_robin(LATENCY, rounds):
         for b in batches:
             for v in order:
-                run = runners[v]
-                block = []
-                for _ in range(iters[b]):
-                    t0 = time.perf_counter()
-                    run(b)
-                    block.append(time.perf_counter() - t0)
+                block = common.time_calls(lambda: runners[v](b), iters[b])
                 times[(v, b)].extend(block)
                 per_round[(v, b)].append(float(np.median(block)))
         if (r + 1) % max(1, rounds // 4) == 0:
@@ -264,13 +241,10 @@ def mib(b):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = common.parser(__doc__)
     parser.add_argument("--model", choices=sorted(MODELS),
                         default="mobilenetv2")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 export per variant, no warm "
+    common.add_quick(parser, "smoke run: 1 export per variant, no warm "
                              "exports, 6 latency rounds")
     parser.add_argument("--reps", type=int, default=None,
                         help="export subprocesses per variant (default 3, "
@@ -278,19 +252,17 @@ def main(argv=None):
     parser.add_argument("--warm-exports", type=int, default=None,
                         help="extra exports timed in each child after the "
                              "cold one (default 1, quick 0)")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="latency round-robin rounds (default 30, "
-                             "quick 6)")
+    common.add_rounds(parser, "latency round-robin rounds (default 30, "
+                              "quick 6)")
     parser.add_argument("--iters", type=int, nargs=2, default=None,
                         metavar=("B1", "B32"),
                         help="calls per variant per round at batch 1 and 32 "
                              "(default mobilenetv2: 20 3, resnet50: 10 2)")
     parser.add_argument("--batch-sizes", type=int, nargs=2, default=(1, 32),
                         help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="latency only: onnxruntime intra-op threads and "
-                             "TF intra- / inter-op threads (0: each library's "
-                             "default)")
+    common.add_threads(parser, "latency only: onnxruntime intra-op threads "
+                               "and TF intra- / inter-op threads (0: each "
+                               "library's default)")
     parser.add_argument("--_export-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -308,24 +280,15 @@ def main(argv=None):
     default_iters = (20, 3) if args.model == "mobilenetv2" else (10, 2)
     iters = dict(zip(batches, args.iters or default_iters))
 
-    import keras
     import onnxruntime as ort
-    import tensorflow as tf
     import tf2onnx
+
     import renorm_convert as rc
 
-    if args.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    start = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
-
-    print(f"TF {tf.__version__}, Keras {keras.__version__}, tf2onnx "
-          f"{tf2onnx.__version__}, onnxruntime {ort.__version__}, "
-          f"renorm_convert {rc.__version__}, python "
-          f"{platform.python_version()}, {os.cpu_count()} CPUs")
+    common.set_threads(args.threads)
+    log = common.stopwatch()
+    print(common.versions(f"tf2onnx {tf2onnx.__version__}",
+                          f"onnxruntime {ort.__version__}"))
     app, shape = MODELS[args.model]
     print(f"model={app} input={shape} export reps={args.reps} warm exports="
           f"{args.warm_exports} latency rounds={args.rounds} "
@@ -347,20 +310,21 @@ def main(argv=None):
 
     # --- the model in this process, and a correctness check of both files
     model = build_converted(args.model)
-    n_bn = count_layers(model, keras.layers.BatchNormalization)
-    n_rc = count_layers(model, rc.BatchRenormalization)
-    xs4 = rc.export.sample_inputs(model, 4)
-    expected = np.asarray(model(xs4[0], training=False))
+    n_bn = common.count_bn(model)
+    n_rc = common.count_layers(model, rc.BatchRenormalization)
+    x4 = sample_input(model, 4)
+    expected = np.asarray(model(x4, training=False))
     scale = float(np.abs(expected).max())
     diffs = {}
     for tag, v in (("ours", "rc_export"), ("plain", "keras_export")):
-        got = rc.export.run_onnx(paths[v], xs4)[0]
+        session = ort_session(paths[v], optimize=True)
+        got = session.run(None, {session.get_inputs()[0].name: x4})[0]
         diffs[tag] = float(np.abs(got - expected).max())
     log(f"model built in parent: {n_bn} BN layers ({n_rc} "
         f"BatchRenormalization), {model.count_params():,} params")
 
     # --- 3. latency
-    xs_np = {b: rc.export.sample_inputs(model, b, seed=1)[0] for b in batches}
+    xs_np = {b: sample_input(model, b, seed=1) for b in batches}
     runners = make_runners(
         model, {"ours": paths["rc_export"], "plain": paths["keras_export"]},
         xs_np, args.threads)
@@ -369,7 +333,7 @@ def main(argv=None):
     log("done")
 
     # --- report
-    print("\n" + "=" * 78)
+    common.print_rule()
     print(f"1. Export time and peak memory ({args.reps} fresh subprocesses per "
           "variant;\n   seconds: median [min - max]; cold = first export in "
           "the process;\n   RSS: growth of max RSS (getrusage ru_maxrss) "
@@ -377,8 +341,7 @@ def main(argv=None):
     hdr = (f"{'variant':<14}{'cold s':>8} {'[min - max]':>16}{'vs keras':>9}"
            f"{'warm s':>8}{'vs keras':>9}{'RSS +MiB':>10}{'vs keras':>9}"
            f"{'max RSS MiB':>12}")
-    print(hdr)
-    print("-" * len(hdr))
+    common.print_header(hdr)
     base = {}
     for v in EXPORTS:
         a = np.asarray(res[v], float)
@@ -417,20 +380,19 @@ def main(argv=None):
               "variant)")
         hdr = (f"{'variant':<13}{'ms':>9} {'[p25 - p75]':>18}"
                f"{'vs plain same opt':>19}{'paired':>8}{'vs keras_tf':>13}")
-        print(hdr)
-        print("-" * len(hdr))
+        common.print_header(hdr)
         for v in LATENCY:
-            t = np.asarray(times[(v, b)]) * 1e3
+            _, p25, p75 = common.median_iqr(np.asarray(times[(v, b)]) * 1e3)
             if v.startswith("ours"):
                 other = v.replace("ours", "plain")
-                paired = np.median(np.asarray(per_round[(v, b)])
-                                   / np.asarray(per_round[(other, b)]))
+                paired = common.paired(per_round[(v, b)],
+                                       per_round[(other, b)])
                 vs_plain = (f"{med[v] / med[other]:18.3f}x"
                             f"{paired:7.3f}x")
             else:
                 vs_plain = " " * 27
             print(f"{v:<13}{med[v]:9.3f} "
-                  f"{f'[{np.percentile(t, 25):.3f} - {np.percentile(t, 75):.3f}]':>18}"
+                  f"{f'[{p25:.3f} - {p75:.3f}]':>18}"
                   f"{vs_plain}{med[v] / med['keras_tf']:12.3f}x")
         checks = [
             ("opt off: ours faster than plain",
@@ -446,8 +408,7 @@ def main(argv=None):
             print(f"  {'PASS' if ok else 'FAIL'}  {label}: {ratio:.3f}x "
                   f"(target {op} {target:.2f}x)")
 
-    print(f"\nOverall: {'PASS' if all(verdicts) else 'FAIL'} "
-          f"({sum(verdicts)}/{len(verdicts)} targets met); files in {tmp}")
+    print(f"\n{common.overall(verdicts)}; files in {tmp}")
     return 0
 
 

@@ -30,13 +30,12 @@ Example::
     python benchmarks/figure3.py --threads 1        # about 30 minutes
 """
 
-import argparse
 import json
 import os
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+import _common as common
 
 MODELS = ("cnn-plain", "cnn", "cnn-deep")
 LENGTHS = (1500, 3000)
@@ -44,22 +43,15 @@ BUDGET_S = 15 * 60
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--out", default="runs/figure3_study")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--steps", nargs="+", type=int, default=list(LENGTHS))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0,
-                        help="TensorFlow threads (0: all cores)")
+    common.add_threads(parser, "TensorFlow threads (0: all cores)")
     args = parser.parse_args(argv)
 
-    import tensorflow as tf
-
-    if args.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    common.set_threads(args.threads)
     from renorm_convert import reproduce
 
     os.makedirs(args.out, exist_ok=True)

@@ -71,50 +71,21 @@ Examples::
     python benchmarks/finetune.py --variants bn_fit bn rc rc_mb4 rc_nosched
 """
 
-import argparse
 import dataclasses
 import gc
-import os
-import platform
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import numpy as np
 
-import numpy as np  # noqa: E402
+import _common as common
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-MODELS_DIR = os.path.join(os.path.dirname(HERE), "models")
-MODELS = ("inception_fmnist", "resnet_fmnist")
+MODELS = common.REFERENCE_MODELS
 VARIANTS = ("bn_fit", "bn", "rc", "rc_mb4", "rc_nosched")
 DEFAULT_VARIANTS = ("bn", "rc", "rc_mb4")
 BASELINE = "bn"
 TARGET = 0.95  # rc images/s at least this times bn's
 SEED = 0
-
-
-def batch_times_callback():
-    """A Keras callback recording perf_counter at fit start (`start`) and at
-    every batch end (`ends`), and the process's CPU time at every batch end
-    (`cpu`)."""
-    import keras
-
-    class BatchTimes(keras.callbacks.Callback):
-        def __init__(self):
-            super().__init__()
-            self.start = None
-            self.ends = []
-            self.cpu = []
-
-        def on_train_begin(self, logs=None):
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, batch, logs=None):
-            self.ends.append(time.perf_counter())
-            self.cpu.append(time.process_time())
-
-    return BatchTimes()
 
 
 # --- one run ----------------------------------------------------------------
@@ -126,7 +97,7 @@ def run_variant(variant, bn_model, rc_model, split, noval, batch):
     import renorm_convert as rc
     from renorm_convert import data
 
-    cb = batch_times_callback()
+    cb = common.batch_times_callback()
     t0 = time.perf_counter()
     if variant == "bn_fit":
         keras.utils.set_random_seed(SEED)
@@ -156,7 +127,6 @@ def run_variant(variant, bn_model, rc_model, split, noval, batch):
 
 
 def bench(args, variants, log):
-    import keras
     import renorm_convert as rc
     from renorm_convert import data
 
@@ -167,17 +137,14 @@ def bench(args, variants, log):
                                 y_val=split.y_val[:0])
     models = {}
     for name in args.models:
-        bn_model = keras.models.load_model(
-            os.path.join(MODELS_DIR, f"{name}.keras"))
+        bn_model = common.load_reference(name)
         t0 = time.perf_counter()
         rc_model = rc.convert(bn_model)
-        n_bn = sum(isinstance(l, keras.layers.BatchNormalization)
-                   and not isinstance(l, rc.BatchRenormalization)
-                   for l in bn_model._flatten_layers())
-        n_rc = sum(isinstance(l, rc.BatchRenormalization)
-                   for l in rc_model._flatten_layers())
+        n_bn = (common.count_bn(bn_model)
+                - common.count_layers(bn_model, rc.BatchRenormalization))
+        n_rc = common.count_layers(rc_model, rc.BatchRenormalization)
         models[name] = (bn_model, rc_model)
-        log(f" loaded {name}: input {data.model_image_shape(bn_model)}, "
+        log(f"loaded {name}: input {data.model_image_shape(bn_model)}, "
             f"{bn_model.count_params():,} params, {n_bn} BN -> {n_rc} "
             f"BatchRenormalization (convert {time.perf_counter() - t0:.1f}s)")
 
@@ -186,9 +153,7 @@ def bench(args, variants, log):
     per_round = {(m, v): [] for m in args.models for v in variants}
     first = {(m, v): [] for m in args.models for v in variants}
     walls = {(m, v): [] for m in args.models for v in variants}
-    for r in range(args.rounds):
-        k = r % len(variants)
-        order = variants[k:] + variants[:k]
+    for r, order in common.round_robin(variants, args.rounds):
         for name in args.models:
             bn_model, rc_model = models[name]
             for v in order:
@@ -205,7 +170,7 @@ def bench(args, variants, log):
                 per_round[(name, v)].append(float(np.median(dt)))
                 first[(name, v)].append(ends[0] - cb.start)
                 walls[(name, v)].append(wall)
-                log(f" round {r + 1}/{args.rounds} {name:<16} {v:<10} "
+                log(f"round {r + 1}/{args.rounds} {name:<16} {v:<10} "
                     f"{args.batch_size / np.median(dt):7.1f} img/s  "
                     f"(1st batch {ends[0] - cb.start:5.1f}s, call "
                     f"{wall:5.1f}s)")
@@ -215,14 +180,10 @@ def bench(args, variants, log):
 # --- report -----------------------------------------------------------------
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 1 round of 24 batches, warm-up 4")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="round-robin rounds (default 3: every "
-                             "variant once in every position; quick 1)")
+    parser = common.parser(__doc__)
+    common.add_quick(parser, "smoke run: 1 round of 24 batches, warm-up 4")
+    common.add_rounds(parser, "round-robin rounds (default 3: every "
+                              "variant once in every position; quick 1)")
     parser.add_argument("--batches", type=int, default=None,
                         help="batches per fit (default 48, quick 24)")
     parser.add_argument("--warmup", type=int, default=None,
@@ -233,8 +194,7 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="+", choices=VARIANTS,
                         default=list(DEFAULT_VARIANTS),
                         help=f"{BASELINE} is always included (the baseline)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="TF intra- and inter-op threads (0: TF default)")
+    common.add_threads(parser)
     args = parser.parse_args(argv)
 
     q = args.quick
@@ -248,31 +208,18 @@ def main(argv=None):
     variants = [v for v in VARIANTS
                 if v in set(args.variants) | {BASELINE}]
 
-    import keras
-    import tensorflow as tf
-    import renorm_convert as rc
-
-    if args.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    start = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - start:6.1f}s]{msg}", flush=True)
-
-    print(f"TF {tf.__version__}, Keras {keras.__version__}, "
-          f"renorm_convert {rc.__version__}, python "
-          f"{platform.python_version()}, {os.cpu_count()} CPUs, "
-          f"threads={args.threads or 'TF default'}")
+    common.set_threads(args.threads)
+    log = common.stopwatch()
+    print(f"{common.versions()}, threads={args.threads or 'TF default'}")
     print(f"rounds={args.rounds} batches/fit={args.batches} "
           f"(warm-up {args.warmup} untimed) batch size={args.batch_size} "
           f"variants={variants}")
     step_times, cpu_times, per_round, first, walls = bench(args, variants,
                                                            log)
-    log(" done")
+    log("done")
 
     b = args.batch_size
-    print("\n" + "=" * 78)
+    common.print_rule()
     print("img/s: batch size / median of all timed batch times "
           "([p25 - p75] of per-batch img/s);\nvs BN: ratio against "
           f"'{BASELINE}' (rc.fine_tune of the BN model); paired: median over "
@@ -288,23 +235,24 @@ def main(argv=None):
         hdr = (f"{'variant':<12}{'img/s':>8} {'[p25 - p75]':>16}{'vs BN':>8}"
                f"{'paired':>8}{'CPU img/s':>10}{'vs BN':>8}"
                f"{'1st batch s':>12}{'call s':>8}  target")
-        print(hdr)
-        print("-" * len(hdr))
+        common.print_header(hdr)
         base = b / np.median(step_times[(name, BASELINE)])
         base_cpu = b / np.median(cpu_times[(name, BASELINE)])
-        base_r = np.asarray(per_round[(name, BASELINE)])
+        base_r = per_round[(name, BASELINE)]
         for v in variants:
             t = np.asarray(step_times[(name, v)])
             ips = b / np.median(t)
             cpu = b / np.median(cpu_times[(name, v)])
-            p25, p75 = np.percentile(b / t, [25, 75])
-            paired = float(np.median(base_r / np.asarray(per_round[(name, v)])))
+            _, p25, p75 = common.median_iqr(b / t)
+            # img/s is the inverse of a time: the paired ratio is bn's
+            # batch time over v's.
+            paired = common.paired(base_r, per_round[(name, v)])
             ratio = ips / base
             target = ""
             if v == "rc":
                 ok = ratio >= TARGET
                 verdicts.append(ok)
-                target = f"{'PASS' if ok else 'FAIL'} (>= {TARGET:.2f}x)"
+                target = common.verdict(ok, f">= {TARGET:.2f}x")
             print(f"{v:<12}{ips:8.1f} {f'[{p25:.1f} - {p75:.1f}]':>16}"
                   f"{ratio:7.3f}x{paired:7.3f}x{cpu:10.1f}"
                   f"{cpu / base_cpu:7.3f}x"
@@ -316,9 +264,8 @@ def main(argv=None):
                   f"{base / fit:.3f}x img/s")
 
     if verdicts:
-        print(f"\nOverall: {'PASS' if all(verdicts) else 'FAIL'} "
-              f"({sum(verdicts)}/{len(verdicts)} models: rc >= {TARGET:.2f}x "
-              "bn images/s)")
+        print("\n" + common.overall(
+            verdicts, f"models: rc >= {TARGET:.2f}x bn images/s"))
     return 0
 
 

@@ -49,23 +49,13 @@ Examples::
     python benchmarks/gpu.py --settings mixed_float16+xla --no-fine-tune
 """
 
-import argparse
 import gc
-import os
-import platform
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-from finetune import batch_times_callback  # noqa: E402
-from train_step import build_resnet  # noqa: E402
+import _common as common
 
 SETTINGS = {
     "float32": ("float32", False),
@@ -100,9 +90,9 @@ def build(name, size):
 
     keras.utils.set_random_seed(SEED)
     if name == "tiny":
-        # train_step.py's ResNet-style model (32x32, logits); the variant
-        # name there only picks its normalization layer.
-        return build_resnet("keras_bn"), False
+        # train_step.py's ResNet-style model (32x32, logits).
+        return common.build_resnet(keras.layers.BatchNormalization,
+                                   name="resnet_keras_bn"), False
     builder = getattr(keras.applications, MODELS[name][0])
     return builder(weights=None, input_shape=(size, size, 3), classes=10), True
 
@@ -146,28 +136,21 @@ def bench_steps(args, name, size, log):
         policy, jit = SETTINGS[setting]
         models = step_models(name, size, policy, jit)
         for v, model in models.items():
-            t0 = time.perf_counter()
-            for _ in range(1 + args.warmup):  # the first compiles
-                model.train_on_batch(x, y)
-            log(f" {setting:<18} {v:<7} compiled and warmed in "
-                f"{time.perf_counter() - t0:6.1f}s")
+            seconds = sum(common.time_calls(  # the first compiles
+                lambda: model.train_on_batch(x, y), 1 + args.warmup))
+            log(f"{setting:<18} {v:<7} compiled and warmed in "
+                f"{seconds:6.1f}s")
         times = {v: [] for v in models}
         per_round = {v: [] for v in models}
-        order = list(models)
-        for r in range(args.rounds):
-            k = r % len(order)
-            for v in order[k:] + order[:k]:
-                block = []
-                for _ in range(args.steps):
-                    t0 = time.perf_counter()
-                    models[v].train_on_batch(x, y)  # numpy logs: synchronous
-                    block.append(time.perf_counter() - t0)
+        for _, order in common.round_robin(models, args.rounds):
+            for v in order:
+                block = common.time_calls(  # numpy logs: synchronous
+                    lambda: models[v].train_on_batch(x, y), args.steps)
                 times[v] += block
                 per_round[v].append(float(np.median(block)))
-        base = np.asarray(per_round[BASELINE])
         results[setting] = {
             v: (float(np.median(times[v])) * 1e3,
-                float(np.median(np.asarray(per_round[v]) / base)),
+                common.paired(per_round[v], per_round[BASELINE]),
                 len(times[v]))
             for v in models}
         del models
@@ -191,13 +174,11 @@ def bench_fine_tune(args, name, size, log):
     x, y = random_batch(size, args.batch * 4)
     data = (tf.data.Dataset.from_tensor_slices((x, y)).batch(args.batch)
             .repeat(-(-args.batches // 4)).take(args.batches))
-    variants = list(VARIANTS)
-    times = {v: [] for v in variants}
-    per_round = {v: [] for v in variants}
-    for r in range(args.rounds):
-        k = r % len(variants)
-        for v in variants[k:] + variants[:k]:
-            cb = batch_times_callback()
+    times = {v: [] for v in VARIANTS}
+    per_round = {v: [] for v in VARIANTS}
+    for r, order in common.round_robin(VARIANTS, args.rounds):
+        for v in order:
+            cb = common.batch_times_callback()
             t0 = time.perf_counter()
             history = rc.fine_tune(
                 models["bn" if v == "bn" else "rc"], data, epochs=1,
@@ -211,17 +192,17 @@ def bench_fine_tune(args, name, size, log):
             dt = np.diff(np.asarray(cb.ends))[args.fine_tune_warmup - 1:]
             times[v] += dt.tolist()
             per_round[v].append(float(np.median(dt)))
-            log(f" round {r + 1}/{args.rounds} {name:<12} {v:<7} "
+            log(f"round {r + 1}/{args.rounds} {name:<12} {v:<7} "
                 f"{args.batch / np.median(dt):8.1f} img/s (call "
                 f"{time.perf_counter() - t0:5.1f}s)")
             gc.collect()
     del models
     keras.backend.clear_session()
-    base = np.asarray(per_round[BASELINE])
+    # img/s is the inverse of a time: the paired ratio is bn's over v's.
     return {v: (args.batch / float(np.median(times[v])),
-                float(np.median(base / np.asarray(per_round[v]))),
+                common.paired(per_round[BASELINE], per_round[v]),
                 len(times[v]))
-            for v in variants}
+            for v in VARIANTS}
 
 
 # --- report -----------------------------------------------------------------
@@ -230,15 +211,14 @@ def verdict(setting, variant, ratio, on_gpu):
     if not on_gpu or setting != TARGET_SETTING or variant not in TARGETS:
         return ""
     target = TARGETS[variant]
-    return f"{'PASS' if ratio <= target else 'FAIL'} (<= {target:.2f}x)"
+    return common.verdict(ratio <= target, f"<= {target:.2f}x")
 
 
 def print_steps(name, size, batch, results, on_gpu):
     print(f"\nstep time: {name} {size}x{size}, batch {batch}")
     hdr = (f"{'setting':<19}{'variant':<9}{'ms/step':>9}{'vs BN':>8}"
            f"{'paired':>8}{'steps':>7}  goal")
-    print(hdr)
-    print("-" * len(hdr))
+    common.print_header(hdr)
     for setting, res in results.items():
         base = res[BASELINE][0]
         for v, (ms, paired, n) in res.items():
@@ -252,22 +232,17 @@ def print_fine_tune(name, size, batch, res, args):
           f"mixed_precision={args.fine_tune_precision}, "
           f"jit_compile={args.fine_tune_jit}")
     hdr = f"{'variant':<9}{'img/s':>9}{'vs BN':>8}{'paired':>8}{'batches':>9}"
-    print(hdr)
-    print("-" * len(hdr))
+    common.print_header(hdr)
     base = res[BASELINE][0]
     for v, (ips, paired, n) in res.items():
         print(f"{v:<9}{ips:9.1f}{ips / base:7.3f}x{paired:7.3f}x{n:9d}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer rounds and steps, only mixed_float16+xla "
+    parser = common.parser(__doc__)
+    common.add_quick(parser, "fewer rounds and steps, only mixed_float16+xla "
                              "for step time, ResNet50 only for fine_tune")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="round-robin rounds (default 5, quick 2)")
+    common.add_rounds(parser, "round-robin rounds (default 5, quick 2)")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per variant per round (default "
                              "10, quick 5)")
@@ -295,15 +270,9 @@ def main(argv=None):
                         default=1, help="fine_tune(jit_compile=...)")
     args = parser.parse_args(argv)
 
-    import keras
-    import tensorflow as tf
-    import renorm_convert as rc
-
     names = gpu_names()
     on_gpu = bool(names)
-    print(f"TF {tf.__version__}, Keras {keras.__version__}, renorm_convert "
-          f"{rc.__version__}, python {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs")
+    print(common.versions())
     if on_gpu:
         print(f"GPU: {', '.join(names)}")
         q = args.quick
@@ -336,19 +305,15 @@ def main(argv=None):
         parser.error("--fine-tune-warmup must be >= 1 (the first batch "
                      "compiles) and leave at least two timed batches")
 
-    start = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - start:6.1f}s]{msg}", flush=True)
-
+    log = common.stopwatch()
     print(f"rounds={args.rounds} steps/round={args.steps} warmup="
           f"{args.warmup} batch={args.batch} settings={args.settings}")
     steps = bench_steps(args, step_model, step_size, log)
     tuned = {m: bench_fine_tune(args, m, sizes[m], log)
              for m in args.fine_tune_models}
-    log(" done")
+    log("done")
 
-    print("\n" + "=" * 72)
+    common.print_rule(72)
     print("ms/step and img/s: from the medians of all timed steps; vs BN: "
           "ratio against bn in the\nsame run; paired: median over rounds of "
           "the per-round ratios (step time: variant / bn;\nimg/s: variant / "

@@ -9,61 +9,73 @@ shipped weights are trained on Fashion-MNIST):
                calibration=256 training images)
   plain float  model.export(path, format="onnx"): Keras's own tf2onnx export,
                no folding (a Mul and an Add per normalization)
-  plain int8   that file through the same quantization `export_onnx` uses
-               (`renorm_convert.export.quantize_int8`: onnxruntime's static
-               QDQ, per-channel int8 weights, uint8 activations, MinMax
-               calibration on the same 256 images)
+  plain int8   that file through the quantization `export_onnx` documents
+               for quantize="int8", called here through onnxruntime's own
+               API (`export_onnx` folds first, so it cannot make this file):
+               onnxruntime's static QDQ, per-channel int8 weights, uint8
+               activations, MinMax calibration on the same 256 images in
+               batches of 16, after `quant_pre_process`
 
 Reported: top-1 accuracy of each file on the 10,000 Fashion-MNIST test
 images, file size, and onnxruntime latency at batch 1 and 32 as the median
-over interleaved rounds (every file runs once per round, in turn), with the
-ratio to the float file measured in the same run.
+over interleaved rounds (every file runs once per round, in turn, the order
+rotating from round to round), with the ratio to the float file measured in
+the same run.
 
 Example::
 
     python benchmarks/quantize.py            # about 2 minutes on 2 cores
 """
 
-import argparse
 import os
 import sys
 import tempfile
-import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _common as common
 
-
-def _quantize(source, target, x, input_name):
-    """The plain file through the quantization `export_onnx` uses."""
-    from renorm_convert.export import quantize_int8
-
-    with open(source, "rb") as f:
-        payload = quantize_int8(f.read(), [x], [input_name])
-    with open(target, "wb") as f:
-        f.write(payload)
+CALIBRATION_BATCH = 16
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--calibration", type=int, default=256)
-    args = parser.parse_args(argv)
+def quantize_int8(source, target, x, input_name):
+    """Static int8 quantization of the ONNX file `source` into `target`,
+    calibrated on the images `x`, with the settings `rc.export_onnx(...,
+    quantize="int8")` documents (QDQ, per-channel int8 weights, uint8
+    activations, MinMax calibration)."""
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat,
+                                          QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    import keras
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._batches = iter(
+                [{input_name: x[i:i + CALIBRATION_BATCH]}
+                 for i in range(0, len(x), CALIBRATION_BATCH)])
+
+        def get_next(self):
+            return next(self._batches, None)
+
+    prepared = target + ".prepared.onnx"
+    try:  # shape inference and graph clean-up, as onnxruntime advises
+        quant_pre_process(source, prepared, skip_symbolic_shape=True)
+    except Exception:  # noqa: BLE001 - optional: quantize the file as it is
+        prepared = source
+    quantize_static(prepared, target, Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    if prepared != source:
+        os.remove(prepared)
+
+
+def measure(split, work, rounds):
+    """Writes the four files of each reference model into `work` and
+    prints their table."""
     import numpy as np
     import onnxruntime as ort
 
     import renorm_convert as rc
 
-    split = rc.data.load_source("fashion-mnist").subset(
-        train=args.calibration, seed=0)
-    work = tempfile.mkdtemp(prefix="renorm-quantize-")
-    for name in ("inception_fmnist", "resnet_fmnist"):
-        model = rc.convert(keras.models.load_model(
-            os.path.join(ROOT, "models", f"{name}.keras")))
+    for name in common.REFERENCE_MODELS:
+        model = rc.convert(common.load_reference(name))
         shape = rc.data.model_image_shape(model)
         calibration = np.asarray(rc.data.adapt(split.x_train, shape))
         test = np.asarray(rc.data.adapt(split.x_val, shape))
@@ -76,8 +88,8 @@ def main(argv=None):
         input_name = ort.InferenceSession(
             files["plain float"],
             providers=["CPUExecutionProvider"]).get_inputs()[0].name
-        _quantize(files["plain float"], files["plain int8"], calibration,
-                  input_name)
+        quantize_int8(files["plain float"], files["plain int8"], calibration,
+                      input_name)
         sessions = {k: ort.InferenceSession(
             f, providers=["CPUExecutionProvider"]) for k, f in files.items()}
         accuracy = {}
@@ -92,11 +104,11 @@ def main(argv=None):
             times = {k: [] for k in sessions}
             for s in sessions.values():
                 s.run(None, {s.get_inputs()[0].name: x})
-            for _ in range(args.rounds):
-                for k, s in sessions.items():
-                    start = time.perf_counter()
-                    s.run(None, {s.get_inputs()[0].name: x})
-                    times[k].append(time.perf_counter() - start)
+            for _, order in common.round_robin(sessions, rounds):
+                for k in order:
+                    s = sessions[k]
+                    feed = {s.get_inputs()[0].name: x}
+                    times[k] += common.time_calls(lambda: s.run(None, feed), 1)
             latency[batch] = {k: 1000 * float(np.median(v))
                               for k, v in times.items()}
         print(f"\n{name}")
@@ -110,6 +122,20 @@ def main(argv=None):
                   f"{latency[32][k]:>8.3f} "
                   f"{latency[32][k] / latency[32]['float']:>7.2f}x",
                   flush=True)
+
+
+def main(argv=None):
+    parser = common.parser(__doc__)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--calibration", type=int, default=256)
+    args = parser.parse_args(argv)
+
+    import renorm_convert as rc
+
+    split = rc.data.load_source("fashion-mnist").subset(
+        train=args.calibration, seed=0)
+    with tempfile.TemporaryDirectory(prefix="renorm-quantize-") as work:
+        measure(split, work, args.rounds)
 
 
 if __name__ == "__main__":

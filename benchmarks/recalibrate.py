@@ -15,36 +15,27 @@ Example::
     python benchmarks/recalibrate.py              # about 6 minutes on 2 cores
 """
 
-import argparse
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import _common as common
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--train-size", type=int, default=6000)
     parser.add_argument("--batches", type=int, default=100,
                         help="training batches for recalibration")
     args = parser.parse_args(argv)
 
-    import keras
-
     import renorm_convert as rc
-    from renorm_convert.finetune import accuracy
 
     split = rc.data.load_source("fashion-mnist")
     train = split.subset(train=args.train_size, seed=0)
     print(f"{'model':<18} {'normalization':<14} {'momentum':>8} "
           f"{'trained':>8} {'recalibrated':>12}")
-    for name in ("inception_fmnist", "resnet_fmnist"):
-        model = keras.models.load_model(
-            os.path.join(ROOT, "models", f"{name}.keras"))
+    for name in common.REFERENCE_MODELS:
+        model = common.load_reference(name)
         for arm, start in (("batch norm", model),
                            ("batch renorm", rc.convert(model))):
             for momentum in (0.99, 0.9):
@@ -54,8 +45,8 @@ def main(argv=None):
                 recalibrated = rc.recalibrate(trained, train,
                                               batches=args.batches)
                 print(f"{name:<18} {arm:<14} {momentum:>8} "
-                      f"{100 * accuracy(trained, split):>7.2f}% "
-                      f"{100 * accuracy(recalibrated, split):>11.2f}%",
+                      f"{100 * rc.accuracy(trained, split):>7.2f}% "
+                      f"{100 * rc.accuracy(recalibrated, split):>11.2f}%",
                       flush=True)
 
 

@@ -61,17 +61,12 @@ Examples::
 """
 
 import argparse
-import os
-import platform
-import resource
-import subprocess
 import sys
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+import numpy as np
 
-import numpy as np  # noqa: E402
+import _common as common
 
 VARIANTS = ("keras_bn", "keras_renorm", "rc", "rc_mb4", "rc_mb2")
 FAMILIES = ("resnet", "mlp")
@@ -101,34 +96,8 @@ def make_norm(variant):
 
 
 def build_resnet(variant):
-    import keras
-    from keras import layers
-
-    def conv_bn(x, filters, strides=1, relu=True):
-        x = layers.Conv2D(filters, 3, strides=strides, padding="same",
-                          use_bias=False)(x)
-        x = make_norm(variant)(x)
-        return layers.ReLU()(x) if relu else x
-
-    def block(x, filters, strides=1):
-        shortcut = x
-        y = conv_bn(x, filters, strides)
-        y = conv_bn(y, filters, relu=False)
-        if strides != 1 or x.shape[-1] != filters:
-            shortcut = layers.Conv2D(filters, 1, strides=strides,
-                                     use_bias=False)(x)
-            shortcut = make_norm(variant)(shortcut)
-        return layers.ReLU()(layers.Add()([y, shortcut]))
-
-    inputs = keras.Input((32, 32, 3))
-    x = conv_bn(inputs, 16)                  # 1 BN
-    x = block(x, 16)                         # 2 BN
-    x = block(x, 32, strides=2)              # 3 BN
-    x = block(x, 32)                         # 2 BN
-    x = block(x, 64, strides=2)              # 3 BN
-    x = layers.GlobalAveragePooling2D()(x)
-    outputs = layers.Dense(10)(x)
-    return keras.Model(inputs, outputs, name=f"resnet_{variant}")
+    return common.build_resnet(lambda: make_norm(variant),
+                               name=f"resnet_{variant}")
 
 
 def build_mlp(variant):
@@ -170,13 +139,6 @@ def make_model(family, variant, jit):
     return model
 
 
-def count_bn(model):
-    import keras
-
-    return sum(isinstance(l, keras.layers.BatchNormalization)
-               for l in model._flatten_layers())
-
-
 # --- memory ---------------------------------------------------------------
 
 def allocator_peak_step(model, x, y):
@@ -190,11 +152,6 @@ def allocator_peak_step(model, x, y):
     return max(peak - before, 0)
 
 
-def max_rss_bytes():
-    scale = 1 if platform.system() == "Darwin" else 1024  # Linux: KiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
 def rss_child(family, variant, batch, jit, steps):
     """Runs in a fresh process; prints 'RSS <built> <peak>' in bytes."""
     import tensorflow as tf
@@ -202,21 +159,17 @@ def rss_child(family, variant, batch, jit, steps):
     x, y = make_data(family, batch)
     x, y = tf.constant(x), tf.constant(y)
     model = make_model(family, variant, jit)
-    built = max_rss_bytes()
+    built = common.max_rss_bytes()
     for _ in range(steps):
         model.train_on_batch(x, y)
-    print(f"RSS {built} {max_rss_bytes()}", flush=True)
+    print(f"RSS {built} {common.max_rss_bytes()}", flush=True)
 
 
 def rss_in_subprocess(family, variant, batch, jit, steps):
-    cmd = [sys.executable, os.path.abspath(__file__), "--_rss-child",
-           family, variant, str(batch), jit, str(steps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    for line in out.stdout.splitlines():
-        if line.startswith("RSS "):
-            built, peak = map(int, line.split()[1:])
-            return peak - built
-    raise RuntimeError(f"no RSS line from child: {out.stdout}\n{out.stderr}")
+    built, peak = map(int, common.child_result(
+        __file__, ["--_rss-child", family, variant, batch, jit, steps],
+        "RSS"))
+    return peak - built
 
 
 # --- timing ---------------------------------------------------------------
@@ -233,29 +186,22 @@ def bench_family(family, batch, variants, args, log):
         models[v].train_on_batch(x, y)   # trace / compile
         for _ in range(args.warmup):
             models[v].train_on_batch(x, y)
-        log(f"  built+warmed {family}/b{batch}/{v} "
+        log(f" built+warmed {family}/b{batch}/{v} "
             f"(jit_compile={models[v].jit_compile}, "
-            f"{count_bn(models[v])} BN layers) in "
+            f"{common.count_bn(models[v])} BN layers) in "
             f"{time.perf_counter() - t0:.1f}s")
 
     steps = args.steps or {"resnet": 2 if args.quick else 4,
                            "mlp": 5 if args.quick else 10}[family]
     times = {v: [] for v in variants}
     per_round = {v: [] for v in variants}
-    for r in range(args.rounds):
-        k = r % len(variants)
-        order = variants[k:] + variants[:k]
+    for _, order in common.round_robin(variants, args.rounds):
         for v in order:
-            model = models[v]
-            block = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                model.train_on_batch(x, y)  # returns numpy: synchronous
-                block.append(time.perf_counter() - t0)
+            block = common.time_calls(  # returns numpy: synchronous
+                lambda: models[v].train_on_batch(x, y), steps)
             times[v].extend(block)
             per_round[v].append(np.median(block))
-    base = np.asarray(per_round["keras_bn"])
-    paired = {v: float(np.median(np.asarray(per_round[v]) / base))
+    paired = {v: common.paired(per_round[v], per_round["keras_bn"])
               for v in variants}
 
     mem = {}
@@ -270,9 +216,7 @@ def bench_family(family, batch, variants, args, log):
         for v in variants:
             mem[v] = rss_in_subprocess(family, v, batch, args.jit,
                                        args.warmup + 3)
-    return {v: (float(np.median(times[v])) * 1e3,
-                float(np.percentile(times[v], 25)) * 1e3,
-                float(np.percentile(times[v], 75)) * 1e3,
+    return {v: (*(1e3 * t for t in common.median_iqr(times[v])),
                 mem.get(v), paired[v], len(times[v])) for v in variants}
 
 
@@ -299,8 +243,7 @@ def verdict(variant, ratio):
         target = TARGET_MB
     else:
         return ""
-    ok = ratio <= target
-    return f"{'PASS' if ok else 'FAIL'} (<= {target:.2f}x)"
+    return common.verdict(ratio <= target, f"<= {target:.2f}x")
 
 
 def fmt_mem(b):
@@ -314,8 +257,7 @@ def print_table(family, batch, res, mem_label):
     print(f"\n{family}  batch={batch}   ({n} timed steps per variant)")
     hdr = (f"{'variant':<13}{'ms/step':>9} {'[p25 - p75]':>16}{'vs BN':>8}"
            f"{'paired':>8}{'peak MiB':>10}{'vs BN':>8}  target (time vs BN)")
-    print(hdr)
-    print("-" * len(hdr))
+    common.print_header(hdr)
     for v, (t, p25, p75, m, pr, _) in res.items():
         mratio = (f"{m / base_m:7.2f}x" if m is not None and base_m
                   else "    n/a")
@@ -328,13 +270,9 @@ def print_table(family, batch, res, mem_label):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true",
-                        help="short smoke run: 4 rounds, batch 32 only")
-    parser.add_argument("--rounds", type=int, default=None,
-                        help="round-robin rounds (default 50, quick 4)")
+    parser = common.parser(__doc__)
+    common.add_quick(parser, "short smoke run: 4 rounds, batch 32 only")
+    common.add_rounds(parser, "round-robin rounds (default 50, quick 4)")
     parser.add_argument("--steps", type=int, default=None,
                         help="timed steps per variant per round (default: "
                              "resnet 4, mlp 10; quick: resnet 2, mlp 5)")
@@ -355,8 +293,7 @@ def main(argv=None):
     parser.add_argument("--memory", choices=("allocator", "rss"),
                         default="allocator",
                         help="how to measure peak memory (see above)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="TF intra- and inter-op threads (0: TF default)")
+    common.add_threads(parser)
     parser.add_argument("--_rss-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -372,13 +309,7 @@ def main(argv=None):
     variants = ["keras_bn"] + [v for v in args.variants if v != "keras_bn"]
     variants = [v for v in VARIANTS if v in variants]
 
-    import keras
-    import tensorflow as tf
-    import renorm_convert as rc
-
-    if args.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    common.set_threads(args.threads)
     if args.memory == "allocator" and not allocator_works():
         print("TF CPU allocator reports no usage; falling back to "
               "--memory rss")
@@ -387,14 +318,8 @@ def main(argv=None):
                  "level" if args.memory == "allocator" else
                  "max RSS growth after model build, fresh subprocess")
 
-    start = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - start:6.1f}s]{msg}", flush=True)
-
-    print(f"TF {tf.__version__}, Keras {keras.__version__}, "
-          f"renorm_convert {rc.__version__}, python {platform.python_version()}"
-          f", {os.cpu_count()} CPUs, jit_compile={args.jit}, "
+    log = common.stopwatch()
+    print(f"{common.versions()}, jit_compile={args.jit}, "
           f"threads={args.threads or 'TF default'}")
     print(f"rounds={args.rounds} steps/round={args.steps or 'per family'} "
           f"warmup={args.warmup} batch sizes={args.batch_sizes} "
@@ -402,12 +327,12 @@ def main(argv=None):
     results = {}
     for family in args.families:
         for batch in args.batch_sizes:
-            log(f" {family} batch {batch}")
+            log(f"{family} batch {batch}")
             results[(family, batch)] = bench_family(
                 family, batch, variants, args, log)
-    log(" done")
+    log("done")
 
-    print("\n" + "=" * 78)
+    common.print_rule()
     print("ms/step: median [p25 - p75] of all timed steps; vs BN: ratio of "
           "medians;\npaired: median over rounds of per-round ratios; "
           f"peak MiB: {mem_label}")

@@ -26,7 +26,6 @@ Examples::
     python benchmarks/zoo.py --no-export            # skip tf2onnx, ~8 min
 """
 
-import argparse
 import collections
 import gc
 import json
@@ -35,9 +34,9 @@ import re
 import sys
 import tempfile
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                "..", "tests"))
+import _common as common
+
+sys.path.insert(0, os.path.join(common.ROOT, "tests"))
 
 
 def _reason_kind(reason):
@@ -54,9 +53,7 @@ def _reason_kind(reason):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__)
     parser.add_argument("--models", nargs="+", metavar="NAME",
                         help="constructor names (default: all with BN)")
     parser.add_argument("--no-export", action="store_true",

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 
 import keras
@@ -22,7 +23,6 @@ import tensorflow as tf
 
 import renorm_convert as rc
 from renorm_convert import data
-from renorm_convert.finetune import accuracy
 
 
 def conv_bn(x, filters, kernel, name, strides=1):
@@ -88,6 +88,32 @@ def resnet(num_classes=10):
 BUILDERS = {"inception_fmnist": inception_net, "resnet_fmnist": resnet}
 
 
+def replace_file(path, write):
+    """Calls `write(tmp)` on a temporary file beside `path` (same suffix,
+    which Keras's save needs) and renames it over `path`, so that `path` is
+    the old file or the whole new one, never a half-written one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-build-", dir=directory,
+                               suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private to its owner
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes(path, payload):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(payload)
+
+    replace_file(path, write)
+
+
 def train(name, split, epochs, batch_size, seed):
     keras.utils.set_random_seed(seed)
     model = BUILDERS[name]()
@@ -127,11 +153,11 @@ def main(argv=None):
         model, seconds = train(name, split, args.epochs, args.batch_size,
                                args.seed)
         path = os.path.join(args.out, f"{name}.keras")
-        rc.io.save_atomically(model, path)
+        replace_file(path, model.save)
         metrics[name] = {
             "file": os.path.basename(path),
             "data": split.name,
-            "test_accuracy": round(accuracy(model, split), 4),
+            "test_accuracy": round(rc.accuracy(model, split), 4),
             "epochs": args.epochs,
             "batch_size": args.batch_size,
             "seed": args.seed,
@@ -143,8 +169,7 @@ def main(argv=None):
             "file_bytes": os.path.getsize(path),
         }
         print(json.dumps({name: metrics[name]}, indent=1))
-    rc.io.write_atomically(metrics_path,
-                           (json.dumps(metrics, indent=1) + "\n").encode())
+    write_bytes(metrics_path, (json.dumps(metrics, indent=1) + "\n").encode())
 
 
 if __name__ == "__main__":
