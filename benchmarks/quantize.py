@@ -9,12 +9,10 @@ shipped weights are trained on Fashion-MNIST):
                calibration=256 training images)
   plain float  model.export(path, format="onnx"): Keras's own tf2onnx export,
                no folding (a Mul and an Add per normalization)
-  plain int8   that file through the quantization `export_onnx` documents
-               for quantize="int8", called here through onnxruntime's own
-               API (`export_onnx` folds first, so it cannot make this file):
-               onnxruntime's static QDQ, per-channel int8 weights, uint8
-               activations, MinMax calibration on the same 256 images in
-               batches of 16, after `quant_pre_process`
+  plain int8   that file through `rc.quantize_onnx`, the same settings
+               as quantize="int8" (onnxruntime's static QDQ, per-channel
+               int8 weights, uint8 activations, MinMax calibration on the
+               same 256 images in batches of 16, after `quant_pre_process`)
 
 Reported: top-1 accuracy of each file on the 10,000 Fashion-MNIST test
 images, file size, and onnxruntime latency at batch 1 and 32 as the median
@@ -33,37 +31,6 @@ import tempfile
 
 import _common as common
 
-CALIBRATION_BATCH = 16
-
-
-def quantize_int8(source, target, x, input_name):
-    """Static int8 quantization of the ONNX file `source` into `target`,
-    calibrated on the images `x`, with the settings `rc.export_onnx(...,
-    quantize="int8")` documents (QDQ, per-channel int8 weights, uint8
-    activations, MinMax calibration)."""
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat,
-                                          QuantType, quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._batches = iter(
-                [{input_name: x[i:i + CALIBRATION_BATCH]}
-                 for i in range(0, len(x), CALIBRATION_BATCH)])
-
-        def get_next(self):
-            return next(self._batches, None)
-
-    prepared = target + ".prepared.onnx"
-    try:  # shape inference and graph clean-up, as onnxruntime advises
-        quant_pre_process(source, prepared, skip_symbolic_shape=True)
-    except Exception:  # noqa: BLE001 - optional: quantize the file as it is
-        prepared = source
-    quantize_static(prepared, target, Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
-    if prepared != source:
-        os.remove(prepared)
 
 
 def measure(split, work, rounds):
@@ -85,11 +52,8 @@ def measure(split, work, rounds):
         rc.export_onnx(model, files["int8"], quantize="int8",
                        calibration=calibration)
         model.export(files["plain float"], format="onnx", verbose=False)
-        input_name = ort.InferenceSession(
-            files["plain float"],
-            providers=["CPUExecutionProvider"]).get_inputs()[0].name
-        quantize_int8(files["plain float"], files["plain int8"], calibration,
-                      input_name)
+        rc.quantize_onnx(files["plain float"], files["plain int8"],
+                         calibration)
         sessions = {k: ort.InferenceSession(
             f, providers=["CPUExecutionProvider"]) for k, f in files.items()}
         accuracy = {}

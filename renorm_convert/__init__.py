@@ -25,7 +25,8 @@ def _load():
     from renorm_convert.convert import (ConversionError, convert, copy_model,
                                         freeze_all_but_normalization, recast,
                                         replace_head, revert, unfreeze)
-    from renorm_convert.export import ExportError, ExportReport, export_onnx
+    from renorm_convert.export import (ExportError, ExportReport, export_onnx,
+                                       quantize_onnx)
     from renorm_convert.finetune import (FineTuneError, NonFiniteLoss,
                                          accuracy, fine_tune, recalibrate)
     from renorm_convert.fold import ChannelAffine, fold
@@ -66,6 +67,7 @@ __all__ = [
     "freeze_all_but_normalization",
     "iter_layers",
     "model_graph",
+    "quantize_onnx",
     "recalibrate",
     "recast",
     "replace_head",

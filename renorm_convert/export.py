@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from renorm_convert._limits import MAX_OPSET, MIN_OPSET
 from renorm_convert.fold import fold
-from renorm_convert.io import kill_point, replace_atomically
+from renorm_convert.io import kill_point, replace_atomically, write_atomically
 
 
 class ExportError(ValueError):
@@ -573,6 +573,27 @@ def quantize_int8(float_payload, xs, input_names, batch=16):
                               f"{type(e).__name__}: {text}") from None
         with open(target, "rb") as f:
             return f.read()
+
+
+def quantize_onnx(source, path, calibration):
+    """Quantizes any float ONNX file `source` to int8 at `path` (written
+    atomically) with `export_onnx(..., quantize="int8")`'s settings
+    (onnxruntime's static quantization, QDQ, per-channel int8 weights,
+    uint8 activations), calibrated on `calibration`: an array (a list of
+    arrays for several inputs) as the file's inputs take them. For files
+    made elsewhere, e.g. to compare with Keras's own export."""
+    import onnx
+
+    model = onnx.load(str(source))
+    names = [i.name for i in model.graph.input]
+    xs = calibration if isinstance(calibration, (list, tuple)) else [
+        calibration]
+    if len(xs) != len(names):
+        raise ExportError(f"calibration=: {len(xs)} array(s) for a file with "
+                          f"{len(names)} input(s) {names}.")
+    payload = quantize_int8(model.SerializeToString(),
+                            [np.asarray(x, np.float32) for x in xs], names)
+    write_atomically(path, payload)
 
 
 def _accuracy(outputs, labels):

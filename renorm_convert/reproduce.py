@@ -152,6 +152,16 @@ def run(config, progress=None):
     """Runs the experiment; returns {"curves": [...], "final": {...},
     "config": ..., "paper": ...}. `progress`, if given, is called with a
     line of text after every arm of every seed."""
+    if config.experiment not in PAPER:
+        raise ValueError(f"experiment={config.experiment!r}: use one of "
+                         f"{', '.join(PAPER)}.")
+    for name in ("steps", "seeds", "eval_every", "batch_size", "eval_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name}={getattr(config, name)}: must be >= 1.")
+    if config.steps < config.eval_every:
+        raise ValueError(f"steps={config.steps}: must be at least "
+                         f"eval_every={config.eval_every} (the first "
+                         "evaluation comes after eval_every steps).")
     if config.deterministic:
         import tensorflow as tf
 

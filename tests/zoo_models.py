@@ -14,9 +14,9 @@ import time
 
 import keras
 import numpy as np
+import onnxruntime
 
 import renorm_convert as rc
-from renorm_convert.export import run_onnx
 
 # The smallest input each family accepts without weights; 32x32 elsewhere.
 INPUT_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
@@ -49,8 +49,7 @@ def build(name):
 
 def count_bn(model):
     return sum(isinstance(layer, keras.layers.BatchNormalization)
-               for layer in model._flatten_layers(include_self=False,
-                                                  recursive=True))
+               for layer in rc.iter_layers(model))
 
 
 def sample(model, batch=8, seed=0):
@@ -63,8 +62,7 @@ def calibrate(model, x):
     """Moving statistics := the statistics of one training-mode pass, so
     that inference activations stay in range in a randomly initialized deep
     network (else they overflow or vanish and parity compares nothing)."""
-    layers = [layer for layer in model._flatten_layers(include_self=False,
-                                                       recursive=True)
+    layers = [layer for layer in rc.iter_layers(model)
               if isinstance(layer, keras.layers.BatchNormalization)]
     momenta = [layer.momentum for layer in layers]
     for layer in layers:
@@ -139,6 +137,10 @@ def check(name, workdir, export=True):
         start = time.perf_counter()
         rc.export_onnx(converted, path, verify=False)
         result["export_s"] = time.perf_counter() - start
-        result["onnx"] = rel_diff(reference, run_onnx(path, [x])[0])
+        session = onnxruntime.InferenceSession(
+            path, providers=["CPUExecutionProvider"])
+        result["onnx"] = rel_diff(reference, session.run(
+            None, {session.get_inputs()[0].name: x})[0])
+        del session
         os.remove(path)
     return result
