@@ -66,3 +66,27 @@ def test_float16_within_its_tolerance(trained, tmp_path):
     assert report.tolerance == rc.export.FLOAT16_TOLERANCE
     assert report.logits_relative_diff <= report.tolerance
     assert report.top1_agreement >= 0.95
+
+
+def test_quantize_onnx_is_export_int8_for_any_file(trained, tmp_path):
+    import onnxruntime
+
+    model, calibration, x, _ = trained
+    rc.export_onnx(model, tmp_path / "f.onnx", verify=False)
+    rc.export_onnx(model, tmp_path / "q.onnx", quantize="int8",
+                   calibration=calibration, verify=False)
+    rc.quantize_onnx(tmp_path / "f.onnx", tmp_path / "again.onnx",
+                     calibration)
+
+    def run(name):
+        session = onnxruntime.InferenceSession(
+            str(tmp_path / name), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x[:64]})[0]
+
+    # Same settings, same calibration, same float model: the same int8 file.
+    np.testing.assert_array_equal(run("again.onnx"), run("q.onnx"))
+    assert not np.array_equal(run("again.onnx"), run("f.onnx"))
+    with pytest.raises(rc.ExportError, match="1 input"):
+        rc.quantize_onnx(tmp_path / "f.onnx", tmp_path / "x.onnx",
+                         [calibration, calibration])
+    assert not (tmp_path / "x.onnx").exists()
