@@ -12,8 +12,8 @@ import inspect
 import re
 
 import keras
-from keras.src.saving import serialization_lib
 
+from renorm_convert import _keras_internals as internals
 from renorm_convert.graph import clone_layer, is_graph_model
 from renorm_convert.layers import (BatchRenormalization, build_with_values,
                                    values_by_name)
@@ -153,7 +153,7 @@ def subsample_strided_pointwise(model):
     `restore_strided_pointwise` undoes it. Returns how many layers changed.
     """
     changed = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in internals.flatten_layers(model):
         if not _is_strided_pointwise(layer) or \
                 "convolution_op" in layer.__dict__:
             continue
@@ -166,7 +166,7 @@ def subsample_strided_pointwise(model):
 def restore_strided_pointwise(model):
     """Undoes `subsample_strided_pointwise`; returns how many layers."""
     restored = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in internals.flatten_layers(model):
         if "convolution_op" in layer.__dict__:
             object.__delattr__(layer, "convolution_op")
             restored += 1
@@ -242,7 +242,7 @@ def _transform_graph_model(model, swap, swapped):
         # input layers' names, which are what users and exporters see.
         input_tensors = keras.tree.map_structure(
             lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype,
-                                  name=t._keras_history.operation.name),
+                                  name=internals.producing_operation(t).name),
             model.input,
         )
     try:
@@ -316,7 +316,7 @@ class SwappedBlock(keras.layers.Layer):
 
     def __init__(self, layer, renorm_sublayers=None, **kwargs):
         if isinstance(layer, dict):
-            layer = serialization_lib.deserialize_keras_object(layer)
+            layer = keras.saving.deserialize_keras_object(layer)
         kwargs.setdefault("name", layer.name)
         kwargs.setdefault("dtype", layer.dtype_policy)
         super().__init__(**kwargs)
@@ -334,7 +334,7 @@ class SwappedBlock(keras.layers.Layer):
         old = container if index is None else container[index]
         if isinstance(old, BatchRenormalization):
             return
-        new = serialization_lib.deserialize_keras_object(config)
+        new = keras.saving.deserialize_keras_object(config)
         _put(parent, attr, index, old, new, f"{self.name}/{old.name}")
 
     def __getattr__(self, name):
@@ -376,7 +376,7 @@ def _unbuilt_config(layer):
     """A layer's serialized config without its build config: the block and
     its restored sublayers must be built together, once the swaps are in
     place (`SwappedBlock.build_from_config`)."""
-    config = serialization_lib.serialize_keras_object(layer)
+    config = keras.saving.serialize_keras_object(layer)
     config.pop("build_config", None)
     return config
 
@@ -438,11 +438,11 @@ def _copy_weights(old, new):
 def _copy_subclassed(model):
     """A fresh, built instance of a subclassed model (weights not copied)."""
     try:
-        config = serialization_lib.serialize_keras_object(model)
+        config = keras.saving.serialize_keras_object(model)
         with keras.saving.custom_object_scope(
             {type(model).__name__: type(model)}
         ):
-            new = serialization_lib.deserialize_keras_object(config)
+            new = keras.saving.deserialize_keras_object(config)
         if not new.built:
             new.build_from_config(model.get_build_config())
     except Exception as e:
@@ -460,7 +460,7 @@ def _sublayer_items(layer):
     its attributes and in lists / tuples / dicts of them."""
     items = []
     for attr, value in vars(layer).items():
-        if attr in ("_layers", "_tracker") or attr.startswith(("_keras", "_self_")):
+        if internals.is_tracking_attribute(attr):
             continue
         if isinstance(value, keras.layers.Layer):
             items.append((attr, None, value))
@@ -474,8 +474,7 @@ def _sublayer_items(layer):
 
 
 def _own_variables(layer):
-    return list(layer._trainable_variables) + list(
-        layer._non_trainable_variables)
+    return internals.own_variables(layer)
 
 
 def _mirror(new, old, swap, swapped, path):
@@ -539,18 +538,4 @@ def _put(layer, attr, index, old, new, path):
             f"attribute `{attr}`, which cannot be changed in place; use a "
             "list."
         )
-    tracker = getattr(layer, "_tracker", None)
-    if tracker is not None and tracker.is_in_store("layers", old):
-        tracker.replace_tracked_value("layers", old, new)
-    # Bypass Layer.__setattr__ and the tracked containers' hooks: a built
-    # layer's tracker refuses new state, and `new` now stands where `old` was.
-    if index is None:
-        object.__setattr__(layer, attr, new)
-        # TensorFlow's checkpoint tracking keeps its own name -> object map.
-        names = getattr(layer, "_self_unconditional_dependency_names", None)
-        if isinstance(names, dict) and names.get(attr) is old:
-            names[attr] = new
-    elif isinstance(container, dict):
-        dict.__setitem__(container, index, new)
-    else:
-        list.__setitem__(container, index, new)
+    internals.replace_sublayer(layer, attr, index, old, new)
