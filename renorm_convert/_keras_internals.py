@@ -13,7 +13,7 @@ import contextlib
 import functools
 import os
 
-# --- TensorFlow tracing ---------------------------------------------------------
+# --- TensorFlow tracing ---
 
 
 def in_xla_compilation():
@@ -40,7 +40,7 @@ def in_xla_compilation():
     return bool(check(ops.get_default_graph()))
 
 
-# --- layer tracking ---------------------------------------------------------------
+# --- layer tracking ---
 
 
 def flatten_layers(layer, include_self=False, recursive=True):
@@ -122,7 +122,7 @@ def replace_sublayer(layer, attr, index, old, new):
         list.__setitem__(container, index, new)
 
 
-# --- layer (de)serialization --------------------------------------------------
+# --- layer (de)serialization ---
 
 
 def from_config_unsafe(cls, config):
@@ -157,7 +157,7 @@ def legacy_model_from_config(config, custom_objects=None):
     return model_from_config(config, custom_objects=custom_objects)
 
 
-# --- the functional graph ---------------------------------------------------
+# --- the functional graph ---
 
 
 def is_functional(model):
@@ -261,7 +261,7 @@ def outputs_structure(model):
     return getattr(model, "_outputs_struct", None)
 
 
-# --- BatchNormalization's protected steps -------------------------------------
+# --- BatchNormalization's protected steps ---
 
 # Protected methods of `keras.layers.BatchNormalization` (Keras >= 3.14) that
 # `BatchRenormalization` overrides or calls: name -> what it does there. The
@@ -316,7 +316,7 @@ def update_renorm_statistics(layer, mean, variance):
     layer._update_renorm_statistics(mean, variance)
 
 
-# --- Model.fit --------------------------------------------------------------
+# --- Model.fit ---
 
 
 def symbolic_build(model, data_batch):
@@ -343,7 +343,7 @@ def set_symbolic_build(model, function):
     model._maybe_symbolic_build = function
 
 
-# --- tf2onnx and Keras's TensorFlow backend --------------------------------
+# --- tf2onnx and Keras's TensorFlow backend ---
 
 
 def patch_tf2onnx_for_numpy2():
