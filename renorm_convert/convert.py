@@ -230,7 +230,7 @@ def _transform_graph_model(model, swap, swapped):
             new = clone_layer(inner)
             pairs.append((inner, new))
             return SwappedBlock(new) if _will_hold_renorm(inner, swap) else new
-        new = _clone_prebuilt(layer)
+        new = clone_prebuilt(layer)
         if new is None:
             new = clone_layer(layer)
             pairs.append((layer, new))
@@ -259,7 +259,7 @@ def _transform_graph_model(model, swap, swapped):
             # A custom layer owning sublayers (maybe BatchNormalization).
             _mirror(new, old, swap, swapped, old.name)
         else:
-            _copy_weights(old, new)
+            copy_weights(old, new)
     return new_model
 
 
@@ -403,7 +403,7 @@ def _clone_operation(op):
         return op
 
 
-def _clone_prebuilt(layer, **overrides):
+def clone_prebuilt(layer, **overrides):
     """A clone of a plain (no sublayers) built layer whose weights are
     created with the original's values, by name; None where that does not
     apply (the caller then copies weights after the rebuild)."""
@@ -421,18 +421,36 @@ def _clone_prebuilt(layer, **overrides):
     return new
 
 
-def _copy_weights(old, new):
+def copy_weights(old, new):
+    """Moves the weights of layer `old` into `new`, a built copy of it made
+    from its config: sublayers paired by the attribute that holds them, each
+    layer's own variables by name, never by position.
+
+    Raises:
+        ConversionError: naming the variable or sublayer that has no
+            counterpart in the copy (its class's get_config() does not
+            describe it, or an unnamed `add_weight`).
+    """
     if not old.weights:
         return
-    old_weights = old.get_weights()
-    if len(new.weights) != len(old_weights):
+    if len(new.weights) != len(old.weights):
         raise ConversionError(
             f"Layer '{old.name}' ({type(old).__name__}) rebuilt from its "
             f"config has {len(new.weights)} weights instead of "
-            f"{len(old_weights)}: its get_config() does not describe it. "
+            f"{len(old.weights)}: its get_config() does not describe it. "
             "Fix get_config() of that class."
         )
-    new.set_weights(old_weights)
+    moved = set()
+    _mirror(new, old, lambda layer: None, [], old.name, moved)
+    missed = [v.path for v in old.weights if id(v) not in moved]
+    if missed:
+        raise ConversionError(
+            f"Layer '{old.name}' ({type(old).__name__}) holds the variable "
+            f"'{missed[0]}' in a sublayer that is not kept in an attribute, "
+            "or in a list or dict of them, so its copy cannot be told which "
+            "of its own sublayers gets it. Keep sublayers in attributes, "
+            "lists or dicts."
+        )
 
 
 def _copy_subclassed(model):
@@ -473,13 +491,45 @@ def _sublayer_items(layer):
     return items
 
 
-def _own_variables(layer):
-    return internals.own_variables(layer)
+def _variables_by_name(layer, path):
+    found = {}
+    for variable in internals.own_variables(layer):
+        if variable.name in found:
+            raise ConversionError(
+                f"Layer '{path}' ({type(layer).__name__}) has two variables "
+                f"named '{variable.name}', so they cannot be moved by name. "
+                "Give each `add_weight` of that class its own `name=`."
+            )
+        found[variable.name] = variable
+    return found
 
 
-def _mirror(new, old, swap, swapped, path):
+def _assign_own_variables(new, old, path, moved):
+    """Assigns each variable `old` created itself to the one of `new` with
+    the same name; refuses, naming it, one that has no counterpart."""
+    new_vars = _variables_by_name(new, path)
+    old_vars = _variables_by_name(old, path)
+    for names, other, where in ((old_vars, new_vars, "its copy"),
+                                (new_vars, old_vars, "the original")):
+        for name in names:
+            if name not in other:
+                raise ConversionError(
+                    f"Layer '{path}' ({type(old).__name__}): the variable "
+                    f"'{name}' has no counterpart in {where} (which has "
+                    f"{sorted(other) or 'none'}); weights move by name. Fix "
+                    "get_config() of that class, and give every `add_weight` "
+                    "a `name=` (an unnamed one is named anew in each copy)."
+                )
+    for name, variable in old_vars.items():
+        new_vars[name].assign(variable)
+        if moved is not None:
+            moved.add(id(variable))
+
+
+def _mirror(new, old, swap, swapped, path, moved=None):
     """Makes `new` (a fresh copy of `old`'s class) hold `old`'s weights, with
-    the sublayers that `swap` replaces replaced, recursively."""
+    the sublayers that `swap` replaces replaced, recursively; the ids of
+    the variables moved are added to `moved` (when given)."""
     new_items = {(a, i): v for a, i, v in _sublayer_items(new)}
     for attr, index, old_sub in _sublayer_items(old):
         sub_path = f"{path}/{old_sub.name}"
@@ -500,24 +550,19 @@ def _mirror(new, old, swap, swapped, path):
         elif type(new_sub) is not type(old_sub):
             replacement = _clone_with_weights(old_sub)
         else:
-            _mirror(new_sub, old_sub, swap, swapped, sub_path)
+            _mirror(new_sub, old_sub, swap, swapped, sub_path, moved)
             continue
+        if moved is not None:
+            # The replacement was made from `old_sub` with its weights.
+            moved.update(id(v) for v in old_sub.weights)
         _put(new, attr, index, new_sub, replacement, sub_path)
-    own_new, own_old = _own_variables(new), _own_variables(old)
-    if len(own_new) != len(own_old):
-        raise ConversionError(
-            f"Layer '{path}' ({type(old).__name__}) recreated from its config "
-            f"has {len(own_new)} variables of its own instead of "
-            f"{len(own_old)}. Fix its get_config()."
-        )
-    for a, b in zip(own_new, own_old):
-        a.assign(b)
+    _assign_own_variables(new, old, path, moved)
 
 
 def _clone_with_weights(layer, **overrides):
     """A built clone of `layer` (config with `overrides`) holding its
     weights."""
-    new = _clone_prebuilt(layer, **overrides)
+    new = clone_prebuilt(layer, **overrides)
     if new is not None:
         return new
     new = clone_layer(layer, **overrides)
@@ -525,7 +570,7 @@ def _clone_with_weights(layer, **overrides):
     if build_config:
         new.build_from_config(build_config)
     if layer.weights:
-        _copy_weights(layer, new)
+        copy_weights(layer, new)
     return new
 
 
