@@ -126,7 +126,6 @@ def test_unfoldable_cases_become_channel_affine():
     assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
 
 
-@pytest.mark.channels_first
 def test_fold_moves_weights_by_name():
     """Layers whose copies create their weights in the other order (a leaf
     layer, a custom block) keep their values through fold."""
@@ -140,6 +139,7 @@ def test_fold_moves_weights_by_name():
     assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
 
 
+@pytest.mark.channels_first
 def test_fold_nested_shared_model():
     model = rc.convert(nested_model(channels_first=True))
     randomize_statistics(model, seed=6)
