@@ -1,8 +1,19 @@
-"""Every use of private Keras / TensorFlow API, each with why.
+"""Every use of private Keras / TensorFlow / tf2onnx API, each with why.
 
-`tests/test_layers.py::test_private_hooks_exist` fails naming the hook when a
-new version drops one.
+The rest of the package calls only the functions here (and public API):
+when a new version moves one of these hooks, `tests/test_keras_internals.py`
+fails naming it, and this is the one file to change.
+
+Nothing heavy is imported at module level: `layers` imports this module, and
+`fold` / `convert` must never import tf2onnx or onnxruntime; every import
+happens inside the function that needs it.
 """
+
+import contextlib
+import functools
+import os
+
+# --- TensorFlow tracing ---
 
 
 def in_xla_compilation():
@@ -29,6 +40,9 @@ def in_xla_compilation():
     return bool(check(ops.get_default_graph()))
 
 
+# --- layer tracking ---
+
+
 def flatten_layers(layer, include_self=False, recursive=True):
     """Every layer tracked by `layer` (nested models and the sublayers of
     custom layers too, each once), in Keras's tracking order.
@@ -41,3 +55,434 @@ def flatten_layers(layer, include_self=False, recursive=True):
     """
     return list(layer._flatten_layers(include_self=include_self,
                                       recursive=recursive))
+
+
+def own_variables(layer):
+    """The variables `layer` created itself (trainable first), without those
+    of its sublayers.
+
+    Why: `layer.weights` is the layer's variables and all its sublayers',
+    flattened; Keras keeps a layer's own in `_trainable_variables` /
+    `_non_trainable_variables` and has no public name for them. Copying a
+    custom block pairs its sublayers by attribute and moves its own
+    variables by name; without this, a block's own weights could not be told
+    from its sublayers' (which share names such as `kernel`).
+    """
+    return list(layer._trainable_variables) + list(
+        layer._non_trainable_variables)
+
+
+# Attributes of a layer that are Keras's or TensorFlow's bookkeeping of the
+# same sublayers, not where the layer's own code keeps them.
+_TRACKING_ATTRIBUTES = ("_layers", "_tracker")
+_TRACKING_PREFIXES = ("_keras", "_self_")
+
+
+def is_tracking_attribute(name):
+    """Whether the instance attribute `name` of a layer is Keras's (or
+    TensorFlow's checkpointing) bookkeeping rather than the layer's own.
+
+    Why: a custom layer's sublayers are found, and replaced in place, by
+    the attribute that holds them (`vars(layer)`). Keras also lists them in
+    `_layers` and in its `_tracker`, TensorFlow's checkpointing in `_self_*`
+    attributes and Keras in `_keras*` ones; there is no public list of "the
+    attributes user code set". Without this filter each sublayer would be
+    found twice, and conversion would rewrite Keras's own lists as if they
+    were the layer's attributes.
+    """
+    return name in _TRACKING_ATTRIBUTES or name.startswith(_TRACKING_PREFIXES)
+
+
+def replace_sublayer(layer, attr, index, old, new):
+    """Puts `new` where `layer` holds sublayer `old`: in attribute `attr`
+    (index None) or at `attr[index]` of a list or dict.
+
+    Why: Keras locks a built layer's tracker ("You cannot add new elements
+    of state to a layer that is already built") and its tracked lists and
+    dicts refuse new layers the same way; TensorFlow's checkpointing keeps
+    its own name -> object map (`_self_unconditional_dependency_names`).
+    Conversion swaps a BatchNormalization inside an already built custom
+    block, so it replaces the value in Keras's tracker store
+    (`Tracker.replace_tracked_value`, what Keras's own quantization uses)
+    and writes the attribute past `Layer.__setattr__`. Without it the swap
+    raises, or the block keeps saving and training the old sublayer.
+    """
+    tracker = getattr(layer, "_tracker", None)
+    if tracker is not None and tracker.is_in_store("layers", old):
+        tracker.replace_tracked_value("layers", old, new)
+    container = getattr(layer, attr)
+    if index is None:
+        object.__setattr__(layer, attr, new)
+        names = getattr(layer, "_self_unconditional_dependency_names", None)
+        if isinstance(names, dict) and names.get(attr) is old:
+            names[attr] = new
+    elif isinstance(container, dict):
+        dict.__setitem__(container, index, new)
+    else:
+        list.__setitem__(container, index, new)
+
+
+# --- layer (de)serialization ---
+
+
+def from_config_unsafe(cls, config):
+    """`cls.from_config(config)` with Keras's safe mode lifted.
+
+    Why: safe mode refuses to deserialize a Lambda layer's Python code; it
+    exists for files. `clone_layer` recreates a layer that is already in
+    memory (its code is already running), but `Layer.from_config` has no
+    `safe_mode` argument, only Keras's private `SafeModeScope` sets it for
+    one call (the public `keras.config.enable_unsafe_deserialization()`
+    lifts it for the whole process, for files too). Without it, converting
+    a model with a Lambda layer fails.
+    """
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    with SafeModeScope(False):
+        return cls.from_config(config)
+
+
+def legacy_model_from_config(config, custom_objects=None):
+    """A Keras 3 model from a Keras 2 model config (the `model_config` of a
+    Keras 2 `.h5` file).
+
+    Why: that is Keras's own reader of Keras 2 configs, which
+    `keras.models.load_model` calls for `.h5` files, but it has no public
+    name, and `load_model` cannot take the rewritten config (TF-op layers
+    replaced) that `legacy.load_h5_with_tf_ops` makes. Without it, Keras 2
+    `.h5` files with TF-op layers do not load.
+    """
+    from keras.src.legacy.saving.saving_utils import model_from_config
+
+    return model_from_config(config, custom_objects=custom_objects)
+
+
+# --- the functional graph ---
+
+
+def is_functional(model):
+    """Whether `model` is a Keras Functional model (`keras.Model(inputs,
+    outputs)`, which Sequential is not).
+
+    Why: `keras.Model(inputs, outputs)` returns an instance of Keras's
+    private `Functional` class; a subclassed model is a `keras.Model` too,
+    and there is no public way to tell a graph from Python code. Without it,
+    `model_graph` could not refuse subclassed models nor walk functional ones.
+    """
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, Functional)
+
+
+def sequential_functional(model):
+    """The Functional model a built Sequential model runs, or None while it
+    has no input shape.
+
+    Why: Keras builds a Sequential model's graph as a private `_functional`
+    model; Sequential has no public graph of its own. Without it,
+    Sequential models could not be walked, converted through `clone_model`
+    with their input names, or folded.
+    """
+    return getattr(model, "_functional", None)
+
+
+def nodes_deepest_first(functional):
+    """The call nodes of a Functional model, as one list per depth, the
+    inputs' depth first and the outputs' last.
+
+    Why: `Functional._nodes_by_depth` is Keras's own execution order (what
+    `Functional.call` runs); there is no public list of a model's nodes, and
+    `model.layers` loses shared layers' several calls and raw operations.
+    Without it there is no graph to walk. The nodes' `operation`,
+    `is_input`, `input_tensors` and `outputs` are read as Keras's Node has
+    them.
+    """
+    by_depth = functional._nodes_by_depth
+    return [list(by_depth[depth]) for depth in sorted(by_depth, reverse=True)]
+
+
+def call_arguments(node, values):
+    """(args, kwargs) of the call `node` records, each KerasTensor replaced by
+    `values[id(tensor)]`.
+
+    Why: a node keeps its call's arguments (keyword arguments, nested
+    structures and constants included) in Keras's private
+    `SymbolicArguments`; `fill_in` is how `Functional.call` replays them.
+    Without it, rebuilt models would lose every argument but the tensors.
+    """
+    return node.arguments.fill_in(values)
+
+
+def producing_operation(tensor):
+    """The layer or operation whose call produced the KerasTensor `tensor`
+    (an `InputLayer` for a model input).
+
+    Why: Keras records a symbolic tensor's origin only in its private
+    `_keras_history` (operation, node index, tensor index). Without it,
+    inputs could not keep their layers' names and the graph could not be
+    followed back from an output.
+    """
+    return tensor._keras_history.operation
+
+
+def producing_node(tensor):
+    """(operation, node) of the call that produced the KerasTensor `tensor`.
+
+    Why: the node (with the call's `input_tensors`) is at index
+    `_keras_history.node_index` of the operation's private `_inbound_nodes`;
+    Keras has no public way from a tensor to the call that made it. Without
+    it, a model's head and its final activation could not be found.
+    """
+    operation, node_index, _ = tensor._keras_history
+    return operation, operation._inbound_nodes[node_index]
+
+
+def inbound_nodes(operation):
+    """Every call node of `operation` (a layer or operation), in call order;
+    empty for one never called symbolically.
+
+    Why: a shared layer's calls are numbered by their index in its private
+    `_inbound_nodes`, the order the model's code made them; the graph's
+    `call` numbers follow it. Without it they would follow Keras's depth
+    sort, which mixes up a shared layer's calls.
+    """
+    return list(getattr(operation, "_inbound_nodes", None) or [])
+
+
+def outputs_structure(model):
+    """The nested structure (list, dict, single tensor) a Functional model was
+    built with as outputs, or None for other models.
+
+    Why: `model.outputs` is flattened; Keras keeps the structure only in
+    the private `_outputs_struct`. Without it a rebuilt model would return
+    a list where the original returned a dict, and ONNX outputs would lose
+    the dict's keys as names.
+    """
+    return getattr(model, "_outputs_struct", None)
+
+
+# --- BatchNormalization's protected steps ---
+
+# Protected methods of `keras.layers.BatchNormalization` (Keras >= 3.14) that
+# `BatchRenormalization` overrides or calls: name -> what it does there. The
+# override only takes effect while Keras's `call` still calls it by that name;
+# tests/test_keras_internals.py checks each exists and that the override runs.
+BATCHNORM_HOOKS = {
+    "_renorm_correction_and_moments":
+        "r, d and the moments of a batch; overridden to clip r and d by "
+        "variables (a schedule changes them without a retrace)",
+    "_compose_transforms":
+        "gamma and beta composed with r and d; called per microbatch group",
+    "_update_renorm_statistics":
+        "the moving and renorm statistics update; called once per batch "
+        "with the microbatch groups' average moments",
+}
+
+
+def renorm_correction_and_moments(layer, mean, variance):
+    """Keras's renorm correction (r, d, mean, variance) of a batch's moments,
+    unclipped when the layer's `renorm_clipping` is empty.
+
+    Why: Keras 3 has no public renorm step; `BatchRenormalization` keeps
+    Keras's maths and adds clipping by variables around it. Without it the
+    layer would have to copy Keras's implementation.
+    """
+    import keras
+
+    return keras.layers.BatchNormalization._renorm_correction_and_moments(
+        layer, mean, variance)
+
+
+def compose_transforms(layer, r, d, gamma, beta, dtype):
+    """gamma * r and gamma * d + beta, as Keras's renorm `call` composes them
+    (a None gamma / beta meaning scale / center off).
+
+    Why: microbatches normalize each group with its own r and d; the
+    composition is Keras's protected `_compose_transforms`. Without it the
+    layer would have to copy it.
+    """
+    return layer._compose_transforms(r, d, gamma, beta, dtype)
+
+
+def update_renorm_statistics(layer, mean, variance):
+    """Keras's update of the moving and renorm statistics from a batch's
+    moments.
+
+    Why: with microbatches the layer computes the moments itself (the groups'
+    average) and must update the seven state arrays exactly as Keras's
+    `call` does; the update is the protected `_update_renorm_statistics`.
+    Without it the layer would have to copy it.
+    """
+    layer._update_renorm_statistics(mean, variance)
+
+
+# --- Model.fit ---
+
+
+def symbolic_build(model, data_batch):
+    """Builds `model`'s optimizer and metric variables from one data batch,
+    as the first step of `fit` does.
+
+    Why: under `MultiWorkerMirroredStrategy` Keras 3's `fit` builds from a
+    batch reduced across workers, which fails (keras-team/keras#20585); the
+    workaround builds from a local batch through the private
+    `Trainer._symbolic_build`. Without it, multi-worker `fit` fails before
+    the first step.
+    """
+    model._symbolic_build(data_batch=data_batch)
+
+
+def set_symbolic_build(model, function):
+    """Makes `model.fit` call `function(iterator=None, data_batch=None)`
+    instead of Keras's own `_maybe_symbolic_build`.
+
+    Why: see `symbolic_build`; the private `_maybe_symbolic_build` is where
+    `fit` does it, and there is no public hook. Without it the workaround
+    cannot replace the failing build.
+    """
+    model._maybe_symbolic_build = function
+
+
+# --- tf2onnx and Keras's TensorFlow backend ---
+
+
+def patch_tf2onnx_for_numpy2():
+    """Keras's own patch of tf2onnx for NumPy >= 2 (what Keras's
+    `model.export(format="onnx")` applies first).
+
+    Why: tf2onnx 1.17 uses `np.object` and `np.cast`, gone in NumPy 2; Keras
+    ships the fix in the private `keras.src.export.tf2onnx_lib` and exposes no
+    public name for it. Without it, conversion fails under NumPy 2.
+    """
+    import warnings
+
+    from keras.src.export.tf2onnx_lib import patch_tf2onnx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        patch_tf2onnx()
+
+
+@functools.lru_cache(maxsize=None)
+def patch_tf2onnx_optimizers():
+    """tf2onnx's transpose optimizer on scalar constants, and its NodeProto
+    rewriting, fixed (once per process).
+
+    Why: (1) the transpose optimizer's private `_add_handler` crashes on
+    `Conv -> Add(scalar)` (as in hard-swish, `x + 3.0`: `max()` of a
+    scalar's empty shape) and then gives up on the whole graph, leaving a
+    Transpose around every layer; scalar constants are routed to its generic
+    broadcast handler (`_handle_node_having_branches`) instead. (2)
+    `Node.update_proto` rewrites every node's NodeProto after each optimizer
+    pass (`del attribute[:]`, then `extend`), and protobuf's upb backend
+    frees removed sub-messages only with the whole message: each pass kept
+    another copy of every weight tensor (ResNet50: 6 to 8 GB peak for 100 MB
+    of weights); each node is rebuilt into a fresh NodeProto (the private
+    `_op`), so the previous one and its copies are freed. Without these,
+    MobileNetV3-style models export with a Transpose per layer, and large
+    models need several times the memory.
+    """
+    import numpy as np
+    from onnx import NodeProto
+    from tf2onnx.graph import Node
+    from tf2onnx.optimizer import transpose_optimizer as module
+
+    cls = module.TransposeOptimizer
+    original_add = cls._add_handler
+
+    def _add_handler(self, trans, node):
+        second = node.inputs[1]
+        if second is not None and second.is_const() and not np.shape(
+                second.get_tensor_value(as_list=False)):
+            return self._handle_node_having_branches(trans, node)
+        return original_add(self, trans, node)
+
+    cls._add_handler = _add_handler
+
+    original_update = Node.update_proto
+
+    def update_proto(self, external_tensor_storage=None):
+        old = self._op
+        self._op = NodeProto(name=old.name, op_type=old.op_type,
+                             domain=old.domain, doc_string=old.doc_string)
+        original_update(self, external_tensor_storage)
+
+    Node.update_proto = update_proto
+
+
+def tf2onnx_from_function(function, input_signature, opset):
+    """tf2onnx's conversion of a `tf.function` to an ONNX ModelProto, first
+    without its per-optimizer `deepcopy` of the whole graph; if an optimizer
+    fails, converted again the careful way.
+
+    Why: tf2onnx copies the graph (weights included) before each optimizer,
+    only to skip an optimizer that fails, unless its internal switch
+    `TF2ONNX_CATCH_ERRORS` (an environment variable its conversion reads) is
+    set: ResNet50 peaks at 5.5 GB with the copies, 2.8 GB without. tf2onnx
+    1.17 reads only whether the variable is set (it compares the constant's
+    own name, not its value, with "TRUE"), so the careful retry runs with
+    it unset. Without this, export works but needs twice the memory.
+    """
+    import gc
+
+    import tf2onnx
+    from tf2onnx import constants
+
+    key = constants.ENV_TF2ONNX_CATCH_ERRORS
+    saved = os.environ.get(key)
+    try:
+        os.environ[key] = "FALSE"
+        try:
+            return tf2onnx.convert.from_function(
+                function, input_signature=input_signature, opset=opset)[0]
+        except Exception:
+            os.environ.pop(key, None)  # unset: tf2onnx catches errors
+            gc.collect()
+            return tf2onnx.convert.from_function(
+                function, input_signature=input_signature, opset=opset)[0]
+    finally:
+        if saved is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved
+        gc.collect()  # the optimizers' graphs hold reference cycles
+
+
+@contextlib.contextmanager
+def grouped_conv_as_plain_op():
+    """While tracing for export, grouped convolutions (`Conv2D(groups>1)`)
+    emit TensorFlow's plain Conv op.
+
+    Why: Keras's TensorFlow backend runs grouped convolutions through an
+    XLA-compiled function (TensorFlow's CPU kernel lacks them), which
+    tf2onnx cannot convert (and Keras's own ONNX export writes a file that
+    does not run). The backend's `conv` lives in the private
+    `keras.src.backend.tensorflow.nn`, with the private
+    `_convert_data_format`; `tf.nn.convolution` states the groups in its
+    graph, and tf2onnx writes an ONNX Conv with its `group` attribute. Only
+    the trace uses it; nothing runs it. Without it, models with grouped
+    convolutions cannot be exported.
+    """
+    import keras
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import nn as tf_nn
+
+    original = tf_nn.conv
+
+    def conv(inputs, kernel, strides=1, padding="valid", data_format=None,
+             dilation_rate=1):
+        fmt = data_format or keras.config.image_data_format()
+        channels = inputs.shape[-1 if fmt == "channels_last" else 1]
+        if channels == kernel.shape[-2] or len(inputs.shape) == 5:
+            return original(inputs, kernel, strides, padding, data_format,
+                            dilation_rate)
+        return tf.nn.convolution(
+            inputs, kernel, strides, padding.upper(),
+            data_format=tf_nn._convert_data_format(fmt, len(inputs.shape)),
+            dilations=dilation_rate)
+
+    tf_nn.conv = conv
+    try:
+        yield
+    finally:
+        tf_nn.conv = original

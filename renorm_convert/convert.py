@@ -15,9 +15,8 @@ import inspect
 import re
 
 import keras
-from keras.src.saving import serialization_lib
 
-from renorm_convert._keras_internals import flatten_layers
+from renorm_convert import _keras_internals as internals
 from renorm_convert.graph import clone_layer, is_graph_model
 from renorm_convert.layers import (BatchRenormalization, build_with_values,
                                    values_by_name)
@@ -157,7 +156,7 @@ def subsample_strided_pointwise(model):
     `restore_strided_pointwise` undoes it. Returns how many layers changed.
     """
     changed = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in internals.flatten_layers(model):
         if not _is_strided_pointwise(layer) or \
                 "convolution_op" in layer.__dict__:
             continue
@@ -170,7 +169,7 @@ def subsample_strided_pointwise(model):
 def restore_strided_pointwise(model):
     """Undoes `subsample_strided_pointwise`; returns how many layers."""
     restored = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in internals.flatten_layers(model):
         if "convolution_op" in layer.__dict__:
             object.__delattr__(layer, "convolution_op")
             restored += 1
@@ -234,7 +233,7 @@ def _transform_graph_model(model, swap, swapped):
             new = clone_layer(inner)
             pairs.append((inner, new))
             return SwappedBlock(new) if _will_hold_renorm(inner, swap) else new
-        new = _clone_prebuilt(layer)
+        new = clone_prebuilt(layer)
         if new is None:
             new = clone_layer(layer)
             pairs.append((layer, new))
@@ -246,7 +245,7 @@ def _transform_graph_model(model, swap, swapped):
         # input layers' names, which are what users and exporters see.
         input_tensors = keras.tree.map_structure(
             lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype,
-                                  name=t._keras_history.operation.name),
+                                  name=internals.producing_operation(t).name),
             model.input,
         )
     try:
@@ -263,7 +262,7 @@ def _transform_graph_model(model, swap, swapped):
             # A custom layer owning sublayers (maybe BatchNormalization).
             _mirror(new, old, swap, swapped, old.name)
         else:
-            _copy_weights(old, new)
+            copy_weights(old, new)
     return new_model
 
 
@@ -320,7 +319,7 @@ class SwappedBlock(keras.layers.Layer):
 
     def __init__(self, layer, renorm_sublayers=None, **kwargs):
         if isinstance(layer, dict):
-            layer = serialization_lib.deserialize_keras_object(layer)
+            layer = keras.saving.deserialize_keras_object(layer)
         kwargs.setdefault("name", layer.name)
         kwargs.setdefault("dtype", layer.dtype_policy)
         super().__init__(**kwargs)
@@ -338,7 +337,7 @@ class SwappedBlock(keras.layers.Layer):
         old = container if index is None else container[index]
         if isinstance(old, BatchRenormalization):
             return
-        new = serialization_lib.deserialize_keras_object(config)
+        new = keras.saving.deserialize_keras_object(config)
         _put(parent, attr, index, old, new, f"{self.name}/{old.name}")
 
     def __getattr__(self, name):
@@ -380,7 +379,7 @@ def _unbuilt_config(layer):
     """A layer's serialized config without its build config: the block and
     its restored sublayers must be built together, once the swaps are in
     place (`SwappedBlock.build_from_config`)."""
-    config = serialization_lib.serialize_keras_object(layer)
+    config = keras.saving.serialize_keras_object(layer)
     config.pop("build_config", None)
     return config
 
@@ -407,7 +406,7 @@ def _clone_operation(op):
         return op
 
 
-def _clone_prebuilt(layer, **overrides):
+def clone_prebuilt(layer, **overrides):
     """A clone of a plain (no sublayers) built layer whose weights are
     created with the original's values, by name; None where that does not
     apply (the caller then copies weights after the rebuild)."""
@@ -425,28 +424,46 @@ def _clone_prebuilt(layer, **overrides):
     return new
 
 
-def _copy_weights(old, new):
+def copy_weights(old, new):
+    """Moves the weights of layer `old` into `new`, a built copy of it made
+    from its config: sublayers paired by the attribute that holds them, each
+    layer's own variables by name, never by position.
+
+    Raises:
+        ConversionError: naming the variable or sublayer that has no
+            counterpart in the copy (its class's get_config() does not
+            describe it, or an unnamed `add_weight`).
+    """
     if not old.weights:
         return
-    old_weights = old.get_weights()
-    if len(new.weights) != len(old_weights):
+    if len(new.weights) != len(old.weights):
         raise ConversionError(
             f"Layer '{old.name}' ({type(old).__name__}) rebuilt from its "
             f"config has {len(new.weights)} weights instead of "
-            f"{len(old_weights)}: its get_config() does not describe it. "
+            f"{len(old.weights)}: its get_config() does not describe it. "
             "Fix get_config() of that class."
         )
-    new.set_weights(old_weights)
+    moved = set()
+    _mirror(new, old, lambda layer: None, [], old.name, moved)
+    missed = [v.path for v in old.weights if id(v) not in moved]
+    if missed:
+        raise ConversionError(
+            f"Layer '{old.name}' ({type(old).__name__}) holds the variable "
+            f"'{missed[0]}' in a sublayer that is not kept in an attribute, "
+            "or in a list or dict of them, so its copy cannot be told which "
+            "of its own sublayers gets it. Keep sublayers in attributes, "
+            "lists or dicts."
+        )
 
 
 def _copy_subclassed(model):
     """A fresh, built instance of a subclassed model (weights not copied)."""
     try:
-        config = serialization_lib.serialize_keras_object(model)
+        config = keras.saving.serialize_keras_object(model)
         with keras.saving.custom_object_scope(
             {type(model).__name__: type(model)}
         ):
-            new = serialization_lib.deserialize_keras_object(config)
+            new = keras.saving.deserialize_keras_object(config)
         if not new.built:
             new.build_from_config(model.get_build_config())
     except Exception as e:
@@ -464,7 +481,7 @@ def _sublayer_items(layer):
     its attributes and in lists / tuples / dicts of them."""
     items = []
     for attr, value in vars(layer).items():
-        if attr in ("_layers", "_tracker") or attr.startswith(("_keras", "_self_")):
+        if internals.is_tracking_attribute(attr):
             continue
         if isinstance(value, keras.layers.Layer):
             items.append((attr, None, value))
@@ -477,14 +494,45 @@ def _sublayer_items(layer):
     return items
 
 
-def _own_variables(layer):
-    return list(layer._trainable_variables) + list(
-        layer._non_trainable_variables)
+def _variables_by_name(layer, path):
+    found = {}
+    for variable in internals.own_variables(layer):
+        if variable.name in found:
+            raise ConversionError(
+                f"Layer '{path}' ({type(layer).__name__}) has two variables "
+                f"named '{variable.name}', so they cannot be moved by name. "
+                "Give each `add_weight` of that class its own `name=`."
+            )
+        found[variable.name] = variable
+    return found
 
 
-def _mirror(new, old, swap, swapped, path):
+def _assign_own_variables(new, old, path, moved):
+    """Assigns each variable `old` created itself to the one of `new` with
+    the same name; refuses, naming it, one that has no counterpart."""
+    new_vars = _variables_by_name(new, path)
+    old_vars = _variables_by_name(old, path)
+    for names, other, where in ((old_vars, new_vars, "its copy"),
+                                (new_vars, old_vars, "the original")):
+        for name in names:
+            if name not in other:
+                raise ConversionError(
+                    f"Layer '{path}' ({type(old).__name__}): the variable "
+                    f"'{name}' has no counterpart in {where} (which has "
+                    f"{sorted(other) or 'none'}); weights move by name. Fix "
+                    "get_config() of that class, and give every `add_weight` "
+                    "a `name=` (an unnamed one is named anew in each copy)."
+                )
+    for name, variable in old_vars.items():
+        new_vars[name].assign(variable)
+        if moved is not None:
+            moved.add(id(variable))
+
+
+def _mirror(new, old, swap, swapped, path, moved=None):
     """Makes `new` (a fresh copy of `old`'s class) hold `old`'s weights, with
-    the sublayers that `swap` replaces replaced, recursively."""
+    the sublayers that `swap` replaces replaced, recursively; the ids of
+    the variables moved are added to `moved` (when given)."""
     new_items = {(a, i): v for a, i, v in _sublayer_items(new)}
     for attr, index, old_sub in _sublayer_items(old):
         sub_path = f"{path}/{old_sub.name}"
@@ -505,24 +553,19 @@ def _mirror(new, old, swap, swapped, path):
         elif type(new_sub) is not type(old_sub):
             replacement = _clone_with_weights(old_sub)
         else:
-            _mirror(new_sub, old_sub, swap, swapped, sub_path)
+            _mirror(new_sub, old_sub, swap, swapped, sub_path, moved)
             continue
+        if moved is not None:
+            # The replacement was made from `old_sub` with its weights.
+            moved.update(id(v) for v in old_sub.weights)
         _put(new, attr, index, new_sub, replacement, sub_path)
-    own_new, own_old = _own_variables(new), _own_variables(old)
-    if len(own_new) != len(own_old):
-        raise ConversionError(
-            f"Layer '{path}' ({type(old).__name__}) recreated from its config "
-            f"has {len(own_new)} variables of its own instead of "
-            f"{len(own_old)}. Fix its get_config()."
-        )
-    for a, b in zip(own_new, own_old):
-        a.assign(b)
+    _assign_own_variables(new, old, path, moved)
 
 
 def _clone_with_weights(layer, **overrides):
     """A built clone of `layer` (config with `overrides`) holding its
     weights."""
-    new = _clone_prebuilt(layer, **overrides)
+    new = clone_prebuilt(layer, **overrides)
     if new is not None:
         return new
     new = clone_layer(layer, **overrides)
@@ -530,7 +573,7 @@ def _clone_with_weights(layer, **overrides):
     if build_config:
         new.build_from_config(build_config)
     if layer.weights:
-        _copy_weights(layer, new)
+        copy_weights(layer, new)
     return new
 
 
@@ -543,21 +586,7 @@ def _put(layer, attr, index, old, new, path):
             f"attribute `{attr}`, which cannot be changed in place; use a "
             "list."
         )
-    tracker = getattr(layer, "_tracker", None)
-    if tracker is not None and tracker.is_in_store("layers", old):
-        tracker.replace_tracked_value("layers", old, new)
-    # Bypass Layer.__setattr__ and the tracked containers' hooks: a built
-    # layer's tracker refuses new state, and `new` now stands where `old` was.
-    if index is None:
-        object.__setattr__(layer, attr, new)
-        # TensorFlow's checkpoint tracking keeps its own name -> object map.
-        names = getattr(layer, "_self_unconditional_dependency_names", None)
-        if isinstance(names, dict) and names.get(attr) is old:
-            names[attr] = new
-    elif isinstance(container, dict):
-        dict.__setitem__(container, index, new)
-    else:
-        list.__setitem__(container, index, new)
+    internals.replace_sublayer(layer, attr, index, old, new)
 
 
 # Layers that may follow the classifier: they pool, reshape, activate or
@@ -590,8 +619,7 @@ def _classifier_chain(model, num_classes):
     tail = []
     tensor = model.outputs[0]
     while True:
-        layer, node_index, _ = tensor._keras_history
-        node = layer._inbound_nodes[node_index]
+        layer, node = internals.producing_node(tensor)
         if isinstance(layer, keras.layers.Dense) or (
                 isinstance(layer, _CONVS) and layer.groups == 1):
             return layer, node.input_tensors[0], tail[::-1]
@@ -666,8 +694,8 @@ def set_trainable(model, which):
     leaves); returns how many leaves are trainable. For callers that own
     `model`; `freeze_all_but_normalization` and `unfreeze` copy first."""
     count = 0
-    for layer in flatten_layers(model):
-        if flatten_layers(layer, recursive=False):
+    for layer in internals.flatten_layers(model):
+        if internals.flatten_layers(layer, recursive=False):
             continue  # containers follow their leaves
         layer.trainable = bool(which(layer))
         count += int(layer.trainable)

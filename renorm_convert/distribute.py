@@ -8,6 +8,8 @@ import os
 import keras
 import tensorflow as tf
 
+from renorm_convert import _keras_internals as internals
+
 
 class StrategyError(ValueError):
     """A strategy that cannot be created: the message says why and what to
@@ -99,7 +101,7 @@ def patch_for_multi_worker(model, strategy, sample):
 
     def symbolic_build(iterator=None, data_batch=None):
         with strategy.scope():
-            model._symbolic_build(data_batch=sample)
+            internals.symbolic_build(model, sample)
 
     def local(value):
         if isinstance(value, tf.distribute.DistributedValues):
@@ -114,6 +116,6 @@ def patch_for_multi_worker(model, strategy, sample):
 
         return function
 
-    model._maybe_symbolic_build = symbolic_build
+    internals.set_symbolic_build(model, symbolic_build)
     model.train_function = make(model.train_step)
     model.test_function = make(model.test_step)

@@ -9,15 +9,14 @@ per normalization. Folding in Keras first (`fold`) leaves nothing to lower.
 """
 
 import collections
-import contextlib
 import dataclasses
 import os
-import warnings
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from renorm_convert import _keras_internals as internals
 from renorm_convert._limits import MAX_OPSET, MIN_OPSET
 from renorm_convert.fold import fold
 from renorm_convert.io import kill_point, replace_atomically, write_atomically
@@ -82,7 +81,7 @@ def _input_specs(model, batch_size=None):
     specs = []
     for tensor in model.inputs:
         shape = (batch_size,) + tuple(tensor.shape[1:])
-        name = tensor._keras_history.operation.name
+        name = internals.producing_operation(tensor).name
         specs.append(tf.TensorSpec(shape, tensor.dtype, name=name))
     return specs
 
@@ -111,9 +110,6 @@ def to_onnx(model, opset=None, batch_size=None):
     """The ONNX ModelProto of `model` as it stands (no folding), with the
     Keras input and output names and a dynamic batch dimension (or a fixed
     one of `batch_size`)."""
-    import tf2onnx
-    from keras.src.export.tf2onnx_lib import patch_tf2onnx
-
     specs = _input_specs(model, batch_size)
     single = len(specs) == 1
 
@@ -122,12 +118,10 @@ def to_onnx(model, opset=None, batch_size=None):
         outputs = model(inputs[0] if single else list(inputs), training=False)
         return outputs
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        patch_tf2onnx()  # Keras's own fix for tf2onnx under NumPy 2
-    _patch_transpose_optimizer()
+    internals.patch_tf2onnx_for_numpy2()
+    internals.patch_tf2onnx_optimizers()
     try:
-        with _grouped_conv_as_plain_op():
+        with internals.grouped_conv_as_plain_op():
             # Eager tensors a layer captured (a tf.constant made in build) are
             # not variables, so tf2onnx's freezing leaves them as graph inputs.
             captured = {
@@ -135,7 +129,7 @@ def to_onnx(model, opset=None, batch_size=None):
                 for external, internal in serve.get_concrete_function().graph.captures
                 if external.dtype != tf.resource
             }
-            onnx_model = _from_function(serve, specs, opset)
+            onnx_model = internals.tf2onnx_from_function(serve, specs, opset)
     except Exception as e:
         text = " ".join(str(e).split())[:300]
         raise ExportError(
@@ -157,7 +151,7 @@ def output_names(model):
     """The names a user knows the outputs by: the keys of a model built with
     a dict of outputs (in the sorted order TensorFlow flattens them in),
     else the names of the layers producing them."""
-    struct = getattr(model, "_outputs_struct", None)  # Functional's own
+    struct = internals.outputs_structure(model)
     if isinstance(struct, dict) and len(struct) == len(model.outputs):
         return [str(key) for key in sorted(struct)]
     return list(model.output_names)
@@ -200,116 +194,6 @@ def _embed_captured(onnx_model, captured, n_inputs, name):
         graph.initializer.append(
             numpy_helper.from_array(np.asarray(tensor), value.name))
         graph.input.remove(value)
-
-
-@contextlib.contextmanager
-def _grouped_conv_as_plain_op():
-    """Keras's TensorFlow backend runs grouped convolutions through an
-    XLA-compiled function (TensorFlow's CPU kernel lacks them), which tf2onnx
-    cannot convert. While tracing for export, emit TensorFlow's plain Conv
-    op instead: its graph states the groups, and tf2onnx writes an ONNX Conv
-    with its `group` attribute. Only the trace uses it; nothing runs it."""
-    from keras.src.backend.tensorflow import nn as tf_nn
-
-    original = tf_nn.conv
-
-    def conv(inputs, kernel, strides=1, padding="valid", data_format=None,
-             dilation_rate=1):
-        fmt = data_format or keras.config.image_data_format()
-        channels = inputs.shape[-1 if fmt == "channels_last" else 1]
-        if channels == kernel.shape[-2] or len(inputs.shape) == 5:
-            return original(inputs, kernel, strides, padding, data_format,
-                            dilation_rate)
-        return tf.nn.convolution(
-            inputs, kernel, strides, padding.upper(),
-            data_format=tf_nn._convert_data_format(fmt, len(inputs.shape)),
-            dilations=dilation_rate)
-
-    tf_nn.conv = conv
-    try:
-        yield
-    finally:
-        tf_nn.conv = original
-
-
-_TRANSPOSE_PATCHED = False
-
-
-def _from_function(serve, specs, opset):
-    """tf2onnx's conversion, first without its per-optimizer `deepcopy` of
-    the whole graph (weights included: ResNet50 peaks at 5.5 GB with it,
-    2.8 GB without), which only serves to skip an optimizer that fails; if
-    one fails, converted again the careful way."""
-    import gc
-
-    import tf2onnx
-    from tf2onnx import constants
-
-    key = constants.ENV_TF2ONNX_CATCH_ERRORS
-    saved = os.environ.get(key)
-    try:
-        os.environ[key] = "FALSE"
-        try:
-            return tf2onnx.convert.from_function(
-                serve, input_signature=specs, opset=opset)[0]
-        except Exception:
-            os.environ[key] = "TRUE"
-            gc.collect()
-            return tf2onnx.convert.from_function(
-                serve, input_signature=specs, opset=opset)[0]
-    finally:
-        if saved is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = saved
-        gc.collect()  # the optimizers' graphs hold reference cycles
-
-
-def _patch_transpose_optimizer():
-    """tf2onnx's transpose optimizer crashes on `Conv -> Add(scalar)` (as
-    in hard-swish, `x + 3.0`: `max()` of a scalar's empty shape) and then
-    gives up on the whole graph, leaving a Transpose around every layer.
-    Route scalar constants to its generic broadcast handler instead."""
-    global _TRANSPOSE_PATCHED
-    if _TRANSPOSE_PATCHED:
-        return
-    from tf2onnx.optimizer import transpose_optimizer as module
-
-    cls = module.TransposeOptimizer
-    original = cls._add_handler
-
-    def _add_handler(self, trans, node):
-        second = node.inputs[1]
-        if second is not None and second.is_const() and not np.shape(
-                second.get_tensor_value(as_list=False)):
-            return self._handle_node_having_branches(trans, node)
-        return original(self, trans, node)
-
-    cls._add_handler = _add_handler
-    _patch_node_update_proto()
-    _TRANSPOSE_PATCHED = True
-
-
-def _patch_node_update_proto():
-    """tf2onnx rewrites every node's NodeProto after each optimizer pass
-    (`del attribute[:]`, then `extend`), and protobuf's upb backend frees
-    removed sub-messages only with the whole message: each pass kept another
-    copy of every weight tensor (ResNet50: 6 to 8 GB peak for 100 MB of
-    weights). Rebuild into a fresh NodeProto, so the previous one, and its
-    copies, are freed."""
-    from onnx import NodeProto
-    from tf2onnx.graph import Node
-
-    original = Node.update_proto
-
-    def update_proto(self, external_tensor_storage=None):
-        old = self._op
-        fresh = NodeProto(name=old.name, op_type=old.op_type,
-                          domain=old.domain, doc_string=old.doc_string)
-        self._op = fresh
-        original(self, external_tensor_storage)
-
-    Node.update_proto = update_proto
 
 
 def _check_ops(onnx_model, name):
@@ -670,8 +554,7 @@ def _keras_logits(model, xs):
     model with several outputs or another ending."""
     if len(model.outputs) != 1:
         return None
-    layer, node_index, _ = model.outputs[0]._keras_history
-    node = layer._inbound_nodes[node_index]
+    layer, node = internals.producing_node(model.outputs[0])
     if len(node.input_tensors) != 1 or not isinstance(layer, keras.layers.Layer):
         return None
     activation = getattr(layer, "activation", None)

@@ -13,7 +13,7 @@ import tensorflow as tf
 from renorm_convert import checkpoint as checkpoint_lib
 from renorm_convert import data as data_lib
 from renorm_convert import distribute
-from renorm_convert._keras_internals import flatten_layers
+from renorm_convert import _keras_internals as internals
 from renorm_convert.convert import (copy_model, is_normalization, recast,
                                     restore_strided_pointwise, set_trainable,
                                     subsample_strided_pointwise,
@@ -59,7 +59,7 @@ def gradient_report(model, x, y, loss):
         value = loss(y, pred)
     grads = tape.gradient(value, variables)
     owner = {}
-    for layer in flatten_layers(model):
+    for layer in internals.flatten_layers(model):
         for v in layer.trainable_variables:
             owner.setdefault(id(v), layer)
     sums = {}
@@ -196,7 +196,7 @@ def _prepare_model(model, *, copy, head, train_only, microbatch_size,
         if not 0.0 <= float(momentum) < 1.0:
             raise FineTuneError(f"momentum={momentum}: expected a value in "
                                 "[0, 1).")
-        for layer in flatten_layers(model):
+        for layer in internals.flatten_layers(model):
             if is_normalization(layer):
                 layer.momentum = float(momentum)
                 layer.renorm_momentum = float(momentum)
@@ -557,7 +557,7 @@ def recalibrate(model, data, *, batches=None, batch_size=32,
         The recalibrated copy.
     """
     copy = copy_model(model)
-    norms = [layer for layer in flatten_layers(copy)
+    norms = [layer for layer in internals.flatten_layers(copy)
              if is_normalization(layer)]
     if not norms:
         raise FineTuneError(f"model '{model.name}' has no normalization "

@@ -10,10 +10,11 @@ rebuilds an inference-only model without the normalization layers.
 import keras
 import numpy as np
 
-from renorm_convert.convert import (SwappedBlock, mirror_block,
+from renorm_convert.convert import (SwappedBlock, clone_prebuilt,
+                                    copy_weights, mirror_block,
                                     normalization_sublayers)
 from renorm_convert.graph import clone_layer, consumers, model_graph, rebuild
-from renorm_convert.layers import values_by_name
+from renorm_convert.layers import build_with_values, values_by_name
 
 # Producers whose output channels are a linear function of their weights:
 # class -> (name of the kernel to scale, axis of its output channels).
@@ -296,9 +297,9 @@ def fold_plan(model, graph=None):
 
 
 def _folded_layer(player, name, norm=None, norm_before=None):
-    """A copy of `player` named `name` with `norm` (which reads its output)
-    and `norm_before` (which feeds its input) folded into its weights (to
-    assign once built)."""
+    """A copy of `player` named `name`, and its weights by name with `norm`
+    (which reads its output) and `norm_before` (which feeds its input)
+    folded in."""
     new = clone_layer(player, name=name, use_bias=True,
                       bias_initializer="zeros", bias_regularizer=None,
                       bias_constraint=None)
@@ -328,10 +329,45 @@ def _built_affine(layer):
     if not isinstance(layer, keras.layers.BatchNormalization):
         return None
     new, values = _affine(layer, layer.name)
-    new.build_from_config(layer.get_build_config())
-    for v in new.weights:
-        v.assign(values[v.path.split("/")[-1]])
+    if not _build_with_values(new, layer, values):
+        new.build_from_config(layer.get_build_config())
+        _assign_by_name(new, values, layer)
     return new
+
+
+def _build_with_values(new, old, values):
+    """Builds `new` as `old` was built, each weight created with the value
+    of its name in `values`; False (nothing done) when `old` recorded no
+    build (the rebuild builds `new`, and `_assign_by_name` follows)."""
+    build_config = old.get_build_config()
+    if not build_config:
+        return False
+    used = build_with_values(new, None, values,
+                             build=lambda: new.build_from_config(build_config))
+    _check_names(new, values, used, old)
+    return True
+
+
+def _assign_by_name(new, values, old):
+    """Assigns each weight of the built `new` the value of its name."""
+    names = [v.path.split("/")[-1] for v in new.weights]
+    _check_names(new, values, [n for n in names if n in values], old)
+    for variable, name in zip(new.weights, names):
+        variable.assign(values[name])
+
+
+def _check_names(new, values, used, old):
+    names = [v.path.split("/")[-1] for v in new.weights]
+    missing = [n for n in names if n not in used]
+    unused = [n for n in values if n not in used]
+    if missing or unused:
+        what = (f"a weight '{missing[0]}' with no value" if missing
+                else f"no weight '{unused[0]}'")
+        raise ValueError(
+            f"The folded copy of layer '{old.name}' ({type(old).__name__}) "
+            f"has {what} (weights move by name; it has {sorted(names)}, the "
+            f"values are {sorted(values)}). Fix get_config() of that class."
+        )
 
 
 def _affine(norm, name):
@@ -381,22 +417,26 @@ def fold(model):
         if name in used_names:
             name = site.path.replace("/", "_")
         used_names.add(name)
+        values = None
         if id(layer) in producers or id(layer) in forward:
-            new, weights = _folded_layer(layer, name, producers.get(id(layer)),
-                                         forward.get(id(layer)))
+            new, values = _folded_layer(layer, name, producers.get(id(layer)),
+                                        forward.get(id(layer)))
         elif isinstance(layer, keras.layers.BatchNormalization):
-            new, weights = _affine(layer, name)
+            new, values = _affine(layer, name)
         elif isinstance(layer, SwappedBlock) or normalization_sublayers(layer):
             inner = layer.layer if isinstance(layer, SwappedBlock) else layer
             new = clone_layer(inner, name=name)
             blocks.append((new, layer, site.path))
-            weights = None
         else:
-            new = clone_layer(layer, name=name)
-            weights = layer.get_weights() if layer.weights else None
+            new = clone_prebuilt(layer, name=name)
+            if new is None:
+                # Built by the rebuild's call; its weights follow by name.
+                new = clone_layer(layer, name=name)
+                if layer.weights:
+                    pending.append((new, None, layer))
+        if values is not None and not _build_with_values(new, layer, values):
+            pending.append((new, values, layer))
         clones[id(layer)] = new
-        if weights is not None:
-            pending.append((new, weights, layer))
         return new
 
     def visit(site, args, kwargs):
@@ -408,17 +448,11 @@ def fold(model):
         return clone(site)(*args, **kwargs)
 
     new_model = rebuild(model, visit)
-    for new, weights, old in pending:
-        if isinstance(weights, dict):
-            for v in new.weights:
-                v.assign(weights[v.path.split("/")[-1]])
+    for new, values, old in pending:
+        if values is None:
+            copy_weights(old, new)
         else:
-            if len(new.weights) != len(weights):
-                raise ValueError(
-                    f"Layer '{old.name}' ({type(old).__name__}) rebuilt from "
-                    "its config has different weights; fix its get_config()."
-                )
-            new.set_weights(weights)
+            _assign_by_name(new, values, old)
     for new, old, path in blocks:
         mirror_block(new, old, _built_affine, path)
     new_model.folded = [p["path"] for p in plan if p["foldable"]]

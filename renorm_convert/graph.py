@@ -11,11 +11,9 @@ consumer.
 
 import keras
 import networkx as nx
-from keras.src import tree
-from keras.src.models.functional import Functional
-from keras.src.saving.serialization_lib import SafeModeScope
+from keras import tree
 
-from renorm_convert._keras_internals import flatten_layers
+from renorm_convert import _keras_internals as internals
 
 
 def clone_layer(layer, **overrides):
@@ -27,14 +25,13 @@ def clone_layer(layer, **overrides):
     """
     config = layer.get_config()
     config.update(overrides)
-    with SafeModeScope(False):
-        return type(layer).from_config(config)
+    return internals.from_config_unsafe(type(layer), config)
 
 
 def iter_layers(model):
     """Every layer of `model` at any depth (inside nested models and custom
     layers too), each once, parents before their sublayers; not `model`."""
-    return iter(flatten_layers(model))
+    return iter(internals.flatten_layers(model))
 
 
 class GraphError(ValueError):
@@ -43,7 +40,7 @@ class GraphError(ValueError):
 
 def _functional_of(model):
     if isinstance(model, keras.Sequential):
-        functional = getattr(model, "_functional", None)
+        functional = internals.sequential_functional(model)
         if functional is None:
             raise GraphError(
                 f"Sequential model '{model.name}' has no input shape yet, so "
@@ -51,7 +48,7 @@ def _functional_of(model):
                 "`model.build((None, ...))` or start it with `keras.Input`."
             )
         return functional
-    if isinstance(model, Functional):
+    if internals.is_functional(model):
         return model
     return None
 
@@ -103,7 +100,7 @@ def model_graph(model):
     graph = nx.MultiDiGraph(name=model.name)
     sources = {}
     for i, tensor in enumerate(functional.inputs):
-        layer = tensor._keras_history.operation
+        layer = internals.producing_operation(tensor)
         node_id = f"input:{layer.name}"
         graph.add_node(node_id, layer=layer, layer_id=id(layer),
                        class_name=type(layer).__name__, name=layer.name,
@@ -162,11 +159,10 @@ def walk_calls(model, sources, visit):
 
 
 def _walk(functional, prefix, sources, calls, visit):
-    for depth in sorted(functional._nodes_by_depth, reverse=True):
+    for nodes in internals.nodes_deepest_first(functional):
         # Within a depth, take each layer's calls in the order they were
         # made, so that `call` numbers follow the model's code.
-        nodes = sorted(functional._nodes_by_depth[depth], key=_call_order)
-        for node in nodes:
+        for node in sorted(nodes, key=_call_order):
             op = node.operation
             if op is None or node.is_input:
                 continue
@@ -184,7 +180,7 @@ def _walk(functional, prefix, sources, calls, visit):
             call = calls.get(id(op), 0)
             calls[id(op)] = call + 1
             site = CallSite(op, node, prefix + op.name, call, sources)
-            args, kwargs = node.arguments.fill_in(sources)
+            args, kwargs = internals.call_arguments(node, sources)
             outputs = visit(site, args, kwargs)
             for tensor, value in zip(node.outputs, outputs):
                 sources[id(tensor)] = value
@@ -200,7 +196,7 @@ def rebuild(model, visit, name=None):
     new_inputs = []
     sources = {}
     for tensor in functional.inputs:
-        layer = tensor._keras_history.operation
+        layer = internals.producing_operation(tensor)
         new = keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype,
                           name=layer.name)
         new_inputs.append(new)
@@ -210,16 +206,14 @@ def rebuild(model, visit, name=None):
         return tree.flatten(visit(site, args, kwargs))
 
     outputs = walk_calls(functional, sources, wrapped)
-    structure = functional._outputs_struct
+    structure = internals.outputs_structure(functional)
     outputs = tree.pack_sequence_as(structure, outputs)
     inputs = new_inputs[0] if len(new_inputs) == 1 else new_inputs
     return keras.Model(inputs, outputs, name=name or model.name)
 
 
 def _call_order(node):
-    op = node.operation
-    inbound = getattr(op, "_inbound_nodes", None) or []
-    for i, other in enumerate(inbound):
+    for i, other in enumerate(internals.inbound_nodes(node.operation)):
         if other is node:
             return i
     return 0

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from renorm_convert._keras_internals import in_xla_compilation
+from renorm_convert import _keras_internals as internals
 
 PACKAGE = "renorm_convert"
 
@@ -189,10 +189,11 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         super().build(input_shape)
 
     def _renorm_correction_and_moments(self, mean, variance):
+        # Overrides Keras's protected step (internals.BATCHNORM_HOOKS).
         # Keras computes r and d without clipping (its clipping dict is
         # empty); the bounds are applied here from the variables.
-        r, d, mean, variance = super()._renorm_correction_and_moments(
-            mean, variance
+        r, d, mean, variance = internals.renorm_correction_and_moments(
+            self, mean, variance
         )
         r_max = ops.cast(self._r_max_var, r.dtype)
         d_max = ops.cast(self._d_max_var, d.dtype)
@@ -219,7 +220,7 @@ class BatchRenormalization(keras.layers.BatchNormalization):
             normalize = (self._normalize_groups if batch % m == 0
                          else self._normalize_padded)
             y, mean, variance = normalize(x)
-        elif in_xla_compilation():
+        elif internals.in_xla_compilation():
             # XLA knows the batch size when it compiles; the padded path is
             # exact for whole groups too (padding nothing), and a tf.cond
             # between the two would not compile (see in_xla_compilation).
@@ -232,8 +233,8 @@ class BatchRenormalization(keras.layers.BatchNormalization):
                 lambda: self._normalize_groups(x),
                 lambda: self._normalize_padded(x),
             )
-        self._update_renorm_statistics(
-            ops.stop_gradient(mean), ops.stop_gradient(variance)
+        internals.update_renorm_statistics(
+            self, ops.stop_gradient(mean), ops.stop_gradient(variance)
         )
         return ops.cast(y, self.compute_dtype)
 
@@ -287,7 +288,8 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         )
         gamma = ops.cast(self.gamma, xg.dtype) if self.scale else None
         beta = ops.cast(self.beta, xg.dtype) if self.center else None
-        gamma, beta = self._compose_transforms(r, d, gamma, beta, xg.dtype)
+        gamma, beta = internals.compose_transforms(self, r, d, gamma, beta,
+                                                   xg.dtype)
         inv = ops.rsqrt(variance + self.epsilon) * gamma
         offset = beta - mean * inv
         if bshape is not None:

@@ -13,6 +13,8 @@ import h5py
 import keras
 import tensorflow as tf
 
+from renorm_convert import _keras_internals as internals
+
 TF_OP_CLASSES = ("TFOpLambda", "SlicingOpLambda")
 
 
@@ -146,11 +148,8 @@ def load_h5_with_tf_ops(path, custom_objects=None):
     config = _rewrite(json.loads(config))
     objects = {"TFOpLambda": TFOpLambda, "SlicingOpLambda": SlicingOpLambda,
                **(custom_objects or {})}
-    # Keras's own reader of Keras 2 configs (what load_model uses for .h5;
-    # it has no public name).
-    from keras.src.legacy.saving.saving_utils import model_from_config
-
     with keras.saving.custom_object_scope(objects):
-        model = model_from_config(config, custom_objects=objects)
+        model = internals.legacy_model_from_config(config,
+                                                   custom_objects=objects)
     model.load_weights(path)
     return model

@@ -8,6 +8,7 @@ steps and reaches d_max = 5 after 25k steps and r_max = 3 after 40k steps.
 import keras
 import tensorflow as tf
 
+from renorm_convert import _keras_internals as internals
 from renorm_convert.layers import BatchRenormalization
 
 # The paper trains for about 160k steps; `RenormSchedule.for_run` keeps the
@@ -36,7 +37,7 @@ def renorm_layers(model):
     """Every BatchRenormalization in `model`, nested models included."""
     return [
         layer
-        for layer in model._flatten_layers(include_self=True, recursive=True)
+        for layer in internals.flatten_layers(model, include_self=True)
         if isinstance(layer, BatchRenormalization)
     ]
 

@@ -89,3 +89,59 @@ def nested_model(channels_first=False):
     out1 = keras.layers.Activation("softmax", name="probs")(frozen(v))
     out2 = keras.layers.Dense(1, name="score")(pooled)
     return keras.Model([a, b], [out1, out2], name="outer")
+
+
+class FlippedWeights(keras.layers.Layer):
+    """`x * a + b` with `a` and `b` of one shape, created in the order
+    `FlippedWeights.order` says when built: `flipped_model` reverses it once
+    its model is built, so copies create them in the other order, and
+    weights moved by position would trade places."""
+
+    order = ("a", "b")
+
+    def build(self, input_shape):
+        for name in FlippedWeights.order:
+            setattr(self, name, self.add_weight(
+                name=name, shape=(input_shape[-1],),
+                initializer="random_normal"))
+
+    def call(self, x):
+        return x * self.a + self.b
+
+
+class FlippedBlock(keras.layers.Layer):
+    """A custom layer with a Dense sublayer and, of its own, FlippedWeights'
+    pair of weights in `FlippedWeights.order`; no normalization."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(4, name="dense")
+
+    def build(self, input_shape):
+        self.dense.build(input_shape)
+        for name in FlippedWeights.order:
+            setattr(self, name, self.add_weight(
+                name=name, shape=(4,), initializer="random_normal"))
+
+    def call(self, x):
+        return self.dense(x) * self.a + self.b
+
+
+def weight_order(layer):
+    """The names of a layer's own weights `a` and `b`, in creation order."""
+    return [v.name for v in layer.weights if v.name in ("a", "b")]
+
+
+def flipped_model():
+    """Input -> FlippedWeights -> FlippedBlock -> BatchNormalization ->
+    Dense, built with weights a, b (in that order), statistics randomized;
+    layers built from now on create b first."""
+    FlippedWeights.order = ("a", "b")
+    inputs = keras.Input((4,))
+    x = FlippedWeights(name="flipped")(inputs)
+    x = FlippedBlock(name="flipped_block")(x)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+    randomize_statistics(model, seed=3)
+    FlippedWeights.order = ("b", "a")
+    return model

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 import renorm_convert as rc
-from helpers import (max_rel_diff, nested_model, randomize_statistics,
-                     sample_inputs, weights_snapshot)
+from helpers import (flipped_model, max_rel_diff, nested_model,
+                     randomize_statistics, sample_inputs, weight_order,
+                     weights_snapshot)
+from renorm_convert.convert import copy_model, recast
 
 TOL = 1e-5
 
@@ -211,6 +213,47 @@ def test_subclassed_model():
     assert type(converted) is Subclassed
     assert isinstance(converted.bn, rc.BatchRenormalization)
     assert isinstance(converted.block.norms[1], rc.BatchRenormalization)
+
+
+def test_weights_move_by_name_not_position():
+    """A leaf layer and a custom block whose copies create their weights in
+    the other order keep their values: weights move by name."""
+    model = flipped_model()
+    x = sample_inputs(model, batch=4)
+    reference = model(x, training=False)
+    for copy in (rc.convert(model), rc.revert(rc.convert(model)),
+                 copy_model(model), recast(model, "float32")):
+        for name in ("flipped", "flipped_block"):
+            assert weight_order(copy.get_layer(name)) != weight_order(
+                model.get_layer(name)), "the copy must reverse the order"
+        assert max_rel_diff(reference, copy(x, training=False)) <= TOL
+
+
+class RenamedWeight(keras.layers.Layer):
+    """Names its weight after a build counter: a copy's has another name."""
+
+    builds = 0
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(2)
+
+    def build(self, input_shape):
+        self.dense.build(input_shape)
+        RenamedWeight.builds += 1
+        self.w = self.add_weight(name=f"w{RenamedWeight.builds}",
+                                 shape=(2,))
+
+    def call(self, x):
+        return self.dense(x) * self.w
+
+
+def test_weight_without_counterpart_is_named():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, RenamedWeight(name="renamed")(inputs))
+    with pytest.raises(rc.ConversionError,
+                       match=r"variable 'w\d+' has no counterpart"):
+        rc.convert(model)
 
 
 class Opaque(keras.Model):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import renorm_convert as rc
-from helpers import max_rel_diff, nested_model, randomize_statistics, sample_inputs
+from helpers import (flipped_model, max_rel_diff, nested_model,
+                     randomize_statistics, sample_inputs, weight_order)
 from renorm_convert.export import op_counts, run_onnx, to_onnx
 from renorm_convert.fold import fold_plan, fold_weights, scale_offset
 
@@ -122,6 +123,19 @@ def test_unfoldable_cases_become_channel_affine():
     assert "Concatenate" in folded.unfolded["bn_after_concat"]
     assert sum(isinstance(l, rc.ChannelAffine) for l in folded.layers) == 4
     x = sample_inputs(model)
+    assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
+
+
+def test_fold_moves_weights_by_name():
+    """Layers whose copies create their weights in the other order (a leaf
+    layer, a custom block) keep their values through fold."""
+    model = flipped_model()
+    x = sample_inputs(model, batch=4)
+    folded = rc.fold(model)
+    for name in ("flipped", "flipped_block"):
+        assert weight_order(folded.get_layer(name)) != weight_order(
+            model.get_layer(name)), "the copy must reverse the order"
+    assert folded.folded == ["bn"]
     assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
 
 

@@ -449,24 +449,6 @@ def test_keras_save_load_round_trip():
     assert rc.BatchRenormalization.from_config(cfg).get_config() == cfg
 
 
-def test_private_hooks_exist():
-    """renorm_convert._keras_internals: each private hook is still there
-    and answers correctly."""
-    from tensorflow.python.ops import control_flow_util
-
-    from renorm_convert._keras_internals import in_xla_compilation
-
-    assert hasattr(control_flow_util, "GraphOrParentsInXlaContext"), (
-        "TensorFlow dropped control_flow_util.GraphOrParentsInXlaContext, "
-        "used by _keras_internals.in_xla_compilation")
-    seen = []
-    for jit in (False, True):
-        tf.function(lambda: seen.append(in_xla_compilation()),
-                    jit_compile=jit)()
-    assert seen == [False, True]
-    assert not in_xla_compilation()
-
-
 @pytest.mark.parametrize("jit", [False, True])
 def test_fit_with_microbatches_and_ragged_last_batch(jit):
     """As in `fit`, traced with an unknown batch size: whole and ragged
