@@ -494,9 +494,19 @@ def _sublayer_items(layer):
     return items
 
 
+# Keras names an `add_weight` without `name=` "variable", "variable_1", ...
+# from a global counter, so the same weight has another name in every copy.
+_UNNAMED = re.compile(r"^variable(_\d+)?$")
+
+
 def _variables_by_name(layer, path):
-    found = {}
+    """({name: variable} of the variables `layer` created itself with a
+    name, [the unnamed ones, in creation order])."""
+    found, unnamed = {}, []
     for variable in internals.own_variables(layer):
+        if _UNNAMED.match(variable.name):
+            unnamed.append(variable)
+            continue
         if variable.name in found:
             raise ConversionError(
                 f"Layer '{path}' ({type(layer).__name__}) has two variables "
@@ -504,14 +514,17 @@ def _variables_by_name(layer, path):
                 "Give each `add_weight` of that class its own `name=`."
             )
         found[variable.name] = variable
-    return found
+    return found, unnamed
 
 
 def _assign_own_variables(new, old, path, moved):
     """Assigns each variable `old` created itself to the one of `new` with
-    the same name; refuses, naming it, one that has no counterpart."""
-    new_vars = _variables_by_name(new, path)
-    old_vars = _variables_by_name(old, path)
+    the same name; refuses, naming it, one that has no counterpart.
+    Variables created without a name (Keras names them anew in every copy)
+    are paired in creation order, when both have as many of the same
+    shapes."""
+    new_vars, new_unnamed = _variables_by_name(new, path)
+    old_vars, old_unnamed = _variables_by_name(old, path)
     for names, other, where in ((old_vars, new_vars, "its copy"),
                                 (new_vars, old_vars, "the original")):
         for name in names:
@@ -520,11 +533,20 @@ def _assign_own_variables(new, old, path, moved):
                     f"Layer '{path}' ({type(old).__name__}): the variable "
                     f"'{name}' has no counterpart in {where} (which has "
                     f"{sorted(other) or 'none'}); weights move by name. Fix "
-                    "get_config() of that class, and give every `add_weight` "
-                    "a `name=` (an unnamed one is named anew in each copy)."
+                    "get_config() of that class."
                 )
-    for name, variable in old_vars.items():
-        new_vars[name].assign(variable)
+    if [tuple(v.shape) for v in old_unnamed] != [
+            tuple(v.shape) for v in new_unnamed]:
+        raise ConversionError(
+            f"Layer '{path}' ({type(old).__name__}) has unnamed variables of "
+            f"shapes {[tuple(v.shape) for v in old_unnamed]}, its copy "
+            f"{[tuple(v.shape) for v in new_unnamed]}: they cannot be paired. "
+            "Give every `add_weight` of that class a `name=`, and fix its "
+            "get_config()."
+        )
+    pairs = [(v, new_vars[name]) for name, v in old_vars.items()]
+    for variable, target in pairs + list(zip(old_unnamed, new_unnamed)):
+        target.assign(variable)
         if moved is not None:
             moved.add(id(variable))
 

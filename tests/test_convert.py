@@ -256,6 +256,53 @@ def test_weight_without_counterpart_is_named():
         rc.convert(model)
 
 
+class UnnamedWeights(keras.layers.Layer):
+    """Two `add_weight` calls without `name=`, as much model-zoo code
+    writes them: Keras names them "variable_N" from a global counter."""
+
+    def build(self, shape):
+        self.scale = self.add_weight(shape=(shape[-1],), initializer="ones")
+        self.shift = self.add_weight(shape=(shape[-1],), initializer="zeros")
+
+    def call(self, x):
+        return x * self.scale + self.shift
+
+
+class BlockWithUnnamed(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.bn = keras.layers.BatchNormalization()
+        self.affine = UnnamedWeights()
+
+    def call(self, x, training=None):
+        return self.affine(self.bn(x, training=training))
+
+
+@pytest.mark.parametrize("layer", [UnnamedWeights, BlockWithUnnamed])
+def test_unnamed_weights_pair_in_creation_order(layer):
+    inputs = keras.Input((4,))
+    x = keras.layers.BatchNormalization()(keras.layers.Dense(4)(inputs))
+    model = keras.Model(inputs, layer(name="custom")(x))
+    rng = np.random.default_rng(0)
+    for v in model.weights:
+        v.assign(rng.uniform(0.5, 1.5, v.shape))
+    names = [v.name for v in model.get_layer("custom").weights]
+    x = rng.normal(size=(3, 4)).astype("float32")
+    reference = model(x, training=False)
+    for copy in (rc.convert(model), rc.revert(rc.convert(model)),
+                 copy_model(model)):
+        assert [v.name for v in copy.get_layer("custom").weights] != names
+        assert max_rel_diff(reference, copy(x, training=False)) <= TOL
+        # scale and shift are not swapped.
+        def unnamed(m):
+            return [v.numpy() for layer in rc.iter_layers(m)
+                    if isinstance(layer, UnnamedWeights)
+                    for v in layer.weights]
+
+        for new, old in zip(unnamed(copy), unnamed(model), strict=True):
+            np.testing.assert_array_equal(new, old)
+
+
 class Opaque(keras.Model):
     """No get_config: cannot be recreated."""
 
