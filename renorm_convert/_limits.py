@@ -4,3 +4,13 @@ TensorFlow loads: this module imports nothing heavy."""
 # tf2onnx 1.17 converts these opsets and onnxruntime runs what it writes;
 # below 9, tf2onnx leaves variables as graph inputs (measured).
 MIN_OPSET, MAX_OPSET = 9, 18
+
+# `reproduce`'s network and run length per experiment when none is given.
+# Figure 3 (non-iid): chosen by the rule stated in benchmarks/figure3.py
+# before its study ran (the deepest network at the longest studied run
+# length whose default run fits 15 minutes on 2 CPU cores); see README.
+REPRODUCE_DEFAULTS = {
+    "microbatch": {"model": "cnn", "steps": 1500},
+    "non-iid": {"model": "cnn-deep", "steps": 3000},
+}
+REPRODUCE_MODELS = ("cnn-plain", "cnn", "cnn-wide", "cnn-deep")

@@ -377,7 +377,7 @@ def cmd_reproduce(args):
     from renorm_convert import reproduce
     from renorm_convert.reporting import write_experiment
 
-    if args.steps < args.eval_every:
+    if args.steps is not None and args.steps < args.eval_every:
         raise _usage(f"--steps ({args.steps}) must be at least --eval-every "
                      f"({args.eval_every}).")
     os.makedirs(args.out, exist_ok=True)
@@ -391,8 +391,8 @@ def cmd_reproduce(args):
 
         check_batching(load_source(args.data), args.batch_size,
                        args.classes_per_batch)
-    _progress(f"{args.experiment}: {args.seeds} seed(s) x 2 variants x "
-              f"{args.steps} steps")
+    _progress(f"{args.experiment}: model {config.model}, {args.seeds} "
+              f"seed(s) x 2 variants x {config.steps} steps")
     result = reproduce.run(config, progress=_progress)
     prefix = os.path.join(args.out, args.experiment.replace("-", "_"))
     files = write_experiment(result, prefix)
@@ -809,7 +809,16 @@ def _doc(func):
     return func.__doc__.strip()
 
 
+def _per_experiment(name):
+    from renorm_convert._limits import REPRODUCE_DEFAULTS  # no TensorFlow
+
+    return ", ".join(f"{value[name]} for {experiment}"
+                     for experiment, value in REPRODUCE_DEFAULTS.items())
+
+
 def build_parser():
+    from renorm_convert._limits import REPRODUCE_MODELS  # no TensorFlow
+
     parser = _Parser(
         prog="renorm-convert", description=__doc__, formatter_class=_Formatter)
     from renorm_convert import __version__
@@ -993,8 +1002,9 @@ def build_parser():
     p.add_argument("--out", default=os.path.join("runs", "reproduce"),
                    metavar="DIR",
                    help="where EXPERIMENT.csv / .json / .png go")
-    p.add_argument("--steps", type=_integer(1), default=1500,
-                   help="training steps per run")
+    p.add_argument("--steps", type=_integer(1), default=None,
+                   help="training steps per run (default: "
+                        + _per_experiment("steps") + ")")
     p.add_argument("--seeds", type=_integer(1), default=3,
                    help="runs per arm, each from its own initialization")
     p.add_argument("--batch-size", type=_integer(1), default=32,
@@ -1006,13 +1016,12 @@ def build_parser():
                         "Fashion-MNIST has 10)")
     p.add_argument("--eval-every", type=_integer(1), default=150,
                    metavar="STEPS", help="validate every STEPS steps")
-    p.add_argument("--model", default="cnn",
-                   choices=["cnn-plain", "cnn", "cnn-wide", "cnn-deep"],
+    p.add_argument("--model", default=None, choices=REPRODUCE_MODELS,
                    help="the network: cnn-plain (3 blocks of one "
                         "convolution, pooled), cnn (2 blocks of two and a "
                         "normalized dense head), cnn-wide (cnn at width 32), "
                         "cnn-deep (3 blocks of two and a normalized dense "
-                        "head)")
+                        "head); default: " + _per_experiment("model"))
     p.add_argument("--data", default="fashion-mnist", metavar="SOURCE",
                    help="fashion-mnist[:DIR], digits, npz:PATH, or an image "
                         "directory")

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 
 from renorm_convert import data as data_lib
+from renorm_convert._limits import REPRODUCE_DEFAULTS
 from renorm_convert.convert import convert
 from renorm_convert.finetune import fine_tune, top1
 from renorm_convert.schedule import renorm_layers
@@ -32,7 +33,7 @@ PAPER = {
 @dataclasses.dataclass
 class Config:
     experiment: str  # "microbatch" or "non-iid"
-    steps: int = 1500
+    steps: int = None  # None: the experiment's default (REPRODUCE_DEFAULTS)
     seeds: int = 3
     batch_size: int = 32
     microbatch: int = 2
@@ -41,11 +42,19 @@ class Config:
     eval_size: int = 2000
     learning_rate: float = 1e-3
     momentum: float = 0.9
-    model: str = "cnn"
+    model: str = None  # None: the experiment's default
     data: str = "fashion-mnist"
     # TensorFlow's deterministic kernels: two runs with the same config give
     # the same numbers (on the same machine and instruction set).
     deterministic: bool = True
+
+    def __post_init__(self):
+        if self.experiment not in REPRODUCE_DEFAULTS:
+            raise ValueError(f"experiment={self.experiment!r}: use one of "
+                             f"{', '.join(REPRODUCE_DEFAULTS)}.")
+        for name, value in REPRODUCE_DEFAULTS[self.experiment].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
 
 def small_cnn(shape, num_classes, width=16, blocks=2, convs_per_block=2,
@@ -152,9 +161,6 @@ def run(config, progress=None):
     """Runs the experiment; returns {"curves": [...], "final": {...},
     "config": ..., "paper": ...}. `progress`, if given, is called with a
     line of text after every arm of every seed."""
-    if config.experiment not in PAPER:
-        raise ValueError(f"experiment={config.experiment!r}: use one of "
-                         f"{', '.join(PAPER)}.")
     for name in ("steps", "seeds", "eval_every", "batch_size", "eval_size"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name}={getattr(config, name)}: must be >= 1.")
