@@ -372,8 +372,9 @@ def cmd_reproduce(args):
     small scale on Fashion-MNIST: batch norm versus batch renorm from the same
     initialisation over several seeds; writes the validation-accuracy curves
     (CSV, JSON, PNG) to --out and prints the final accuracies next to the
-    paper's. The default scale takes about 10 minutes on 2 CPU cores; raise
-    --steps / --seeds (and use a GPU) for full scale."""
+    paper's. The defaults take about 3 (microbatch) and 7 (non-iid) minutes
+    on 2 CPU cores; raise --steps / --seeds (and use a GPU) for full
+    scale."""
     from renorm_convert import reproduce
     from renorm_convert.reporting import write_experiment
 

@@ -172,7 +172,7 @@ def experiment_figure(result):
     ax.legend(loc="best", fontsize=8)
     # Wrapped to the axes' width (a long dataset path or model name would
     # otherwise run off the figure's right edge).
-    ax.set_title("\n".join(textwrap.fill(line, width=70)
+    ax.set_title("\n".join(textwrap.fill(line, width=80)
                             for line in _title(result)), fontsize=10)
     fig.tight_layout()
     return fig
