@@ -13,4 +13,14 @@ REPRODUCE_DEFAULTS = {
     "microbatch": {"model": "cnn", "steps": 1500},
     "non-iid": {"model": "cnn-deep", "steps": 3000},
 }
-REPRODUCE_MODELS = ("cnn-plain", "cnn", "cnn-wide", "cnn-deep")
+# `reproduce`'s networks (arguments of reproduce.small_cnn), shallowest
+# first: --model NAME.
+REPRODUCE_MODELS = {
+    # Three blocks of one convolution, no normalized head: the plain CNN.
+    "cnn-plain": dict(blocks=3, convs_per_block=1, dense_head=False),
+    # Two blocks of two convolutions and a batch-normalized dense head.
+    "cnn": dict(blocks=2, convs_per_block=2, dense_head=True),
+    "cnn-wide": dict(blocks=2, convs_per_block=2, dense_head=True, width=32),
+    # Three blocks of two convolutions and a batch-normalized dense head.
+    "cnn-deep": dict(blocks=3, convs_per_block=2, dense_head=True),
+}

@@ -378,15 +378,15 @@ def cmd_reproduce(args):
     from renorm_convert import reproduce
     from renorm_convert.reporting import write_experiment
 
-    if args.steps is not None and args.steps < args.eval_every:
-        raise _usage(f"--steps ({args.steps}) must be at least --eval-every "
-                     f"({args.eval_every}).")
-    os.makedirs(args.out, exist_ok=True)
     config = reproduce.Config(
         experiment=args.experiment, steps=args.steps, seeds=args.seeds,
         batch_size=args.batch_size, microbatch=args.microbatch,
         classes_per_batch=args.classes_per_batch, eval_every=args.eval_every,
         model=args.model, data=args.data)
+    if config.steps < config.eval_every:  # the default --steps too
+        raise _usage(f"--steps ({config.steps}) must be at least "
+                     f"--eval-every ({config.eval_every}).")
+    os.makedirs(args.out, exist_ok=True)
     if config.experiment == "non-iid":
         from renorm_convert.data import check_batching, load_source
 
@@ -655,10 +655,6 @@ def _usage(message):
     return _Usage(message)
 
 
-# Output paths, checked for a person before any work: the messages name the
-# flags.
-
-
 def import_custom_objects(modules):
     """Imports each `module.path` (which registers its classes) and returns
     the Keras layers, models and functions it defines, by class name."""
@@ -686,7 +682,8 @@ def import_custom_objects(modules):
     return objects
 
 
-
+# Output paths, checked for a person before any work: the messages name the
+# flags.
 
 def check_output(output, inputs, suffixes):
     """Refuses an output path that is an input (also through `..`, a
@@ -723,24 +720,24 @@ def _check_location(flag, path, kind):
     if kind == "file":
         if os.path.isdir(path):
             raise _usage(f"{flag} {path}: is a directory; give a file "
-                             "name.")
+                         "name.")
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise _usage(f"{flag} {path}: the directory {directory} does "
-                             "not exist; create it first.")
+                         "not exist; create it first.")
     else:
         if os.path.exists(path) and not os.path.isdir(path):
             raise _usage(f"{flag} {path}: is a file, not a directory; "
-                             "give a directory.")
+                         "give a directory.")
         directory = os.path.abspath(path)
         while not os.path.exists(directory):
             directory = os.path.dirname(directory)
         if not os.path.isdir(directory):
             raise _usage(f"{flag} {path}: {directory} is a file, not a "
-                             "directory.")
+                         "directory.")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise _usage(f"{flag} {path}: the directory {directory} is not "
-                         "writable.")
+                     "writable.")
 
 
 def check_outputs(outputs, inputs=()):
@@ -810,6 +807,10 @@ def _doc(func):
     return func.__doc__.strip()
 
 
+# What `--data SOURCE` takes (renorm_convert.data.load_source).
+_SOURCES = "fashion-mnist[:DIR], digits, npz:PATH, or an image directory"
+
+
 def _per_experiment(name):
     from renorm_convert._limits import REPRODUCE_DEFAULTS  # no TensorFlow
 
@@ -869,9 +870,8 @@ def build_parser():
     p.add_argument("--no-verify", action="store_true",
                    help="skip the onnxruntime-versus-Keras check")
     p.add_argument("--data", metavar="SOURCE",
-                   help="verify on real images from this source "
-                        "(fashion-mnist[:DIR], digits, npz:PATH, or an image "
-                        "directory), resized and scaled as finetune does "
+                   help=f"verify on real images from this source "
+                        f"({_SOURCES}), resized and scaled as finetune does "
                         "(default: random inputs)")
     p.add_argument("--verify-size", type=_integer(1), default=64, metavar="N",
                    help="validation images to verify on, with --data")
@@ -905,8 +905,7 @@ def build_parser():
     p.add_argument("-o", "--output", required=True, metavar="OUT.keras",
                    help="the output file (written atomically; never one of the inputs)")
     p.add_argument("--data", required=True, metavar="SOURCE",
-                   help="fashion-mnist[:DIR], digits, npz:PATH, or an image "
-                        "directory")
+                   help=_SOURCES)
     p.add_argument("--epochs", type=_integer(1), default=1,
                    help="passes over the training data")
     p.add_argument("--batch-size", type=_integer(1), default=32,
@@ -975,8 +974,7 @@ def build_parser():
                    help="another .keras / .h5 model (default: the reference "
                         "Inception-style Fashion-MNIST model)")
     p.add_argument("--data", default="fashion-mnist", metavar="SOURCE",
-                   help="fashion-mnist[:DIR], digits, npz:PATH, or an image "
-                        "directory")
+                   help=_SOURCES)
     p.add_argument("--epochs", type=_integer(1), default=1,
                    help="passes over the training subset")
     p.add_argument("--batch-size", type=_integer(1), default=32,
@@ -1017,15 +1015,14 @@ def build_parser():
                         "Fashion-MNIST has 10)")
     p.add_argument("--eval-every", type=_integer(1), default=150,
                    metavar="STEPS", help="validate every STEPS steps")
-    p.add_argument("--model", default=None, choices=REPRODUCE_MODELS,
+    p.add_argument("--model", default=None, choices=list(REPRODUCE_MODELS),
                    help="the network: cnn-plain (3 blocks of one "
                         "convolution, pooled), cnn (2 blocks of two and a "
                         "normalized dense head), cnn-wide (cnn at width 32), "
                         "cnn-deep (3 blocks of two and a normalized dense "
                         "head); default: " + _per_experiment("model"))
     p.add_argument("--data", default="fashion-mnist", metavar="SOURCE",
-                   help="fashion-mnist[:DIR], digits, npz:PATH, or an image "
-                        "directory")
+                   help=_SOURCES)
     p.set_defaults(func=cmd_reproduce)
     return parser
 

@@ -427,12 +427,13 @@ def clone_prebuilt(layer, **overrides):
 def copy_weights(old, new):
     """Moves the weights of layer `old` into `new`, a built copy of it made
     from its config: sublayers paired by the attribute that holds them, each
-    layer's own variables by name, never by position.
+    layer's own variables by name (those created without a name, in
+    creation order), never by position.
 
     Raises:
         ConversionError: naming the variable or sublayer that has no
             counterpart in the copy (its class's get_config() does not
-            describe it, or an unnamed `add_weight`).
+            describe it).
     """
     if not old.weights:
         return
@@ -632,9 +633,10 @@ def _classifier_chain(model, num_classes):
     def refuse(found):
         raise ConversionError(
             f"cannot give model '{model.name}' a head of {num_classes} "
-            f"classes: it has no classifier layer to replace ({found}). A Dense or Conv layer producing the "
-            "classes, followed only by pooling, flatten, reshape, activation "
-            "or dropout, can be replaced; give other models a head yourself.")
+            f"classes: it has no classifier layer to replace ({found}). A "
+            "Dense or Conv layer producing the classes, followed only by "
+            "pooling, flatten, reshape, activation or dropout, can be "
+            "replaced; give other models a head yourself.")
 
     if len(model.outputs) != 1:
         refuse(f"it has {len(model.outputs)} outputs")

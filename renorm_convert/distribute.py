@@ -72,10 +72,14 @@ def is_multi_worker(strategy):
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
+def _tf_config():
+    return json.loads(os.environ.get("TF_CONFIG") or "{}")
+
+
 def is_chief():
     """False on the non-chief workers of a TF_CONFIG cluster: they train but
     write no files."""
-    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
+    config = _tf_config()
     task = config.get("task", {})
     if task.get("type") in (None, "chief"):
         return True
@@ -86,8 +90,7 @@ def is_chief():
 
 def worker_index():
     """This worker's index in TF_CONFIG (0 without one)."""
-    config = json.loads(os.environ.get("TF_CONFIG") or "{}")
-    return int(config.get("task", {}).get("index", 0))
+    return int(_tf_config().get("task", {}).get("index", 0))
 
 
 def patch_for_multi_worker(model, strategy, sample):

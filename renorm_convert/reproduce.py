@@ -16,7 +16,7 @@ import keras
 import numpy as np
 
 from renorm_convert import data as data_lib
-from renorm_convert._limits import REPRODUCE_DEFAULTS
+from renorm_convert._limits import REPRODUCE_DEFAULTS, REPRODUCE_MODELS
 from renorm_convert.convert import convert
 from renorm_convert.finetune import fine_tune, top1
 from renorm_convert.schedule import renorm_layers
@@ -84,16 +84,8 @@ def small_cnn(shape, num_classes, width=16, blocks=2, convs_per_block=2,
     return keras.Model(inputs, outputs, name=name)
 
 
-# The experiments' architectures, shallowest first: --model NAME.
-MODELS = {
-    # Three blocks of one convolution, no normalized head: the plain CNN.
-    "cnn-plain": dict(blocks=3, convs_per_block=1, dense_head=False),
-    # Two blocks of two convolutions and a batch-normalized dense head.
-    "cnn": dict(blocks=2, convs_per_block=2, dense_head=True),
-    "cnn-wide": dict(blocks=2, convs_per_block=2, dense_head=True, width=32),
-    # Three blocks of two convolutions and a batch-normalized dense head.
-    "cnn-deep": dict(blocks=3, convs_per_block=2, dense_head=True),
-}
+# The experiments' networks, shallowest first: --model NAME.
+MODELS = REPRODUCE_MODELS
 
 
 def _model(config, shape, num_classes):
