@@ -1069,8 +1069,8 @@ def main(argv=None):
             return args.func(args)
     except (_Usage, UsageError, ConversionError, ExportError, DataError,
             FineTuneError, StrategyError) as e:
-        print(f"renorm-convert {args.command}: error: {_one_line(e)}",
-              file=sys.stderr)
+        print(f"renorm-convert {args.command}: error: "
+              f"{_one_line(e, args.command)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         what = "terminated" if isinstance(e, _Terminated) else "interrupted"
@@ -1079,8 +1079,8 @@ def main(argv=None):
               file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
     except OSError as e:
-        print(f"renorm-convert {args.command}: error: {_one_line(e)}",
-              file=sys.stderr)
+        print(f"renorm-convert {args.command}: error: "
+              f"{_one_line(e, args.command)}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:  # an internal error: say so, briefly
         if os.environ.get("RENORM_CONVERT_DEBUG"):
@@ -1090,8 +1090,8 @@ def main(argv=None):
                   file=sys.stderr)
             return EXIT_USAGE
         print(f"renorm-convert {args.command}: internal error: "
-              f"{_one_line(e)} (set RENORM_CONVERT_DEBUG=1 for the "
-              "traceback)", file=sys.stderr)
+              f"{_one_line(e, args.command)} (set RENORM_CONVERT_DEBUG=1 for "
+              "the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
     finally:
         if previous is not None:
@@ -1113,20 +1113,26 @@ _FLAGS = {
 _ARGUMENT = re.compile(r"(?<![\w.])(" + "|".join(_FLAGS) + r")=")
 
 
-def as_flags(text):
-    """`text` with the Python arguments it names written as flags."""
+# Where a subcommand names an argument's flag otherwise.
+_COMMAND_FLAGS = {"reproduce": {"non_iid_classes": "--classes-per-batch"}}
+
+
+def as_flags(text, command=None):
+    """`text` with the Python arguments it names written as `command`'s
+    flags."""
+    flags = {**_FLAGS, **_COMMAND_FLAGS.get(command, {})}
     text = text.replace("safe_mode=False", "--unsafe")
     text = re.sub(r"Import the module that defines it \((.*?)\) first, or "
                   r"pass custom_objects=\{name: class\}\.",
                   r"Pass --custom-objects your.module (a module that "
                   r"defines it, \1).", text)
-    return _ARGUMENT.sub(lambda m: _FLAGS[m.group(1)] + (
+    return _ARGUMENT.sub(lambda m: flags[m.group(1)] + (
         " " if m.end() < len(text) and text[m.end()] not in " ,." else ""),
         text)
 
 
-def _one_line(error):
-    text = as_flags(" ".join(str(error).split()))
+def _one_line(error, command=None):
+    text = as_flags(" ".join(str(error).split()), command)
     return text if len(text) <= 400 else text[:397] + "..."
 
 

@@ -475,6 +475,7 @@ def test_library_errors_name_arguments_and_the_command_line_flags(small):
     text = str(info.value)
     assert text.startswith("non_iid_classes=3: ") and "--" not in text
     assert as_flags(text).startswith("--non-iid 3: ")
+    assert as_flags(text, "reproduce").startswith("--classes-per-batch 3: ")
     assert as_flags("Try another opset=, or") == "Try another --opset, or"
     assert as_flags("renorm_momentum=2") == "--renorm-momentum 2"
 
