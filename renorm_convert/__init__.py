@@ -1,87 +1,137 @@
 """renorm_convert: convert Keras models to Batch Renormalization, fine-tune
 them, and export them to ONNX with the normalization folded away.
 
-`convert`, `revert` and `fold` are functions here; their modules stay
-importable as `renorm_convert.convert` and `renorm_convert.fold`.
+`import renorm_convert` is light: each name below loads its module (and
+Keras, with its backend) on first use, so the command line parses its
+arguments before any backend loads. The layers saved models refer to
+(`BatchRenormalization`, `ChannelAffine`, ...) are registered with Keras as
+soon as Keras is imported, before or after this package, so
+`keras.models.load_model` finds them after `import renorm_convert`.
 """
 
-import os
+import importlib
+import importlib.abc
+import importlib.util
 import sys
 
+__version__ = "0.2.0"
 
-def _load():
-    """Imports TensorFlow and every module of the API. Importing them
-    registers BatchRenormalization and ChannelAffine with Keras, so that
-    saved models load after `import renorm_convert`."""
-    from renorm_convert._logs import filtered_stderr
+# Public name -> the module that defines it.
+_API = {
+    "BatchRenormalization": "layers",
+    "renorm_layers": "layers",
+    "RenormSchedule": "schedule",
+    "model_graph": "graph",
+    "iter_layers": "graph",
+    "GraphError": "graph",
+    "convert": "conversion",
+    "revert": "conversion",
+    "copy_model": "conversion",
+    "recast": "conversion",
+    "ConversionError": "conversion",
+    "ConversionReport": "conversion",
+    "replace_head": "surgery",
+    "freeze_all_but_normalization": "surgery",
+    "unfreeze": "surgery",
+    "configure": "surgery",
+    "fold": "folding",
+    "fold_plan": "folding",
+    "FoldPlan": "folding",
+    "ChannelAffine": "folding",
+    "export_onnx": "export",
+    "quantize_onnx": "export",
+    "ExportReport": "export",
+    "ExportError": "export",
+    "fine_tune": "finetune",
+    "FineTuneResult": "finetune",
+    "FineTuneError": "finetune",
+    "NonFiniteLoss": "finetune",
+    "recalibrate": "recalibration",
+    "accuracy": "evaluation",
+    "top1": "evaluation",
+    "load": "io",
+    "RenormConvertError": "errors",
+    "BackendError": "errors",
+}
+# Submodules reachable as attributes (`rc.data.load_source(...)`).
+_MODULES = ("callbacks", "checkpoint", "data", "distribute", "evaluation",
+            "folding", "graph", "io", "reporting", "reproduce", "schedule",
+            "surgery")
+# Modules whose import registers the classes saved files name.
+_REGISTERING = ("layers", "schedule", "blocks", "folding", "legacy")
 
-    import importlib
-
-    with filtered_stderr():
-        import tensorflow  # noqa: F401  (its native start-up logs, filtered)
-
-    for module in ("data", "export", "graph", "io", "schedule"):
-        importlib.import_module(f"renorm_convert.{module}")
-    from renorm_convert.convert import (ConversionError, convert, copy_model,
-                                        freeze_all_but_normalization, recast,
-                                        replace_head, revert, unfreeze)
-    from renorm_convert.export import (ExportError, ExportReport, export_onnx,
-                                       quantize_onnx)
-    from renorm_convert.finetune import (FineTuneError, NonFiniteLoss,
-                                         accuracy, fine_tune, recalibrate)
-    from renorm_convert.fold import ChannelAffine, fold
-    from renorm_convert.graph import GraphError, iter_layers, model_graph
-    from renorm_convert.layers import BatchRenormalization
-    from renorm_convert.schedule import RenormSchedule
-
-    globals().update({name: value for name, value in locals().items()
-                      if name in __all__})
+__all__ = sorted(_API) + ["data", "callbacks"]
 
 
-def _run_as_command():
-    """True while the `renorm-convert` command (or `python -m
-    renorm_convert.cli`) imports this package: it parses its arguments
-    before TensorFlow loads, so `--help` and usage errors answer at once,
-    and calls `_load()` itself for a command that runs."""
-    argv0 = sys.argv[0] if sys.argv else ""
-    return os.path.basename(argv0) in ("renorm-convert", "-m")
+def __getattr__(name):
+    if name in _API:
+        module = importlib.import_module(f"{__name__}.{_API[name]}")
+        register()
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    if name in _MODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        register()
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "BatchRenormalization",
-    "ChannelAffine",
-    "ConversionError",
-    "ExportError",
-    "ExportReport",
-    "FineTuneError",
-    "GraphError",
-    "NonFiniteLoss",
-    "RenormSchedule",
-    "accuracy",
-    "convert",
-    "copy_model",
-    "data",
-    "export_onnx",
-    "fine_tune",
-    "fold",
-    "freeze_all_but_normalization",
-    "iter_layers",
-    "model_graph",
-    "quantize_onnx",
-    "recalibrate",
-    "recast",
-    "replace_head",
-    "revert",
-    "unfreeze",
-]
-__version__ = "0.1.0"
+def __dir__():
+    return sorted(set(globals()) | set(_API) | set(_MODULES))
 
-if _run_as_command():
-    def __getattr__(name):
-        if name in __all__:
-            _load()
-            return globals()[name]
-        raise AttributeError(f"module 'renorm_convert' has no attribute "
-                             f"{name!r}")
-else:
-    _load()
+
+def register():
+    """Imports the modules whose classes saved models refer to, which
+    registers them with Keras (this imports Keras and its backend)."""
+    for module in _REGISTERING:
+        importlib.import_module(f"{__name__}.{module}")
+
+
+def _importing_ourselves():
+    """Whether one of this package's modules is being imported right now
+    (then it imported Keras, and registering would import it again half
+    made; the first public name used registers instead)."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith(f"{__name__}.") and getattr(
+                getattr(module, "__spec__", None), "_initializing", False):
+            return True
+    return False
+
+
+class _RegisterAfterKeras(importlib.abc.MetaPathFinder):
+    """Finds `keras` as the import system would, and has `register()` run
+    once Keras's own module has executed; removes itself at the first
+    import of Keras."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "keras":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("keras")
+        if spec is None or spec.loader is None:
+            return spec
+        spec.loader = _ThenRegister(spec.loader)
+        return spec
+
+
+class _ThenRegister(importlib.abc.Loader):
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        if not _importing_ourselves():
+            register()
+
+    def __getattr__(self, name):  # get_resource_reader, is_package, ...
+        return getattr(self._loader, name)
+
+
+if "keras" in sys.modules and not _importing_ourselves():
+    register()
+elif not any(isinstance(f, _RegisterAfterKeras) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterKeras())

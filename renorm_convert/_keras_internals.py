@@ -10,35 +10,8 @@ happens inside the function that needs it.
 """
 
 import contextlib
-import functools
+import copy
 import os
-
-# --- TensorFlow tracing ---
-
-
-def in_xla_compilation():
-    """Whether the function being traced will be compiled by XLA
-    (`tf.function(jit_compile=True)`, Keras's `jit_compile=True`).
-
-    Why: XLA compiles both branches of a `tf.cond` for the batch's actual
-    size, and cannot take the gradient of a branch whose slices depend on
-    shapes computed in the forward pass; `BatchRenormalization` then takes a
-    path without `tf.cond` (XLA knows every shape when it compiles, so
-    the cond is not needed there). TensorFlow marks such traces with an
-    `XLAControlFlowContext` and has no public way to ask. If the hook is
-    gone, this answers True: the path taken is then correct everywhere, only
-    slower without XLA.
-    """
-    try:
-        from tensorflow.python.framework import ops
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:
-        return True
-    check = getattr(control_flow_util, "GraphOrParentsInXlaContext", None)
-    if check is None:
-        return True
-    return bool(check(ops.get_default_graph()))
-
 
 # --- layer tracking ---
 
@@ -74,8 +47,24 @@ def own_variables(layer):
 
 # Attributes of a layer that are Keras's or TensorFlow's bookkeeping of the
 # same sublayers, not where the layer's own code keeps them.
-_TRACKING_ATTRIBUTES = ("_layers", "_tracker")
+_TRACKING_ATTRIBUTES = ("_layers", "_tracker", "_modules", "_parameters",
+                        "_buffers")
 _TRACKING_PREFIXES = ("_keras", "_self_")
+
+
+def layer_attributes(layer):
+    """{name: value} of a layer's instance attributes, as user code set
+    them, on every backend.
+
+    Why: on PyTorch a Keras layer is a `torch.nn.Module`, whose
+    `__setattr__` keeps a sublayer in `_modules` instead of the instance
+    `__dict__`; without merging them, a block's `self.bn` would be found as
+    `_modules["bn"]` there and as `bn` elsewhere, and a file saved on one
+    backend would name other paths than on another.
+    """
+    attributes = dict(vars(layer))
+    attributes.update(vars(layer).get("_modules") or {})
+    return attributes
 
 
 def is_tracking_attribute(name):
@@ -88,7 +77,8 @@ def is_tracking_attribute(name):
     attributes and Keras in `_keras*` ones; there is no public list of "the
     attributes user code set". Without this filter each sublayer would be
     found twice, and conversion would rewrite Keras's own lists as if they
-    were the layer's attributes.
+    were the layer's attributes. PyTorch's `torch.nn.Module` keeps them in
+    `_modules` (see `layer_attributes`).
     """
     return name in _TRACKING_ATTRIBUTES or name.startswith(_TRACKING_PREFIXES)
 
@@ -113,9 +103,12 @@ def replace_sublayer(layer, attr, index, old, new):
     container = getattr(layer, attr)
     if index is None:
         object.__setattr__(layer, attr, new)
+        modules = vars(layer).get("_modules")  # PyTorch's, see above
+        if isinstance(modules, dict) and modules.get(attr) is old:
+            modules[attr] = new
         names = getattr(layer, "_self_unconditional_dependency_names", None)
         if isinstance(names, dict) and names.get(attr) is old:
-            names[attr] = new
+            dict.__setitem__(names, attr, new)
     elif isinstance(container, dict):
         dict.__setitem__(container, index, new)
     else:
@@ -123,6 +116,94 @@ def replace_sublayer(layer, attr, index, old, new):
 
 
 # --- layer (de)serialization ---
+
+
+def adopt_call_signature(wrapper, layer):
+    """Makes Keras bind the arguments of calls to `wrapper` (whose `call`
+    takes `*args, **kwargs` and calls `layer`) by `layer.call`'s signature.
+
+    Why: Keras reads `Layer._call_signature` (set in `Layer.__init__`) to
+    tell tensor arguments from the others; against `**kwargs` every keyword
+    lands in one argument, and a block called as `block(x, skips=[a, b],
+    mode="sum")` is then refused ("you cannot mix tensors and
+    non-tensors"), which made rebuilding such a model fail. There is no
+    public way to give a wrapper its wrapped layer's signature.
+    """
+    wrapper._call_signature = layer._call_signature
+    wrapper.call_signature_parameters = list(layer.call_signature_parameters)
+    wrapper._call_has_training_arg = layer._call_has_training_arg
+    wrapper._call_has_mask_arg = layer._call_has_mask_arg
+    wrapper._call_has_context_arg = {
+        arg: arg in wrapper.call_signature_parameters
+        for arg in wrapper._call_context_args}
+
+
+def _copy_object(obj, memo):
+    cls = type(obj)
+    new = cls.__new__(cls)
+    memo[id(obj)] = new
+    for key, value in obj.__dict__.items():
+        new.__dict__[key] = copy.deepcopy(value, memo)
+    return new
+
+
+def _copy_tracked_list(obj, memo):
+    new = _copy_object(obj, memo)
+    list.extend(new, [copy.deepcopy(v, memo) for v in obj])
+    return new
+
+
+def _copy_tracked_dict(obj, memo):
+    new = _copy_object(obj, memo)
+    for key, value in obj.items():
+        dict.__setitem__(new, key, copy.deepcopy(value, memo))
+    return new
+
+
+def _copy_tracked_set(obj, memo):
+    new = _copy_object(obj, memo)
+    for value in obj:
+        set.add(new, copy.deepcopy(value, memo))
+    return new
+
+
+def live_copy(layer):
+    """A deep copy of the built `layer` as it is in memory: every sublayer
+    and variable copied (new variables, same values), nothing recreated
+    from its config, and no graph nodes (the copy is called afresh).
+
+    Why: `copy.deepcopy` of a Keras object goes through `__reduce__`, which
+    saves and reloads it through its config, the very thing that fails for
+    layers whose `get_config()` does not describe them (sublayers made in
+    `build()` from arguments the config leaves out) or whose Python code
+    cannot be found again (a loaded Lambda). Keras's tracked containers
+    refuse additions once a layer is built, so they are refilled directly.
+    The `__deepcopy__` hooks exist only during this call.
+    """
+    from keras.src.saving.keras_saveable import KerasSaveable
+    from keras.src.utils import tracking
+
+    memo = {}
+    for sub in [layer] + flatten_layers(layer):
+        memo[id(sub._inbound_nodes)] = []
+        memo[id(sub._outbound_nodes)] = []
+    hooks = [(KerasSaveable, _copy_object),
+             (tracking.TrackedList, _copy_tracked_list),
+             (tracking.TrackedDict, _copy_tracked_dict),
+             (tracking.TrackedSet, _copy_tracked_set)]
+    for cls, hook in hooks:
+        cls.__deepcopy__ = hook
+    try:
+        new = copy.deepcopy(layer, memo)
+    finally:
+        for cls, _ in hooks:
+            del cls.__deepcopy__
+    for obj in list(memo.values()):
+        if isinstance(obj, tracking.Tracker):
+            # Trackers know their values by id: the copies' ids now.
+            obj.stored_ids = {name: {id(v) for v in store}
+                              for name, (_, store) in obj.config.items()}
+    return new
 
 
 def from_config_unsafe(cls, config):
@@ -142,19 +223,47 @@ def from_config_unsafe(cls, config):
         return cls.from_config(config)
 
 
-def legacy_model_from_config(config, custom_objects=None):
-    """A Keras 3 model from a Keras 2 model config (the `model_config` of a
-    Keras 2 `.h5` file).
+def function_from_code(code, defaults, closure, globals_):
+    """A Python function from the code a Keras 2 Lambda layer saved, run
+    with `globals_` (the names of the module that defined it).
 
-    Why: that is Keras's own reader of Keras 2 configs, which
-    `keras.models.load_model` calls for `.h5` files, but it has no public
-    name, and `load_model` cannot take the rewritten config (TF-op layers
-    replaced) that `legacy.load_h5_with_tf_ops` makes. Without it, Keras 2
-    `.h5` files with TF-op layers do not load.
+    Why: Keras 3 recreates such functions with `python_utils.func_load`
+    and the globals of that Keras module, so a Lambda calling a helper of
+    its own module (`Lambda(expand_dims)` in a model-zoo library) fails
+    with a NameError; Keras 2 used the module named in the config, as this
+    does. `func_load` (which decodes Keras's encoding) has no public name.
     """
-    from keras.src.legacy.saving.saving_utils import model_from_config
+    from keras.src.utils import python_utils
 
-    return model_from_config(config, custom_objects=custom_objects)
+    return python_utils.func_load(code, defaults=defaults, closure=closure,
+                                  globs=globals_)
+
+
+def load_legacy_h5(path, config, custom_objects=None, safe_mode=True):
+    """A Keras 3 model from a Keras 2 `.h5` file, built from `config` (its
+    `model_config`, rewritten where Keras 3 refuses it), with the file's
+    weights.
+
+    Why: these are the steps of Keras's own `.h5` reader
+    (`legacy_h5_format.load_model_from_hdf5`: the legacy-config option, safe
+    mode, `model_from_config`, `load_weights_from_hdf5_group`), none with a
+    public name, and `keras.models.load_model` cannot take a rewritten
+    config. Without it, Keras 2 files with TF-op layers, or with configs
+    Keras 2 wrote and Keras 3 rejects (`groups` on a DepthwiseConv2D), do
+    not load.
+    """
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format, saving_options
+    from keras.src.legacy.saving.saving_utils import model_from_config
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    with h5py.File(path, "r") as f:
+        with saving_options.keras_option_scope(use_legacy_config=True), \
+                SafeModeScope(safe_mode):
+            model = model_from_config(config, custom_objects=custom_objects)
+            legacy_h5_format.load_weights_from_hdf5_group(
+                legacy_h5_format.safe_get_h5_group(f, "model_weights"), model)
+    return model
 
 
 # --- the functional graph ---
@@ -319,6 +428,92 @@ def update_renorm_statistics(layer, mean, variance):
 # --- Model.fit ---
 
 
+class FitAssigner:
+    """Assigns values to some of `model`'s variables between two training
+    steps of its `fit`, so that the next step reads them; made once per
+    `fit` (at `on_train_begin`).
+
+    Why: under JAX, `fit` keeps the model's state in its own lists between
+    steps and leaves the variables themselves unset (`_value` None) until a
+    callback touches `Callback.model`, which writes every variable of the
+    model back through `assign` (8 ms for ResNet50): doing so at every step
+    of a schedule would stall the device. Here the pending state
+    (`model._jax_state`, a copy of the trainer's lists) is attached to the
+    variables directly (`_value`, as `JaxVariable._direct_assign` does,
+    without its per-variable conversions), the new values are set, and
+    `_jax_state_synced` tells the trainer to read its state back from the
+    variables before the next step, as it does after Keras's own sync.
+    Between epochs, after another callback synced the state, and on the
+    other backends, the variables are simply assigned (on TensorFlow in one
+    traced call: an eager assignment costs about 0.1 ms). Without this hook
+    the schedule would either be ignored under jit or cost a full sync per
+    step.
+    """
+
+    _GROUPS = ("trainable_variables", "non_trainable_variables",
+               "optimizer_variables", "metrics_variables")
+
+    def __init__(self, model, variables):
+        import keras
+
+        self._model = model
+        self._variables = list(variables)
+        self._backend = keras.backend.backend()
+        self._live = None
+        self._tf_assign = None
+        if self._backend == "jax":
+            optimizer = getattr(model, "optimizer", None)
+            self._live = {
+                "trainable_variables": list(model.trainable_variables),
+                "non_trainable_variables": list(
+                    model.non_trainable_variables),
+                "optimizer_variables": list(optimizer.variables)
+                if optimizer is not None else [],
+                "metrics_variables": list(model.metrics_variables),
+            }
+        elif self._backend == "tensorflow":
+            self._tf_assign = _tf_assigner(self._variables)
+
+    def assign(self, values):
+        model = self._model
+        if self._backend == "jax":
+            state = getattr(model, "_jax_state", None)
+            if state and not getattr(model, "_jax_state_synced", True):
+                for group in self._GROUPS:
+                    pending = state.get(group)
+                    if pending:
+                        for variable, value in zip(self._live[group],
+                                                   pending):
+                            variable._value = value
+                model._jax_state_synced = True
+            import jax
+            import jax.numpy as jnp
+
+            for variable, value in zip(self._variables, values):
+                old = variable._value
+                variable._value = jax.device_put(
+                    jnp.asarray(value, old.dtype), old.sharding)
+            return
+        if self._tf_assign is not None:
+            self._tf_assign(values)
+            return
+        for variable, value in zip(self._variables, values):
+            variable.assign(value)
+
+
+def _tf_assigner(variables):
+    import tensorflow as tf
+
+    targets = [v.value for v in variables]
+
+    @tf.function
+    def assign(new):
+        for target, value in zip(targets, tf.unstack(new)):
+            target.assign(value)
+
+    return lambda values: assign(tf.constant(values, tf.float32))
+
+
 def symbolic_build(model, data_batch):
     """Builds `model`'s optimizer and metric variables from one data batch,
     as the first step of `fit` does.
@@ -343,6 +538,30 @@ def set_symbolic_build(model, function):
     model._maybe_symbolic_build = function
 
 
+# --- TensorFlow determinism ---
+
+
+def tf_op_determinism_enabled():
+    """Whether TensorFlow's op determinism is on.
+
+    Why: TensorFlow offers `tf.config.experimental.enable_op_determinism`
+    but neither a public query nor a way back; `determinism.deterministic()`
+    turns it on for one block and must restore the process's setting.
+    Without it, one reproduction run would make every later computation of
+    the process deterministic (and slower).
+    """
+    from tensorflow.python.framework import config
+
+    return bool(config.is_op_determinism_enabled())
+
+
+def disable_tf_op_determinism():
+    """Turns TensorFlow's op determinism off again (see above)."""
+    from tensorflow.python.framework import config
+
+    config.disable_op_determinism()
+
+
 # --- tf2onnx and Keras's TensorFlow backend ---
 
 
@@ -352,7 +571,9 @@ def patch_tf2onnx_for_numpy2():
 
     Why: tf2onnx 1.17 uses `np.object` and `np.cast`, gone in NumPy 2; Keras
     ships the fix in the private `keras.src.export.tf2onnx_lib` and exposes no
-    public name for it. Without it, conversion fails under NumPy 2.
+    public name for it. Keras applies it once for the process (its own
+    export does the same); it only restores what NumPy 1 had. Without it,
+    conversion fails under NumPy 2.
     """
     import warnings
 
@@ -363,10 +584,11 @@ def patch_tf2onnx_for_numpy2():
         patch_tf2onnx()
 
 
-@functools.lru_cache(maxsize=None)
-def patch_tf2onnx_optimizers():
-    """tf2onnx's transpose optimizer on scalar constants, and its NodeProto
-    rewriting, fixed (once per process).
+@contextlib.contextmanager
+def tf2onnx_optimizers_fixed():
+    """Within the block, tf2onnx's transpose optimizer handles scalar
+    constants and its NodeProto rewriting frees what it replaces; both are
+    put back on leaving.
 
     Why: (1) the transpose optimizer's private `_add_handler` crashes on
     `Conv -> Add(scalar)` (as in hard-swish, `x + 3.0`: `max()` of a
@@ -380,7 +602,8 @@ def patch_tf2onnx_optimizers():
     of weights); each node is rebuilt into a fresh NodeProto (the private
     `_op`), so the previous one and its copies are freed. Without these,
     MobileNetV3-style models export with a Transpose per layer, and large
-    models need several times the memory.
+    models need several times the memory. Scoped to our export: another
+    user of tf2onnx in the process sees tf2onnx as it ships.
     """
     import numpy as np
     from onnx import NodeProto
@@ -389,6 +612,7 @@ def patch_tf2onnx_optimizers():
 
     cls = module.TransposeOptimizer
     original_add = cls._add_handler
+    original_update = Node.update_proto
 
     def _add_handler(self, trans, node):
         second = node.inputs[1]
@@ -397,17 +621,19 @@ def patch_tf2onnx_optimizers():
             return self._handle_node_having_branches(trans, node)
         return original_add(self, trans, node)
 
-    cls._add_handler = _add_handler
-
-    original_update = Node.update_proto
-
     def update_proto(self, external_tensor_storage=None):
         old = self._op
         self._op = NodeProto(name=old.name, op_type=old.op_type,
                              domain=old.domain, doc_string=old.doc_string)
         original_update(self, external_tensor_storage)
 
+    cls._add_handler = _add_handler
     Node.update_proto = update_proto
+    try:
+        yield
+    finally:
+        cls._add_handler = original_add
+        Node.update_proto = original_update
 
 
 def tf2onnx_from_function(function, input_signature, opset):

@@ -24,3 +24,21 @@ REPRODUCE_MODELS = {
     # Three blocks of two convolutions and a batch-normalized dense head.
     "cnn-deep": dict(blocks=3, convs_per_block=2, dense_head=True),
 }
+
+
+def keras_backend():
+    """The backend Keras will load, read as Keras reads it (KERAS_BACKEND,
+    then keras.json under KERAS_HOME or ~/.keras), without importing it."""
+    import json
+    import os
+
+    name = os.environ.get("KERAS_BACKEND")
+    if name:
+        return name
+    home = os.environ.get("KERAS_HOME") or os.path.join(
+        os.path.expanduser("~"), ".keras")
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            return json.load(f).get("backend") or "tensorflow"
+    except (OSError, ValueError, AttributeError):
+        return "tensorflow"

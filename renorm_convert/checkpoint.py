@@ -7,32 +7,42 @@ file and a rename, and keep the previous one until the new one is complete.
 Every checkpoint's metadata records the size and sha256 of its weights, so a
 damaged one is found and the one before it used instead.
 
+A directory is held by one run at a time: a lock file names the holder's
+process and host, and an advisory lock on it (released by the system when
+the process ends, even by `kill -9`) tells a live holder from a dead one.
+
 Layout:
     DIR/.renorm-convert-checkpoint      the marker
+    DIR/.renorm-convert-lock            the holder: pid, host, since when
     DIR/epoch-0003.weights.h5           model and optimizer variables
     DIR/epoch-0003.json                 epoch, step, sha256, size, history
     DIR/worker-N/                       a non-chief worker's own checkpoints
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import re
+import socket
+import time
 
-import keras
-
-from renorm_convert.io import UsageError, kill_point, write_atomically
 from renorm_convert import io as _io
+from renorm_convert.io import UsageError, kill_point, write_atomically
 
 MARKER = ".renorm-convert-checkpoint"
+LOCK = ".renorm-convert-lock"
 KEEP = 2
 _OURS = re.compile(r"^(epoch-\d+\.(weights\.h5|json)|worker-\d+|"
-                   + re.escape(MARKER) + r"|" + _io.TEMP_PATTERN + r")$")
+                   + re.escape(MARKER) + r"|" + re.escape(LOCK) + r"|"
+                   + _io.TEMP_PATTERN + r")$")
 _META = re.compile(r"^epoch-(\d+)\.json$")
 
 
 class CheckpointError(UsageError):
-    """A checkpoint directory that is not ours, or not usable."""
+    """A checkpoint directory that is not ours, held by another run, or not
+    usable."""
 
 
 def _sha256(path):
@@ -49,22 +59,114 @@ def check(directory):
     directory = str(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise CheckpointError(
-            f"checkpoint_dir={directory}: is a file; give a directory (a new "
-            "or empty one) for checkpoints.")
-    if not os.path.isdir(directory) or is_ours(directory):
+            "is a file; give a directory (a new or empty one) for "
+            "checkpoints.", "checkpoint_dir", directory, quote=False)
+    if not os.path.isdir(directory):
         return
-    foreign = sorted(n for n in os.listdir(directory) if not _OURS.match(n))
-    if foreign:
-        raise CheckpointError(
-            f"checkpoint_dir={directory}: holds files that are not "
-            f"renorm-convert checkpoints ({', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}); give a new or empty "
-            "directory (nothing in it was changed).")
+    if not is_ours(directory):
+        foreign = sorted(n for n in os.listdir(directory)
+                         if not _OURS.match(n))
+        if foreign:
+            raise CheckpointError(
+                "holds files that are not renorm-convert checkpoints "
+                f"({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}); give a new or "
+                "empty directory (nothing in it was changed).",
+                "checkpoint_dir", directory, quote=False)
+    holder = live_holder(directory)
+    if holder is not None:
+        raise CheckpointError(_in_use(holder), "checkpoint_dir", directory,
+                              quote=False)
+
+
+def _in_use(holder):
+    return (f"is in use by another run (process {holder.get('pid')} on "
+            f"{holder.get('host')}, since {holder.get('since', '?')}); wait "
+            "for it to finish, or give another directory.")
+
+
+def _read_holder(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def live_holder(directory):
+    """The lock record ({pid, host, since}) of a live run holding
+    `directory` (this process excepted), or None."""
+    path = os.path.join(str(directory), LOCK)
+    if not os.path.exists(path) or str(os.path.realpath(path)) in _HELD:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return _read_holder(path) or {"pid": "?", "host": "?"}
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+# realpath of a lock file -> [fd, count] for the locks this process holds.
+_HELD = {}
+
+
+@contextlib.contextmanager
+def hold(directory, notes=None):
+    """Holds `directory` for this run (reentrant within a process): refuses,
+    naming the holder, a directory another live run holds; takes over, and
+    says so in `notes`, a lock left by a run that ended without releasing
+    it. The directory must exist."""
+    path = os.path.join(str(directory), LOCK)
+    key = os.path.realpath(path)
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _read_holder(path)
+        os.close(fd)
+        raise CheckpointError(_in_use(holder), "checkpoint_dir",
+                              str(directory), quote=False) from None
+    previous = _read_holder(path)
+    if previous.get("pid") not in (None, os.getpid()) and notes is not None:
+        notes.append(f"took over the lock of {directory} left by process "
+                     f"{previous.get('pid')} on {previous.get('host')}, "
+                     "which no longer runs")
+    record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                         "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, record.encode(), 0)
+    _HELD[key] = [fd, 1]
+    try:
+        yield
+    finally:
+        _HELD.pop(key, None)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def claim(directory):
-    """Makes `directory` ours (creating it if needed); refuses a file, or a
-    directory holding anything we did not write."""
+    """Makes `directory` ours (creating it if needed); refuses a file, a
+    directory holding anything we did not write, or one another run
+    holds."""
     directory = str(directory)
     check(directory)
     os.makedirs(directory, exist_ok=True)
@@ -170,6 +272,10 @@ def remove(directory):
     directory = str(directory)
     if not is_ours(directory):
         return
+    holder = live_holder(directory)
+    if holder is not None:
+        raise CheckpointError(_in_use(holder), "checkpoint_dir", directory,
+                              quote=False)
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
         if name.startswith("worker-") and os.path.isdir(path):
@@ -178,36 +284,17 @@ def remove(directory):
         _remove_checkpoint(directory, epoch)
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
-        if _OURS.match(name) and name != MARKER and os.path.isfile(path) and (
+        if _OURS.match(name) and name not in (MARKER, LOCK) and \
+                os.path.isfile(path) and (
                 name.endswith((".json", ".weights.h5")) or
                 re.match(_io.TEMP_PATTERN, name)):
             os.unlink(path)
     os.unlink(os.path.join(directory, MARKER))
+    lock = os.path.join(directory, LOCK)
+    if os.path.exists(lock) and (os.path.realpath(lock) in _HELD
+                                 or live_holder(directory) is None):
+        os.unlink(lock)  # ours, or left by a run that ended
     try:
         os.rmdir(directory)
     except OSError:
         pass  # something of someone else's is in it: leave it
-
-
-class Checkpoint(keras.callbacks.Callback):
-    """Writes a checkpoint at the end of every epoch (model and optimizer
-    variables, the history so far, and `extra()`'s dict)."""
-
-    def __init__(self, directory, *, history_so_far, steps_log,
-                 extra=lambda: {}, skip=lambda: False):
-        super().__init__()
-        self._skip = skip
-        self.directory = directory
-        self._history = {k: list(v) for k, v in history_so_far.items()}
-        self._steps_log = steps_log
-        self._extra = extra
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self._skip():
-            return  # e.g. the epoch ended early on a NaN loss
-        for key, value in (logs or {}).items():
-            self._history.setdefault(key, []).append(float(value))
-        write(self.directory, self.model, epoch=epoch + 1,
-              step=int(self.model.optimizer.iterations.numpy()),
-              history=self._history, steps=self._steps_log.steps,
-              extra=self._extra())

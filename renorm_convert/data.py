@@ -1,12 +1,17 @@
 """Real datasets that need no internet, adapted to a model's input, batched
-i.i.d., in microbatch-friendly order, or non-i.i.d. as in the paper.
+i.i.d. or non-i.i.d. as in the paper, on every Keras backend.
 
 Sources (`load_source` spec):
     fashion-mnist[:DIR]  Debian's dataset-fashion-mnist package
                          (/usr/share/datasets/fashion-mnist), or DIR
     digits               scikit-learn's bundled 8x8 digits
-    npz:PATH | PATH.npz  arrays `x` (N, H, W[, C]) and `y` (N,)
+    npz:PATH | PATH.npz  arrays `x` (N, H, W[, C]) and `y`: class ids (N,),
+                         or one-hot / soft labels (N, classes)
     DIR                  a directory of images, one sub-directory per class
+
+Everything here is NumPy (the command line checks sources before any
+backend loads); `renorm_convert.batches` turns a Split into the
+`keras.utils.PyDataset`s that `fit` takes on every backend.
 """
 
 import dataclasses
@@ -14,19 +19,90 @@ import gzip
 import os
 
 import numpy as np
-import tensorflow as tf
+
+from renorm_convert.errors import RenormConvertError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+SCALINGS = ("unit", "symmetric", "raw")
 
 
-class DataError(ValueError):
+class DataError(RenormConvertError):
     """Bad or missing data: the message says what and how to fix it."""
+
+
+# --- labels ----------------------------------------------------------------
+
+
+def class_ids(y):
+    """Class ids of labels given as ids (N,) or one-hot / soft (N, C)."""
+    y = np.asarray(y)
+    return y.reshape(-1) if y.ndim < 2 else y.argmax(axis=-1)
+
+
+def is_dense(y):
+    """Whether labels are one-hot / soft rows (N, C) rather than ids."""
+    return np.ndim(y) == 2
+
+
+def check_labels(where, name, y):
+    """Class ids (N,) as int64, or one-hot / soft rows (N, C) as float32;
+    refuses what cannot be read as either, naming it."""
+    y = np.asarray(y)
+    if y.dtype.kind not in "uifb":
+        raise DataError(f"{where}: `{name}` must hold class labels (0, 1, "
+                        f"...) or one-hot rows; it holds {y.dtype} values.")
+    if not len(y):
+        raise DataError(f"{where}: `{name}` holds no labels.")
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim == 2:
+        y = y.astype(np.float64)
+        sums = y.sum(axis=1)
+        if not np.isfinite(y).all() or (y < 0).any() or not np.allclose(
+                sums, 1.0, atol=1e-3):
+            row = int(np.flatnonzero(~np.isclose(sums, 1.0, atol=1e-3)
+                                     | (y < 0).any(axis=1))[0]) \
+                if np.isfinite(y).all() else 0
+            raise DataError(
+                f"{where}: `{name}` has shape {y.shape}, read as one-hot or "
+                f"soft labels, but row {row} is not a probability "
+                f"distribution (sum {sums[row]:.3g}); multi-label targets "
+                "are not supported. Give class ids (N,) or rows summing "
+                "to 1.")
+        return y.astype(np.float32)
+    if y.ndim != 1:
+        raise DataError(f"{where}: `{name}` must have shape (N,) or (N, "
+                        f"classes); got {y.shape}.")
+    if y.dtype.kind == "f" and not (np.isfinite(y).all() and (
+            y == np.round(y)).all()):
+        raise DataError(f"{where}: `{name}` must hold integer class labels "
+                        f"(0, 1, ...); it holds {y.dtype} values that are not "
+                        "whole numbers.")
+    y = y.astype(np.int64)
+    if (y < 0).any():
+        raise DataError(f"{where}: labels must be >= 0.")
+    return y
+
+
+def num_label_classes(*labels):
+    """Classes the labels need: the columns of dense labels, else the
+    largest id + 1."""
+    for y in labels:
+        if is_dense(y):
+            return int(np.shape(y)[1])
+    return int(max(int(np.max(y)) for y in labels if len(y)) + 1)
+
+
+# --- data sets -------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class Split:
-    """Images (N, H, W, C) as uint8 or float, integer labels, class names."""
+    """Images (N, H, W, C) as uint8 or float, labels (class ids or one-hot /
+    soft rows), class count, and how pixels are read: `value_range` is the
+    value that means "white", `scaling` what a model is fed ("unit" [0, 1],
+    "symmetric" [-1, 1] or "raw" [0, 255])."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -34,18 +110,29 @@ class Split:
     y_val: np.ndarray
     num_classes: int
     name: str
-    value_range: float = 255.0  # the value that means "white"
+    value_range: float = 255.0
+    scaling: str = "unit"
+
+    def __post_init__(self):
+        if self.scaling not in SCALINGS:
+            raise DataError("{arg}: use one of " + ", ".join(SCALINGS) + ".",
+                            "scaling", self.scaling)
+
+    def with_scaling(self, scaling):
+        """The same data, fed to models with another pixel scaling."""
+        return dataclasses.replace(self, scaling=scaling)
 
     def subset(self, train=None, val=None, seed=0):
-        """A smaller split: `train` / `val` examples drawn per class evenly
-        (deterministic under `seed`)."""
+        """A smaller split: the first `train` / `val` examples of a seeded
+        permutation (deterministic under `seed`)."""
         for name, n in (("train", train), ("val", val)):
             if n is not None and (isinstance(n, bool) or int(n) != n or n < 0
                                   or (name == "train" and n < 1)):
-                raise DataError(f"{name}={n}: expected a number of examples "
-                                f"(>= {1 if name == 'train' else 0}) or None.")
+                raise DataError(f"{{arg}}: expected a number of examples "
+                                f"(>= {1 if name == 'train' else 0}) or None.",
+                                name, n)
         if seed is None or int(seed) < 0:
-            raise DataError(f"seed={seed}: expected an integer >= 0.")
+            raise DataError("{arg}: expected an integer >= 0.", "seed", seed)
         rng = np.random.default_rng(seed)
 
         def pick(x, y, n):
@@ -60,18 +147,36 @@ class Split:
         return dataclasses.replace(self, x_train=xt, y_train=yt, x_val=xv,
                                    y_val=yv)
 
-    def inputs_for(self, model, count=None, *, part="val", scaling="unit"):
+    def inputs_for(self, model, count=None, *, part="val"):
         """(images, labels) as NumPy arrays, the first `count` (all when
         None) of the validation (`part="val"`) or training ("train") part,
         resized and scaled as `model`'s one image input takes them: e.g.
         `export_onnx(model, path, verify=x, labels=y)`."""
         if part not in ("val", "train"):
-            raise DataError(f"part={part!r}: expected 'val' or 'train'.")
+            raise DataError("{arg}: expected 'val' or 'train'.", "part", part)
         x, y = ((self.x_val, self.y_val) if part == "val"
                 else (self.x_train, self.y_train))
         x, y = x[:count], y[:count]
-        return (np.asarray(adapt(x, model_image_shape(model),
-                                 self.value_range, scaling)), np.asarray(y))
+        return adapt(x, model_image_shape(model), self.value_range,
+                     self.scaling), np.asarray(y)
+
+    def training_batches(self, model, batch_size=32, *, non_iid_classes=None,
+                         seed=0, steps_per_epoch=None):
+        """`batches.TrainingBatches` of the training part for `model`."""
+        from renorm_convert.batches import TrainingBatches
+
+        return TrainingBatches(self, model_image_shape(model), batch_size,
+                               non_iid_classes=non_iid_classes, seed=seed,
+                               steps_per_epoch=steps_per_epoch)
+
+    def evaluation_batches(self, model, batch_size=256, count=None):
+        """`batches.EvaluationBatches` of the (first `count`) validation
+        examples."""
+        from renorm_convert.batches import EvaluationBatches
+
+        return EvaluationBatches(self.x_val[:count], self.y_val[:count],
+                                 model_image_shape(model), batch_size,
+                                 self.value_range, self.scaling)
 
 
 def _read_idx(path):
@@ -99,8 +204,7 @@ def load_fashion_mnist(directory=None):
         raise DataError(
             f"Fashion-MNIST not found in {directory} (missing {missing[0]}). "
             "Install it with `sudo apt-get install dataset-fashion-mnist`, or "
-            "give its directory as the source 'fashion-mnist:DIR'."
-        )
+            "give its directory as the source 'fashion-mnist:DIR'.")
     arrays = {k: _read_idx(os.path.join(directory, v))
               for k, v in names.items()}
     return Split(arrays["x_train"][..., None], arrays["y_train"].astype(
@@ -123,43 +227,46 @@ def load_digits(val_fraction=0.2, seed=0):
 
 
 def load_npz(path, val_fraction=0.2, seed=0):
-    """`x` (N, H, W[, C]) and `y` (N,) from an .npz file; also accepts
-    `x_val` / `y_val`, else splits off `val_fraction`."""
+    """`x` (N, H, W[, C]) and `y` (class ids (N,) or one-hot / soft (N, C))
+    from an .npz file; also takes `x_val` / `y_val`, else splits off
+    `val_fraction`."""
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file.")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not an .npz file.")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except Exception as e:
-        raise DataError(f"{path}: not a readable .npz file ({e}).") from None
+        text = " ".join(str(e).split())[:120]
+        raise DataError(f"{path}: not a readable .npz file ({text}).") \
+            from None
     if "x" not in arrays or "y" not in arrays:
         raise DataError(f"{path}: needs arrays named `x` and `y`; it has "
                         f"{sorted(arrays)}.")
     x = _check_images(path, "x", arrays["x"])
-    y = _check_labels(path, "y", arrays["y"])
+    y = check_labels(path, "y", arrays["y"])
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or len(x) != len(y):
-        raise DataError(f"{path}: expected x of shape (N, H, W[, C]) and y of "
-                        f"shape (N,); got {x.shape} and {y.shape}.")
+        raise DataError(f"{path}: expected x of shape (N, H, W[, C]) and as "
+                        f"many labels; got x {x.shape} and y {y.shape}.")
     if "x_val" in arrays and "y_val" in arrays:
         xv = _check_images(path, "x_val", arrays["x_val"])
         xv = xv[..., None] if xv.ndim == 3 else xv
-        yv = _check_labels(path, "y_val", arrays["y_val"])
-        if xv.ndim != 4 or len(xv) != len(yv):
+        yv = check_labels(path, "y_val", arrays["y_val"])
+        if xv.ndim != 4 or len(xv) != len(yv) or is_dense(yv) != is_dense(y):
             raise DataError(f"{path}: expected x_val of shape (N, H, W[, C]) "
-                            f"and y_val of shape (N,); got {xv.shape} and "
-                            f"{yv.shape}.")
+                            f"and labels like y's; got x_val {xv.shape} and "
+                            f"y_val {yv.shape}.")
         xt, yt = x, y
     else:
         idx = np.random.default_rng(seed).permutation(len(y))
         n_val = max(1, int(len(y) * val_fraction))
         xt, yt, xv, yv = x[idx[n_val:]], y[idx[n_val:]], x[idx[:n_val]], y[
             idx[:n_val]]
-    if (y < 0).any() or (yv < 0).any():
-        raise DataError(f"{path}: labels must be >= 0.")
     vrange = 255.0 if x.dtype == np.uint8 or x.max() > 1.0 else 1.0
-    return Split(xt, yt, xv, yv, int(max(y.max(), yv.max()) + 1),
+    return Split(xt, yt, xv, yv, num_label_classes(y, yv),
                  os.path.basename(path), value_range=vrange)
 
 
@@ -176,19 +283,26 @@ def _check_images(path, name, x):
     return x
 
 
-def _check_labels(path, name, y):
-    if y.dtype.kind not in "uif" or (
-            y.dtype.kind == "f" and not (np.isfinite(y).all() and (
-                y == np.round(y)).all())):
-        raise DataError(f"{path}: `{name}` must hold integer class labels "
-                        f"(0, 1, ...); it holds {y.dtype} values.")
-    if not len(y):
-        raise DataError(f"{path}: `{name}` holds no labels.")
-    return y.astype(np.int64).reshape(-1)
+def _read_image(path):
+    """An (H, W, 3) uint8 array from an image file (Pillow)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return np.asarray(image.convert("RGB"), np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        text = " ".join(str(e).split())[:120]
+        raise DataError(f"{path}: not a readable image ({text}); fix or "
+                        "remove it.") from None
 
 
 def load_image_folder(directory, size=None, val_fraction=0.2, seed=0):
-    """Images in DIR/<class>/*.png|jpg, classes in sorted order."""
+    """Images in DIR/<class>/*.png|jpg, classes in sorted order; images of
+    other sizes than the first are resized to it (bilinear)."""
+    if not os.path.isdir(directory):
+        raise DataError(f"{directory}: no such directory (an image folder "
+                        "holds one sub-directory of images per class).")
     classes = sorted(d for d in os.listdir(directory)
                      if os.path.isdir(os.path.join(directory, d)))
     if len(classes) < 2:
@@ -198,27 +312,16 @@ def load_image_folder(directory, size=None, val_fraction=0.2, seed=0):
     for label, name in enumerate(classes):
         folder = os.path.join(directory, name)
         for file in sorted(os.listdir(folder)):
-            if not file.lower().endswith(IMAGE_SUFFIXES):
-                continue
-            image_path = os.path.join(folder, file)
-            try:
-                raw = tf.io.read_file(image_path)
-                image = tf.io.decode_image(raw, channels=3,
-                                           expand_animations=False)
-            except (tf.errors.OpError, OSError) as e:
-                text = " ".join(str(e).split())[:120]
-                raise DataError(f"{image_path}: not a readable image "
-                                f"({text}); fix or remove it.") from None
-            if size is not None:
-                image = tf.image.resize(image, size)
-            xs.append(np.asarray(image, np.float32))
-            ys.append(label)
+            if file.lower().endswith(IMAGE_SUFFIXES):
+                xs.append(_read_image(os.path.join(folder, file)))
+                ys.append(label)
     if not xs:
         raise DataError(f"{directory}: no images ({', '.join(IMAGE_SUFFIXES)}).")
-    shapes = {x.shape for x in xs}
-    if len(shapes) > 1:
-        first = xs[0].shape[:2]
-        xs = [np.asarray(tf.image.resize(x, first)) for x in xs]
+    target = tuple(size) if size is not None else xs[0].shape[:2]
+    xs = [x if x.shape[:2] == target else
+          np.clip(np.rint(resize_bilinear(x[None].astype(np.float32),
+                                          target)[0]), 0, 255).astype(np.uint8)
+          for x in xs]
     x, y = np.stack(xs), np.array(ys, np.int64)
     idx = np.random.default_rng(seed).permutation(len(y))
     n_val = max(1, int(len(y) * val_fraction))
@@ -238,11 +341,38 @@ def source_path(spec):
     return spec
 
 
-def load_source(spec):
-    """A `Split` from a source spec (see the module docstring)."""
+def check_source(spec):
+    """Refuses, without reading any data, a source spec whose file or folder
+    does not exist (what can be told before a backend loads)."""
     if spec is None:
         raise DataError("no data source given: use one such as "
                         "'fashion-mnist' (see load_source).")
+    path = source_path(spec)
+    if path is None:
+        return
+    if spec.startswith("fashion-mnist:") and not os.path.isdir(path):
+        raise DataError(f"{path}: no such directory for Fashion-MNIST.")
+    if spec.startswith("npz:") or spec.endswith(".npz"):
+        if not os.path.exists(path):
+            raise DataError(f"{path}: no such file.")
+        return
+    if not os.path.exists(path):
+        looks_like_path = os.sep in spec or spec.startswith(".")
+        if looks_like_path:
+            raise DataError(f"{path}: no such directory (an image folder "
+                            "holds one sub-directory of images per class).")
+        raise DataError(
+            f"unknown data source {spec!r}: use fashion-mnist[:DIR], digits, "
+            "npz:PATH (or a .npz file), or a directory with one sub-directory "
+            "of images per class.")
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: not a directory of images nor an .npz "
+                        "file; give npz:PATH for arrays.")
+
+
+def load_source(spec):
+    """A `Split` from a source spec (see the module docstring)."""
+    check_source(spec)
     if spec == "fashion-mnist" or spec.startswith("fashion-mnist:"):
         return load_fashion_mnist(spec.split(":", 1)[1] if ":" in spec
                                   else None)
@@ -252,28 +382,20 @@ def load_source(spec):
         return load_npz(spec[4:])
     if spec.endswith(".npz"):
         return load_npz(spec)
-    if os.path.isdir(spec):
-        return load_image_folder(spec)
-    raise DataError(
-        f"unknown data source {spec!r}: use fashion-mnist[:DIR], digits, "
-        "npz:PATH (or a .npz file), or a directory with one sub-directory of "
-        "images per class."
-    )
+    return load_image_folder(spec)
 
 
-# --- adapting images to a model ------------------------------------------------------
-
-SCALINGS = ("unit", "symmetric", "raw")
+# --- adapting images to a model ----------------------------------------------
 
 
 def model_image_shape(model):
-    """(height, width, channels) of a model with one image input."""
+    """(height, width, channels) of a model with one channels-last image
+    input."""
     if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
         raise DataError(
             f"model '{model.name}' does not take one image input (inputs: "
-            f"{[tuple(t.shape) for t in model.inputs]}); give it a "
-            "tf.data.Dataset instead."
-        )
+            f"{[tuple(t.shape) for t in model.inputs]}); give it batches "
+            "(arrays, a keras.utils.PyDataset or a tf.data.Dataset) instead.")
     shape = tuple(model.inputs[0].shape[1:])
     if any(d is None for d in shape):
         raise DataError(f"model '{model.name}' has an input of unknown size "
@@ -281,41 +403,70 @@ def model_image_shape(model):
     return shape
 
 
+def resize_bilinear(images, size):
+    """(N, H, W, C) float images resized to `size` (h, w) by bilinear
+    interpolation with half-pixel centres and no antialiasing, as
+    `tf.image.resize(..., "bilinear")` computes it."""
+    images = np.asarray(images, np.float32)
+    h_out, w_out = size
+    n, h_in, w_in, c = images.shape
+
+    def taps(n_in, n_out):
+        centre = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) \
+            - 0.5
+        centre = np.clip(centre, 0.0, n_in - 1)
+        low = np.floor(centre).astype(np.int64)
+        high = np.minimum(low + 1, n_in - 1)
+        return low, high, (centre - low).astype(np.float32)
+
+    y0, y1, wy = taps(h_in, h_out)
+    x0, x1, wx = taps(w_in, w_out)
+    top = images[:, y0] * (1 - wy)[None, :, None, None] + \
+        images[:, y1] * wy[None, :, None, None]
+    return top[:, :, x0] * (1 - wx)[None, None, :, None] + \
+        top[:, :, x1] * wx[None, None, :, None]
+
+
 def adapt(images, shape, value_range=255.0, scaling="unit"):
-    """A batch of images resized to (H, W), with grey turned to three equal
-    channels (or colour to grey) as `shape` asks, scaled to [0, 1] ("unit"),
-    [-1, 1] ("symmetric", as keras.applications' MobileNet / Inception
-    preprocessing) or left in [0, 255] ("raw", ResNet-style models that
-    preprocess themselves). Works on tf tensors inside tf.data."""
+    """A batch of images (NumPy) resized to (H, W), with grey turned to three
+    equal channels (or colour to grey) as `shape` asks, scaled to [0, 1]
+    ("unit"), [-1, 1] ("symmetric", as keras.applications' MobileNet /
+    Inception preprocessing) or left in [0, 255] ("raw", ResNet-style models
+    that preprocess themselves); float32."""
     if scaling not in SCALINGS:
-        raise DataError(f"unknown scaling {scaling!r}; use one of {SCALINGS}.")
+        raise DataError("{arg}: use one of " + ", ".join(SCALINGS) + ".",
+                        "scaling", scaling)
     h, w, c = shape
-    x = tf.cast(images, tf.float32) * (255.0 / value_range)
+    x = np.asarray(images, np.float32) * np.float32(255.0 / value_range)
     if x.shape[1] != h or x.shape[2] != w:
-        x = tf.image.resize(x, (h, w))
+        x = resize_bilinear(x, (h, w))
     if x.shape[-1] == 1 and c == 3:
-        x = tf.repeat(x, 3, axis=-1)
+        x = np.repeat(x, 3, axis=-1)
     elif x.shape[-1] == 3 and c == 1:
-        x = tf.reduce_mean(x, axis=-1, keepdims=True)
+        x = x.mean(axis=-1, keepdims=True)
     elif x.shape[-1] != c:
         raise DataError(f"cannot turn {x.shape[-1]}-channel images into the "
                         f"model's {c} channels.")
     if scaling == "unit":
-        x = x / 255.0
+        x = x / np.float32(255.0)
     elif scaling == "symmetric":
-        x = x / 127.5 - 1.0
-    return x
+        x = x / np.float32(127.5) - np.float32(1.0)
+    return x.astype(np.float32, copy=False)
 
 
-# --- batching ----------------------------------------------------------------------------
+# --- batching ----------------------------------------------------------------
+
 
 def epoch_indices(labels, batch_size, *, seed, epoch, non_iid_classes=None):
-    """Example indices of one epoch, `len // batch_size` whole batches.
+    """Example indices of one pass over the data, `len // batch_size` whole
+    batches.
 
     i.i.d.: a random permutation. Non-i.i.d. (the paper's Figure 3): each
     batch is drawn from `non_iid_classes` (K) random classes with
-    batch_size / K examples of each.
+    batch_size / K examples of each (one-hot or soft labels count as their
+    most likely class).
     """
+    labels = class_ids(labels)
     rng = np.random.default_rng([seed, epoch])
     steps = len(labels) // batch_size
     if not non_iid_classes:
@@ -339,58 +490,25 @@ def epoch_indices(labels, batch_size, *, seed, epoch, non_iid_classes=None):
     return out
 
 
-def check_batching(split, batch_size, non_iid_classes=None, microbatch=None):
-    if batch_size < 1:
-        raise DataError(f"batch_size={batch_size}: must be >= 1.")
-    if batch_size > len(split.y_train):
-        raise DataError(f"batch_size={batch_size}: larger than the "
-                        f"{len(split.y_train)} training examples.")
+def check_batching(num_examples, batch_size, non_iid_classes=None,
+                   num_classes=None, microbatch_size=None):
+    """Refuses batch settings the data cannot meet, naming the argument."""
+    if isinstance(batch_size, bool) or not isinstance(
+            batch_size, (int, np.integer)) or batch_size < 1:
+        raise DataError("{arg}: must be an integer >= 1.", "batch_size",
+                        batch_size)
+    if batch_size > num_examples:
+        raise DataError(f"{{arg}}: larger than the {num_examples} training "
+                        "examples.", "batch_size", batch_size)
     if non_iid_classes:
         if batch_size % non_iid_classes:
             raise DataError(
-                f"non_iid_classes={non_iid_classes}: the batch size {batch_size} "
-                f"must be a multiple of it (batches of {non_iid_classes} "
-                "classes with equally many examples each).")
-        if non_iid_classes > split.num_classes:
-            raise DataError(f"non_iid_classes={non_iid_classes}: the data has only "
-                            f"{split.num_classes} classes.")
-    if microbatch is not None and (microbatch < 1 or microbatch > batch_size):
-        raise DataError(f"microbatch_size={microbatch}: must be between 1 "
-                        f"and the batch size {batch_size}.")
-
-
-def training_dataset(split, shape, batch_size, *, epochs, seed=0,
-                     non_iid_classes=None, scaling="unit"):
-    """tf.data of (images, labels) batches for `epochs` epochs, adapted to
-    `shape`, prefetched, deterministic under `seed`. Returns
-    (dataset, steps_per_epoch)."""
-    check_batching(split, batch_size, non_iid_classes)
-    steps = len(split.y_train) // batch_size
-    order = np.concatenate([
-        epoch_indices(split.y_train, batch_size, seed=seed, epoch=e,
-                      non_iid_classes=non_iid_classes) for e in range(epochs)
-    ])
-    return _gather_dataset(split.x_train, split.y_train, order, batch_size,
-                           shape, split.value_range, scaling,
-                           whole_batches=True), steps
-
-
-def evaluation_dataset(split, shape, batch_size=256, scaling="unit"):
-    order = np.arange(len(split.y_val))
-    return _gather_dataset(split.x_val, split.y_val, order, batch_size, shape,
-                           split.value_range, scaling)
-
-
-def _gather_dataset(x, y, order, batch_size, shape, value_range, scaling,
-                    whole_batches=False):
-    x_const = tf.constant(x)
-    y_const = tf.constant(y)
-    # Training orders are whole batches: saying so gives the batches a
-    # static size, so layers trace one code path (no ragged-batch branch).
-    ds = tf.data.Dataset.from_tensor_slices(order).batch(
-        batch_size, drop_remainder=whole_batches)
-    ds = ds.map(
-        lambda i: (adapt(tf.gather(x_const, i), shape, value_range, scaling),
-                   tf.gather(y_const, i)),
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.prefetch(tf.data.AUTOTUNE)
+                f"{{arg}}: the batch size {batch_size} must be a multiple "
+                f"of it (batches of {non_iid_classes} classes with equally "
+                "many examples each).", "non_iid_classes", non_iid_classes)
+        if num_classes is not None and non_iid_classes > num_classes:
+            raise DataError(f"{{arg}}: the data has only {num_classes} "
+                            "classes.", "non_iid_classes", non_iid_classes)
+    if microbatch_size is not None and not 1 <= microbatch_size <= batch_size:
+        raise DataError(f"{{arg}}: must be between 1 and the batch size "
+                        f"{batch_size}.", "microbatch_size", microbatch_size)

@@ -1,84 +1,188 @@
-"""Where training runs: GPU memory growth, tf.distribute strategies by name,
-chief detection in a TF_CONFIG cluster, and the multi-worker `fit`
-workaround."""
+"""Where training runs: beyond one device on each backend, and who writes
+the outputs.
 
+* TensorFlow: `tf.distribute` strategies by name ("mirrored" over the local
+  GPUs, "multi-worker" across machines described by TF_CONFIG), with the
+  multi-worker `fit` workaround (keras-team/keras#20585), GPU memory growth.
+* JAX: `keras.distribution.DataParallel` over every device ("data-parallel"),
+  across processes when KERAS_DISTRIBUTION_NUM_PROCESSES etc. describe a
+  job (`keras.distribution.initialize`). Batch moments are then those of
+  the global batch: JAX's compiler reduces across devices.
+
+TensorFlow is imported only by the TensorFlow strategies.
+"""
+
+import contextlib
 import json
 import os
+import sys
 
 import keras
-import tensorflow as tf
 
 from renorm_convert import _keras_internals as internals
+from renorm_convert.errors import RenormConvertError
+
+# Strategy name -> (the backend it needs, what it is).
+STRATEGIES = {
+    "mirrored": ("tensorflow", "tf.distribute.MirroredStrategy over the "
+                 "local GPUs"),
+    "multi-worker": ("tensorflow", "tf.distribute.MultiWorkerMirroredStrategy"
+                     " across the machines TF_CONFIG describes"),
+    "data-parallel": ("jax", "keras.distribution.DataParallel over every "
+                      "device (several processes with "
+                      "KERAS_DISTRIBUTION_NUM_PROCESSES)"),
+}
 
 
-class StrategyError(ValueError):
+class StrategyError(RenormConvertError):
     """A strategy that cannot be created: the message says why and what to
     do."""
 
 
+def check_strategy_name(name, backend):
+    """Refuses a strategy name this backend cannot run (before any work)."""
+    if name is None:
+        return
+    if name not in STRATEGIES:
+        raise StrategyError("{arg}: use None or one of "
+                            + ", ".join(STRATEGIES) + ".", "strategy", name)
+    needed = STRATEGIES[name][0]
+    if needed != backend:
+        fits = [n for n, (b, _) in STRATEGIES.items() if b == backend]
+        raise StrategyError(
+            f"{{arg}} runs on Keras's {needed} backend, not {backend} "
+            f"(KERAS_BACKEND={needed}); on {backend}: "
+            + (", ".join(fits) if fits else "one device only") + ".",
+            "strategy", name)
+
+
+def _is_tf_strategy(strategy):
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(strategy, tf.distribute.Strategy)
+
+
+def is_keras_distribution(strategy):
+    # keras.distribution exports the kinds of distribution, not their base.
+    return isinstance(strategy, (keras.distribution.DataParallel,
+                                 keras.distribution.ModelParallel))
+
+
+def make_strategy(strategy):
+    """None, a tf.distribute.Strategy, a keras.distribution.Distribution, or
+    a name from STRATEGIES (created for this backend)."""
+    if strategy is None or _is_tf_strategy(strategy) or \
+            is_keras_distribution(strategy):
+        return strategy
+    if not isinstance(strategy, str):
+        raise StrategyError("{arg}: expected a name ("
+                            + ", ".join(STRATEGIES) + "), a tf.distribute "
+                            "strategy or a keras.distribution.Distribution.",
+                            "strategy", type(strategy).__name__, quote=False)
+    check_strategy_name(strategy, keras.backend.backend())
+    if strategy == "data-parallel":
+        return data_parallel()
+    import tensorflow as tf
+
+    if strategy == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if not os.environ.get("TF_CONFIG"):
+        raise StrategyError(
+            "{arg} needs TF_CONFIG describing the cluster and this worker's "
+            "index (see README).", "strategy", strategy)
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    except RuntimeError as e:
+        raise StrategyError(
+            f"cannot start the multi-worker strategy now ({e}): create "
+            "tf.distribute.MultiWorkerMirroredStrategy() at the start of "
+            "the program, before any TensorFlow op, and pass it as {arg}.",
+            "strategy", "the strategy", quote=False) from None
+
+
+def data_parallel():
+    """`keras.distribution.DataParallel` over every device of the job; a job
+    of several processes (KERAS_DISTRIBUTION_NUM_PROCESSES > 1, with
+    KERAS_DISTRIBUTION_JOB_ADDRESSES and KERAS_DISTRIBUTION_PROCESS_ID) is
+    joined first."""
+    processes = int(os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES") or 1)
+    if processes > 1:
+        import jax
+
+        # Not jax.process_count(): it starts the backend, after which the
+        # job can no longer be joined.
+        joined = getattr(jax.distributed, "is_initialized", None)
+        if joined is None or not joined():
+            try:
+                keras.distribution.initialize()
+            except RuntimeError as e:
+                raise StrategyError(
+                    f"cannot join the JAX job now ({e}): call "
+                    "renorm_convert.distribute.data_parallel() at the start "
+                    "of the program, before any JAX array is made (a model "
+                    "built or loaded), and pass what it returns as {arg}.",
+                    "strategy", "the distribution", quote=False) from None
+    return keras.distribution.DataParallel(
+        devices=keras.distribution.list_devices())
+
+
+def scope(strategy):
+    """The strategy's (or distribution's) scope, or one that does nothing."""
+    if strategy is None:
+        return contextlib.nullcontext()
+    return strategy.scope()
+
+
 def use_gpu_memory_growth():
     """Lets TensorFlow grow GPU memory as needed (several processes can then
-    share a GPU); returns the GPUs found."""
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
+    share a GPU); does nothing on other backends."""
+    if keras.backend.backend() != "tensorflow":
+        return
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:
             pass  # already initialised: the setting is fixed by now
-    return gpus
 
 
-def has_gpu():
-    return bool(tf.config.list_physical_devices("GPU"))
-
-
-def make_strategy(strategy):
-    """None, a tf.distribute.Strategy, or "mirrored" / "multi-worker"."""
-    if strategy is None or isinstance(strategy, tf.distribute.Strategy):
-        return strategy
-    if strategy == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if strategy == "multi-worker":
-        if not os.environ.get("TF_CONFIG"):
-            raise StrategyError(
-                "strategy 'multi-worker' needs TF_CONFIG describing the "
-                "cluster and this worker's index (see README).")
-        try:
-            return tf.distribute.MultiWorkerMirroredStrategy()
-        except RuntimeError as e:
-            raise StrategyError(
-                f"cannot start the multi-worker strategy now ({e}): create "
-                "tf.distribute.MultiWorkerMirroredStrategy() at the start of "
-                "the program, before any TensorFlow op, and pass it as "
-                "`strategy`.") from None
-    raise StrategyError(f"strategy={strategy!r}: use None, 'mirrored' or "
-                        "'multi-worker'.")
-
-
-def scope(strategy):
-    """The strategy's scope, or a scope that does nothing."""
-    return strategy.scope() if strategy is not None else _NullScope()
-
-
-class _NullScope:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def is_tf_strategy(strategy):
+    return _is_tf_strategy(strategy)
 
 
 def is_multi_worker(strategy):
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(
+        strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
 def _tf_config():
     return json.loads(os.environ.get("TF_CONFIG") or "{}")
 
 
+def process_index():
+    """This process's index in a JAX job of several processes (0 else)."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.process_index()
+    return 0
+
+
+def process_count():
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.process_count()
+    return 1
+
+
 def is_chief():
-    """False on the non-chief workers of a TF_CONFIG cluster: they train but
-    write no files."""
+    """False on the processes that train but write no files: the non-chief
+    workers of a TF_CONFIG cluster, and every process but the first of a
+    JAX job."""
+    if process_index() != 0:
+        return False
     config = _tf_config()
     task = config.get("task", {})
     if task.get("type") in (None, "chief"):
@@ -89,8 +193,9 @@ def is_chief():
 
 
 def worker_index():
-    """This worker's index in TF_CONFIG (0 without one)."""
-    return int(_tf_config().get("task", {}).get("index", 0))
+    """This worker's index in TF_CONFIG, or this process's in a JAX job."""
+    return int(_tf_config().get("task", {}).get("index", 0)) or \
+        process_index()
 
 
 def patch_for_multi_worker(model, strategy, sample):
@@ -101,6 +206,7 @@ def patch_for_multi_worker(model, strategy, sample):
     Build from a local batch instead, and return the logs of the first local
     replica: Keras's metric variables are already aggregated across workers
     when read, and the gradients are all-reduced by the strategy as usual."""
+    import tensorflow as tf
 
     def symbolic_build(iterator=None, data_batch=None):
         with strategy.scope():

@@ -14,18 +14,7 @@ import networkx as nx
 from keras import tree
 
 from renorm_convert import _keras_internals as internals
-
-
-def clone_layer(layer, **overrides):
-    """A new, unbuilt layer from `layer`'s config (with `overrides`).
-
-    The layer is already in memory, so recreating it runs no code that is
-    not already running: Keras's safe mode (which refuses to deserialize a
-    Lambda's Python code from files) is lifted for this copy only.
-    """
-    config = layer.get_config()
-    config.update(overrides)
-    return internals.from_config_unsafe(type(layer), config)
+from renorm_convert.errors import RenormConvertError
 
 
 def iter_layers(model):
@@ -34,7 +23,7 @@ def iter_layers(model):
     return iter(internals.flatten_layers(model))
 
 
-class GraphError(ValueError):
+class GraphError(RenormConvertError):
     """The model cannot be walked as a graph (it says why and what to do)."""
 
 

@@ -9,48 +9,69 @@ import tempfile
 import time
 import zipfile
 
-import keras
-
-from renorm_convert import legacy
+from renorm_convert.errors import RenormConvertError
 
 MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
-class UsageError(ValueError):
+class UsageError(RenormConvertError):
     """Bad input from the user: the message says what and how to fix it."""
 
 
-def load(path, *, safe_mode=True, custom_objects=None):
-    """Loads a `.keras` or Keras-2 `.h5` model, with a one-line UsageError
-    for every way the file can be wrong."""
+def check_model_file(path):
+    """Refuses, without loading anything, a path that is not a model file:
+    missing, a directory, another suffix, or contents of another kind."""
     path = str(path)
     if not os.path.exists(path):
         raise UsageError(f"{path}: no such file.")
     if os.path.isdir(path):
         raise UsageError(
             f"{path}: is a directory; give a .keras or .h5 model file "
-            "(a SavedModel directory can be re-saved with model.save('m.keras'))."
-        )
+            "(a SavedModel directory can be re-saved with "
+            "model.save('m.keras')).")
     if not path.lower().endswith(MODEL_SUFFIXES):
         raise UsageError(
             f"{path}: not a Keras model file; expected a name ending in "
-            f"{', '.join(MODEL_SUFFIXES)}."
-        )
+            f"{', '.join(MODEL_SUFFIXES)}.")
     if path.lower().endswith(".keras") and not zipfile.is_zipfile(path):
         raise UsageError(
             f"{path}: not a valid .keras file (a .keras file is a zip "
             "archive; this one is not, or is truncated). Save the model "
-            "again with model.save()."
-        )
+            "again with model.save().")
+    if path.lower().endswith((".h5", ".hdf5")):
+        with open(path, "rb") as f:
+            head = f.read(8)
+        if head != _HDF5_SIGNATURE:
+            raise UsageError(
+                f"{path}: not an HDF5 file (a Keras 2 .h5 model starts with "
+                "the HDF5 signature; this one does not). Give the model "
+                "file itself.")
+
+
+def load(path, *, safe_mode=True, custom_objects=None):
+    """Loads a `.keras` or Keras-2 `.h5` model, with a one-line UsageError
+    for every way the file can be wrong."""
+    import keras
+
+    import renorm_convert
+    from renorm_convert import legacy
+
+    renorm_convert.register()
+    path = str(path)
+    check_model_file(path)
     try:
-        if path.lower().endswith((".h5", ".hdf5")) and legacy.uses_tf_ops(path):
-            model = legacy.load_h5_with_tf_ops(path, custom_objects)
-        else:
+        model = None
+        if path.lower().endswith((".h5", ".hdf5")):
+            model = legacy.load_h5(path, custom_objects, safe_mode)
+        if model is None:
             with keras.saving.custom_object_scope(custom_objects or {}):
                 model = keras.models.load_model(path, compile=False,
                                                 safe_mode=safe_mode)
+    except RenormConvertError:
+        raise
     except Exception as e:
-        raise UsageError(_explain_load_error(path, e)) from None
+        raise _explain_load_error(path, e) from None
     if not isinstance(model, keras.Model):
         raise UsageError(f"{path}: holds a {type(model).__name__}, not a model.")
     return model
@@ -59,29 +80,28 @@ def load(path, *, safe_mode=True, custom_objects=None):
 def _explain_load_error(path, error):
     text = " ".join(str(error).split())
     if "Lambda" in text and "safe_mode" in text:
-        return (
+        return UsageError(
             f"{path}: has a Lambda layer whose Python code would run on "
-            "loading; refused in safe mode. Load it with safe_mode=False if "
-            "you trust the file."
-        )
+            "loading; refused in safe mode. Load it with {fix} if you trust "
+            "the file.", fix=("safe_mode", False))
     if "Could not locate" in text or "Unknown layer" in text or (
             "custom" in text.lower() and "class" in text.lower()):
         cls = _class_name_in(text)
-        return (
-            f"{path}: uses the class {cls}, which is not registered. Import "
-            "the module that defines it (decorated with "
-            "@keras.saving.register_keras_serializable()) first, or pass "
-            "custom_objects={name: class}."
-        )
-    if isinstance(error, (OSError, zipfile.BadZipFile, EOFError)) or any(
-            w in text for w in ("truncated", "signature", "Unable to open",
-                                "Unable to synchronously open", "BadZipFile",
-                                "not a zip", "File is not")):
-        return (
+        return UsageError(
+            f"{path}: uses the class {cls}, which is not registered. Pass "
+            "{fix} (a module that defines it, decorated with "
+            "@keras.saving.register_keras_serializable()).",
+            fix=("custom_objects", "{name: class}"))
+    if isinstance(error, (OSError, zipfile.BadZipFile, EOFError)) or (
+            not isinstance(error, (TypeError, ValueError)) and any(
+                w in text for w in ("truncated", "signature", "Unable to open",
+                                    "Unable to synchronously open",
+                                    "BadZipFile", "not a zip", "File is not"))):
+        return UsageError(
             f"{path}: cannot be read as a Keras model (truncated or corrupted "
-            f"file: {text[:160]})."
-        )
-    return f"{path}: cannot be loaded as a Keras model ({type(error).__name__}: {text[:200]})."
+            f"file: {text[:160]}).")
+    return UsageError(f"{path}: cannot be loaded as a Keras model "
+                      f"({type(error).__name__}: {text[:200]}).")
 
 
 def _class_name_in(text):

@@ -5,32 +5,78 @@ The layer builds on Keras's own `BatchNormalization(renorm=True)` (Keras >=
 gamma and beta, and the moving-statistic updates are Keras's. What this layer
 adds is what Keras's cannot do:
 
-* the clipping bounds r_max and d_max live in variables, so a schedule can
-  change them at every step without retracing a `tf.function` or recompiling
-  an XLA graph;
+* the clipping bounds r_max and d_max live in variables the trainer tracks,
+  so a schedule can change them at every step without retracing or
+  recompiling, on every backend (under JAX a compiled step reads only the
+  variables it is handed: bounds held anywhere else would be frozen into
+  the compiled step);
 * microbatches (the paper's Figure 2 set-up): the batch is split into groups of
   `microbatch_size` examples, each normalized with its own moments and its own
   r and d;
 * lossless creation from a trained `BatchNormalization` and back.
+
+Everything is `keras.ops` and Keras variables: the layer runs on TensorFlow,
+JAX and PyTorch, and a `.keras` file saved on one loads on the others.
 """
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
 from renorm_convert import _keras_internals as internals
+from renorm_convert.errors import RenormConvertError
+from renorm_convert.weights import build_with_values, values_by_name
 
 PACKAGE = "renorm_convert"
+
+# Keras's renorm state, in the order Keras creates it (gamma and beta when
+# scale / center). These, and only these, are what a saved file holds.
+STATE = ("gamma", "beta", "moving_mean", "moving_variance", "moving_stddev",
+         "renorm_mean", "renorm_stddev")
+BOUNDS = ("r_max", "d_max")
 
 
 def _check_axis(axis, ndim, name):
     if not -ndim <= axis < ndim:
-        raise ValueError(
+        raise RenormConvertError(
             f"Expected `axis` to index a dimension of the {ndim}-D input of "
-            f"layer '{name}'. Received: axis={axis}. Use -1 for channels-last "
-            "or 1 for channels-first inputs."
-        )
+            "layer '" + name + "'. Received: {arg}. Use -1 for channels-last "
+            "or 1 for channels-first inputs.", "axis", axis)
+
+
+def check_r_max(r_max):
+    if isinstance(r_max, bool) or not float(r_max) >= 1.0:
+        raise RenormConvertError(
+            "Expected `r_max` >= 1 (r is clipped to [1/r_max, r_max]). "
+            "Received: {arg}", "r_max", r_max)
+    return float(r_max)
+
+
+def check_d_max(d_max):
+    if isinstance(d_max, bool) or not float(d_max) >= 0.0:
+        raise RenormConvertError(
+            "Expected `d_max` >= 0 (d is clipped to [-d_max, d_max]). "
+            "Received: {arg}", "d_max", d_max)
+    return float(d_max)
+
+
+def check_momentum(value, name="momentum"):
+    if isinstance(value, bool) or not 0.0 <= float(value) < 1.0:
+        raise RenormConvertError(
+            f"Expected `{name}` in [0, 1). Received: {{arg}}", name, value)
+    return float(value)
+
+
+def check_microbatch_size(value):
+    if value is None:
+        return None
+    if (isinstance(value, bool) or not isinstance(value, (int, float,
+                                                          np.number))
+            or int(value) != value or value < 1):
+        raise RenormConvertError(
+            "Expected `microbatch_size` to be None or an integer >= 1. "
+            "Received: {arg}", "microbatch_size", value)
+    return int(value)
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -64,8 +110,10 @@ class BatchRenormalization(keras.layers.BatchNormalization):
             a multiple of it ends with one smaller group made of the remaining
             examples (so the last batch of an epoch needs no special care).
         synchronized: Aggregate the batch moments over all replicas of a
-            `tf.distribute` strategy. With microbatches the groups are local
-            to each replica by definition, so it has no effect there.
+            `tf.distribute` strategy (TensorFlow). Under JAX with
+            `keras.distribution`, moments are always those of the global
+            batch, so the flag is kept (a file keeps it) but changes
+            nothing; with microbatches the groups are local by definition.
         **kwargs: Everything else `keras.layers.BatchNormalization` accepts
             (initializers, regularizers, constraints, `name`, `dtype`, ...).
 
@@ -99,37 +147,22 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         kwargs.pop("renorm_clipping", None)
         if isinstance(axis, (list, tuple)):
             if len(axis) != 1:
-                raise ValueError(
-                    "Expected `axis` to be a single integer. Received: "
-                    f"axis={axis}"
-                )
+                raise RenormConvertError(
+                    "Expected `axis` to be a single integer. Received: {arg}",
+                    "axis", axis)
             axis = axis[0]
-        r_max = self._check_r_max(r_max)
-        d_max = self._check_d_max(d_max)
-        if microbatch_size is not None:
-            if (
-                isinstance(microbatch_size, bool)
-                or int(microbatch_size) != microbatch_size
-                or microbatch_size < 1
-            ):
-                raise ValueError(
-                    "Expected `microbatch_size` to be None or an integer >= 1. "
-                    f"Received: microbatch_size={microbatch_size}"
-                )
-            microbatch_size = int(microbatch_size)
-        if not 0.0 <= float(renorm_momentum) < 1.0:
-            raise ValueError(
-                "Expected `renorm_momentum` in [0, 1). Received: "
-                f"renorm_momentum={renorm_momentum}"
-            )
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(
-                f"Expected `momentum` in [0, 1). Received: momentum={momentum}"
-            )
-        if float(epsilon) <= 0.0:
-            raise ValueError(
-                f"Expected `epsilon` > 0. Received: epsilon={epsilon}"
-            )
+        r_max = check_r_max(r_max)
+        d_max = check_d_max(d_max)
+        microbatch_size = check_microbatch_size(microbatch_size)
+        renorm_momentum = check_momentum(renorm_momentum, "renorm_momentum")
+        momentum = check_momentum(momentum)
+        if isinstance(epsilon, bool) or not float(epsilon) > 0.0:
+            raise RenormConvertError("Expected `epsilon` > 0. Received: {arg}",
+                                     "epsilon", epsilon)
+        # Keras allows synchronized=True on TensorFlow only; elsewhere the
+        # request is kept for the config (see the docstring).
+        keras_synchronized = bool(synchronized) and (
+            keras.backend.backend() == "tensorflow")
         super().__init__(
             axis=axis,
             momentum=momentum,
@@ -138,55 +171,85 @@ class BatchRenormalization(keras.layers.BatchNormalization):
             scale=scale,
             renorm=True,
             renorm_clipping=None,
-            renorm_momentum=float(renorm_momentum),
-            synchronized=synchronized,
+            renorm_momentum=renorm_momentum,
+            synchronized=keras_synchronized,
             **kwargs,
         )
+        self._synchronized_requested = bool(synchronized)
         self.microbatch_size = microbatch_size
-        # Plain tf.Variables: read by reference inside traced and XLA-compiled
-        # functions (an assignment needs no retrace), and not Keras weights,
-        # so the layer's state arrays stay exactly Keras's seven.
-        self._r_max_var = tf.Variable(r_max, trainable=False, dtype="float32",
-                                      name="r_max")
-        self._d_max_var = tf.Variable(d_max, trainable=False, dtype="float32",
-                                      name="d_max")
+        # Until `build` creates the variables.
+        self._bounds = {"r_max": r_max, "d_max": d_max}
+        self._r_max_var = self._d_max_var = None
 
-    @staticmethod
-    def _check_r_max(r_max):
-        if not float(r_max) >= 1.0:
-            raise ValueError(
-                f"Expected `r_max` >= 1 (r is clipped to [1/r_max, r_max]). "
-                f"Received: r_max={r_max}"
-            )
-        return float(r_max)
-
-    @staticmethod
-    def _check_d_max(d_max):
-        if not float(d_max) >= 0.0:
-            raise ValueError(
-                f"Expected `d_max` >= 0 (d is clipped to [-d_max, d_max]). "
-                f"Received: d_max={d_max}"
-            )
-        return float(d_max)
+    # --- clipping bounds ---------------------------------------------------
 
     @property
     def r_max(self):
-        return float(self._r_max_var.numpy())
+        return self._bound("r_max")
 
     @property
     def d_max(self):
-        return float(self._d_max_var.numpy())
+        return self._bound("d_max")
+
+    def _bound(self, name):
+        variable = getattr(self, f"_{name}_var")
+        if variable is None:
+            return self._bounds[name]
+        return float(ops.convert_to_numpy(variable))
 
     def set_clipping(self, r_max=None, d_max=None):
-        """Sets the clipping bounds; traced functions see the new values."""
-        if r_max is not None:
-            self._r_max_var.assign(self._check_r_max(r_max))
-        if d_max is not None:
-            self._d_max_var.assign(self._check_d_max(d_max))
+        """Sets the clipping bounds; compiled steps read the new values."""
+        for name, value, check in (("r_max", r_max, check_r_max),
+                                   ("d_max", d_max, check_d_max)):
+            if value is None:
+                continue
+            value = check(value)
+            self._bounds[name] = value
+            variable = getattr(self, f"_{name}_var")
+            if variable is not None:
+                variable.assign(np.float32(value))
+
+    @property
+    def clipping_variables(self):
+        """(r_max, d_max) variables, None before the layer is built."""
+        return self._r_max_var, self._d_max_var
+
+    # --- Keras layer -------------------------------------------------------
 
     def build(self, input_shape):
         _check_axis(self.axis, len(input_shape), self.name)
         super().build(input_shape)
+        # Non-trainable weights, created last: the trainer carries them into
+        # every compiled step (an assignment needs no retrace), and they come
+        # after Keras's seven state arrays, which alone are saved.
+        self._r_max_var = self.add_weight(
+            name="r_max", shape=(), dtype="float32", trainable=False,
+            autocast=False,
+            initializer=keras.initializers.Constant(self._bounds["r_max"]))
+        self._d_max_var = self.add_weight(
+            name="d_max", shape=(), dtype="float32", trainable=False,
+            autocast=False,
+            initializer=keras.initializers.Constant(self._bounds["d_max"]))
+
+    def _state_variables(self):
+        bounds = {id(v) for v in self.clipping_variables if v is not None}
+        return [v for v in internals.own_variables(self)
+                if id(v) not in bounds]
+
+    def save_own_variables(self, store):
+        # The seven state arrays, as Keras's renorm layer saves them; the
+        # bounds are in the config. Files stay readable by every version.
+        for i, v in enumerate(self._state_variables()):
+            store[f"{i}"] = v
+
+    def load_own_variables(self, store):
+        state = self._state_variables()
+        if len(store.keys()) not in (len(state), len(state) + 2):
+            raise ValueError(
+                f"Layer '{self.name}' expects {len(state)} variables, but "
+                f"the file holds {len(store.keys())} for it.")
+        for i, v in enumerate(state):
+            v.assign(store[f"{i}"])
 
     def _renorm_correction_and_moments(self, mean, variance):
         # Overrides Keras's protected step (internals.BATCHNORM_HOOKS).
@@ -205,77 +268,66 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         if self.microbatch_size is None or not (training and self.trainable):
             return super().call(inputs, training=training, mask=mask)
         if mask is not None:
-            raise ValueError(
-                f"Layer '{self.name}': masks are not supported together with "
-                "`microbatch_size`. Received a mask of shape "
-                f"{tuple(mask.shape)}."
-            )
+            raise RenormConvertError(
+                f"Layer '{self.name}': masks are not supported together "
+                "with {arg}. Received a mask of shape "
+                f"{tuple(mask.shape)}.", "microbatch_size",
+                self.microbatch_size)
         return self._call_microbatched(inputs)
 
     def _call_microbatched(self, inputs):
         m = self.microbatch_size
-        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype,
+                                                       "float32"))
         batch = x.shape[0]
-        if batch is not None:
-            normalize = (self._normalize_groups if batch % m == 0
-                         else self._normalize_padded)
-            y, mean, variance = normalize(x)
-        elif internals.in_xla_compilation():
-            # XLA knows the batch size when it compiles; the padded path is
-            # exact for whole groups too (padding nothing), and a tf.cond
-            # between the two would not compile (see in_xla_compilation).
-            y, mean, variance = self._normalize_padded(x)
+        if batch is not None and batch % m == 0:
+            # Whole groups (every batch under JAX has a static size, and so
+            # do `fine_tune`'s): a reshape, no masking.
+            y, mean, variance = self._normalize_groups(x)
         else:
-            # Inside `fit` the batch size is unknown when tracing: whole
-            # groups take the cheap path, a ragged last batch the padded one.
-            y, mean, variance = tf.cond(
-                tf.equal(tf.shape(x)[0] % m, 0),
-                lambda: self._normalize_groups(x),
-                lambda: self._normalize_padded(x),
-            )
+            # A smaller last group, or a batch size unknown while tracing
+            # (TensorFlow's `fit` on arrays): exact for whole groups too.
+            y, mean, variance = self._normalize_padded(x)
         internals.update_renorm_statistics(
             self, ops.stop_gradient(mean), ops.stop_gradient(variance)
         )
         return ops.cast(y, self.compute_dtype)
 
-    def _grouped_shape(self, x, groups):
-        """(groups, m, ...) with every size known at trace time kept
-        static, so that reshapes need no shape arithmetic at run time."""
-        dynamic = tf.shape(x)
-        rest = [d if d is not None else dynamic[i + 1]
-                for i, d in enumerate(x.shape[1:])]
-        return [groups, self.microbatch_size] + rest
+    def _grouped(self, x):
+        """x as (groups, m, ...): sizes known while tracing stay static."""
+        rest = tuple(ops.shape(x)[1:])
+        return ops.reshape(x, (-1, self.microbatch_size) + rest)
 
-    def _group_axes(self, x):
+    def _group_axes(self, ndim):
         """For x grouped as (groups, m, ...): the axes a group's moments
         reduce (its examples and all non-channel axes), and the shape that
         broadcasts (groups, channels) against it."""
-        ndim = len(x.shape)
         axis = self.axis % ndim
         reduced = [1] + [a + 1 for a in range(1, ndim) if a != axis]
         bshape = [1] * (ndim + 1)
         bshape[0] = -1
-        bshape[axis + 1] = x.shape[axis]
+        bshape[axis + 1] = int(self.moving_mean.shape[0])
         return reduced, bshape
 
     def _normalize_groups(self, x):
         """The batch is a whole number of groups."""
         ndim = len(x.shape)
         axis = self.axis % ndim
-        xg = tf.reshape(x, self._grouped_shape(x, -1))
-        red, bshape = self._group_axes(x)
+        xg = self._grouped(x)
+        red, bshape = self._group_axes(ndim)
+        channels = int(self.moving_mean.shape[0])
         if axis == ndim - 1:
             # Channels last: keep dims so every per-group tensor broadcasts
             # against the batch with no reshape (fewer ops, in both passes).
             mean, variance = ops.moments(xg, axes=red, keepdims=True)
             y = self._normalize_with(xg, mean, variance)
-            flat_mean = ops.reshape(mean, [-1, x.shape[axis]])
-            flat_var = ops.reshape(variance, [-1, x.shape[axis]])
+            flat_mean = ops.reshape(mean, (-1, channels))
+            flat_var = ops.reshape(variance, (-1, channels))
         else:
             mean, variance = ops.moments(xg, axes=red)
             y = self._normalize_with(xg, mean, variance, bshape)
             flat_mean, flat_var = mean, variance
-        y = tf.reshape(y, tf.shape(x))
+        y = ops.reshape(y, ops.shape(x))
         return y, ops.mean(flat_mean, axis=0), ops.mean(flat_var, axis=0)
 
     def _normalize_with(self, xg, mean, variance, bshape=None):
@@ -298,30 +350,30 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         return xg * inv + offset
 
     def _normalize_padded(self, x):
-        """The batch ends with a smaller group: pad to whole groups and mask
-        the padding out of every moment."""
+        """The batch ends with a smaller group (or its size is unknown):
+        pad to whole groups and mask the padding out of every moment."""
         m = self.microbatch_size
         ndim = len(x.shape)
         axis = self.axis % ndim
-        batch = tf.shape(x)[0]
+        shape = ops.shape(x)
+        batch = shape[0]
         pad = (-batch) % m
-        xp = tf.pad(x, [[0, pad]] + [[0, 0]] * (ndim - 1))
-        groups = (batch + pad) // m
-        valid = ops.cast(tf.range(batch + pad) < batch, x.dtype)
-        xg = tf.reshape(xp, self._grouped_shape(xp, groups))
-        red, bshape = self._group_axes(x)
-        w = tf.reshape(valid, tf.concat([[groups, m], [1] * (ndim - 1)], 0))
+        xp = ops.pad(x, [(0, pad)] + [(0, 0)] * (ndim - 1))
+        xg = self._grouped(xp)
+        red, bshape = self._group_axes(ndim)
+        valid = ops.cast(ops.arange(batch + pad) < batch, x.dtype)
+        w = ops.reshape(valid, (-1, m) + (1,) * (ndim - 1))
         per_example = 1.0
         for a in range(1, ndim):
             if a != axis:
-                per_example = per_example * ops.cast(tf.shape(x)[a], x.dtype)
-        sizes = ops.reshape(ops.sum(w, axis=1), [-1, 1])
+                per_example = per_example * ops.cast(shape[a], x.dtype)
+        sizes = ops.reshape(ops.sum(w, axis=1), (-1, 1))
         safe = ops.maximum(sizes * per_example, 1.0)
         mean = ops.sum(xg * w, axis=red) / safe
         centered = (xg - ops.reshape(mean, bshape)) * w
         variance = ops.sum(ops.square(centered), axis=red) / safe
         y = self._normalize_with(xg, mean, variance, bshape)
-        y = tf.reshape(y, tf.shape(xp))[:batch]
+        y = ops.reshape(y, (-1,) + tuple(shape[1:]))[:batch]
         total = ops.sum(sizes)
         return (y, ops.sum(mean * sizes, axis=0) / total,
                 ops.sum(variance * sizes, axis=0) / total)
@@ -334,6 +386,7 @@ class BatchRenormalization(keras.layers.BatchNormalization):
             r_max=self.r_max,
             d_max=self.d_max,
             microbatch_size=self.microbatch_size,
+            synchronized=self._synchronized_requested,
         )
         return config
 
@@ -351,19 +404,12 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         override the config.
         """
         if not isinstance(layer, keras.layers.BatchNormalization):
-            raise ValueError(
+            raise RenormConvertError(
                 "Expected a keras.layers.BatchNormalization. Received: "
-                f"{type(layer).__name__} '{getattr(layer, 'name', layer)}'"
-            )
+                f"{type(layer).__name__} '{getattr(layer, 'name', layer)}'")
         config = layer.get_config()
-        if isinstance(layer, cls):
-            config.update(options)
-            new = cls.from_config(config)
-            if layer.built:
-                build_with_values(new, _built_shape(layer),
-                                  values_by_name(layer.variables))
-            return new
-        if layer.renorm and layer.renorm_clipping:
+        if not isinstance(layer, cls) and layer.renorm and \
+                layer.renorm_clipping:
             # Keras's renorm layer: keep its clipping unless overridden.
             clip = layer.renorm_clipping
             config.setdefault("r_max", clip.get("rmax", 3.0))
@@ -373,7 +419,8 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         config.update(options)
         new = cls.from_config(config)
         if layer.built:
-            state = values_by_name(layer.variables)
+            state = {k: v for k, v in values_by_name(layer.variables).items()
+                     if k in STATE}
             if "moving_stddev" not in state:
                 std = np.sqrt(state["moving_variance"].astype(np.float64)
                               + layer.epsilon).astype(np.float32)
@@ -387,13 +434,14 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         """A plain `keras.layers.BatchNormalization` with this layer's
         gamma, beta, moving_mean and moving_variance (same inference)."""
         config = super().get_config()
-        config.pop("renorm", None)
-        config.pop("renorm_clipping", None)
-        config.pop("renorm_momentum", None)
+        for key in ("renorm", "renorm_clipping", "renorm_momentum"):
+            config.pop(key, None)
         new = keras.layers.BatchNormalization.from_config(config)
         if self.built:
-            build_with_values(new, _built_shape(self),
-                              values_by_name(self.variables))
+            kept = ("gamma", "beta", "moving_mean", "moving_variance")
+            build_with_values(new, _built_shape(self), {
+                k: v for k, v in values_by_name(self.variables).items()
+                if k in kept})
         return new
 
 
@@ -407,39 +455,14 @@ def _built_shape(layer):
     return tuple(shape)
 
 
-def values_by_name(variables):
-    """{short name ("kernel", "moving_mean", ...): numpy value}; weights move
-    between layers by these names, never by position."""
-    return {v.path.split("/")[-1]: np.asarray(v.numpy()) for v in variables}
+def is_normalization(layer):
+    """BatchNormalization, BatchRenormalization, and their subclasses."""
+    return isinstance(layer, keras.layers.BatchNormalization)
 
 
-def build_with_values(layer, input_shape, values, build=None):
-    """Builds `layer` with each weight named in `values` created directly
-    with that value: weights move by name, and no initializer runs and no
-    assignment follows (this is most of the cost of converting a model).
-    `build` (no arguments) replaces `layer.build(input_shape)`. Returns the
-    names of the weights created from `values`."""
-    used = []
-    add_weight = layer.add_weight
-
-    def add_weight_with_value(*args, name=None, initializer=None, **kwargs):
-        if name in values:
-            value = values[name]
-            used.append(name)
-
-            def initializer(shape, dtype=None):
-                return np.asarray(value, dtype=dtype or value.dtype)
-
-        return add_weight(*args, name=name, initializer=initializer, **kwargs)
-
-    # Bypass Layer.__setattr__ (attribute tracking) for this instance hook.
-    object.__setattr__(layer, "add_weight", add_weight_with_value)
-    try:
-        if build is None:
-            layer.build(input_shape)
-        else:
-            build()
-    finally:
-        object.__delattr__(layer, "add_weight")
-    layer.built = True
-    return used
+def renorm_layers(model):
+    """Every BatchRenormalization in `model`, nested models and custom
+    layers' sublayers included."""
+    return [layer for layer in internals.flatten_layers(model,
+                                                         include_self=True)
+            if isinstance(layer, BatchRenormalization)]

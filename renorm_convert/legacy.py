@@ -1,4 +1,5 @@
-"""Keras 2 `.h5` files whose functional graphs call TensorFlow directly.
+"""Keras 2 `.h5` files: their configs rewritten where Keras 3 refuses them,
+and functional graphs that call TensorFlow directly.
 
 Keras 2 recorded `x + 3.0`, `tf.nn.relu6(x)` or `x[:, 1:]` in a functional
 model as `TFOpLambda` / `SlicingOpLambda` layers that name a TensorFlow API
@@ -7,19 +8,30 @@ run the named function (looked up in the `tf` namespace only, so a file can
 name no other code) and save like any Keras 3 layer.
 """
 
+import importlib
 import json
+import sys
 
 import h5py
 import keras
-import tensorflow as tf
 
 from renorm_convert import _keras_internals as internals
+from renorm_convert.errors import BackendError
 
 TF_OP_CLASSES = ("TFOpLambda", "SlicingOpLambda")
 
 
 def _tf_function(name):
     """`tf.<name>` for a dotted name such as `math.multiply`."""
+    if keras.backend.backend() != "tensorflow":
+        raise BackendError(
+            f"this Keras 2 file calls TensorFlow directly ('tf.{name}', a "
+            "TFOpLambda layer), which runs only on Keras's TensorFlow "
+            "backend: set KERAS_BACKEND=tensorflow (with TensorFlow "
+            "installed), or convert it there once and save it as .keras "
+            "after replacing those layers.")
+    import tensorflow as tf
+
     target = tf
     for part in name.split("."):
         target = getattr(target, part, None)
@@ -125,31 +137,134 @@ def _rewrite(config):
     return config
 
 
-def uses_tf_ops(path):
-    """Whether an `.h5` model file holds Keras 2 TF-op layers."""
-    try:
-        with h5py.File(path, "r") as f:
-            config = f.attrs.get("model_config")
-    except OSError:
-        return False
-    if config is None:
-        return False
-    if isinstance(config, bytes):
-        config = config.decode("utf-8")
-    return any(f'"class_name": "{name}"' in config for name in TF_OP_CLASSES)
+# Keys Keras 2 wrote into layer configs that Keras 3 refuses, with the
+# value Keras 2 always gave them: dropped when they hold that value.
+_KERAS2_ONLY_KEYS = {
+    "DepthwiseConv2D": {"groups": 1},
+    "DepthwiseConv1D": {"groups": 1},
+}
+# Classes of the Keras 2 model-zoo libraries, saved by name, that are a
+# Keras 3 layer with the same config (efficientnet's FixedDropout is a
+# Dropout whose noise shape takes the input's size where it is None, as
+# Keras 3's Dropout does).
+_KERAS2_CLASS_ALIASES = {"FixedDropout": "Dropout"}
 
 
-def load_h5_with_tf_ops(path, custom_objects=None):
-    """A Keras-2 `.h5` functional model with TF-op layers, as Keras 3."""
+def _layer_configs(config):
+    """Every layer config in a Keras 2 model config, nested models too."""
+    inner = config.get("config", {})
+    layers = inner.get("layers", []) if isinstance(inner, dict) else []
+    for layer in layers:
+        yield layer
+        if isinstance(layer.get("config"), dict) and "layers" in layer[
+                "config"]:
+            yield from _layer_configs(layer)
+
+
+def _fix_keras2_configs(config, custom_objects):
+    """Rewrites, in place, what Keras 2 wrote and Keras 3 refuses; returns
+    what was changed, for the log."""
+    changes = []
+    for layer in _layer_configs(config):
+        name = layer.get("class_name")
+        # Registered classes are saved as "package>Class".
+        alias = _KERAS2_CLASS_ALIASES.get(str(name).split(">")[-1])
+        if alias and name not in (custom_objects or {}):
+            layer["class_name"] = alias
+            changes.append(f"{layer['config'].get('name')}: {name} as {alias}")
+        for key, value in _KERAS2_ONLY_KEYS.get(layer["class_name"],
+                                                {}).items():
+            if layer["config"].get(key, value) == value and \
+                    key in layer["config"]:
+                del layer["config"][key]
+                changes.append(f"{layer['config'].get('name')}: {key}")
+    return changes
+
+
+def _model_config(path):
     with h5py.File(path, "r") as f:
-        config = f.attrs["model_config"]
+        config = f.attrs.get("model_config")
+    if config is None:
+        return None
     if isinstance(config, bytes):
         config = config.decode("utf-8")
-    config = _rewrite(json.loads(config))
-    objects = {"TFOpLambda": TFOpLambda, "SlicingOpLambda": SlicingOpLambda,
-               **(custom_objects or {})}
+    return json.loads(config)
+
+
+def load_h5(path, custom_objects=None, safe_mode=True):
+    """A Keras 2 `.h5` model file as a Keras 3 model: its TF-op layers
+    replaced (see above) and the layer configs Keras 3 refuses rewritten
+    (`groups` on depthwise convolutions, efficientnet's FixedDropout), with
+    every weight. None when the file holds no model config (weights only):
+    the caller lets Keras say so."""
+    config = _model_config(path)
+    if config is None:
+        return None
+    objects = dict(custom_objects or {})
+    if any(layer.get("class_name") in TF_OP_CLASSES
+           for layer in _layer_configs(config)):
+        config = _rewrite(config)
+        objects = {"TFOpLambda": TFOpLambda,
+                   "SlicingOpLambda": SlicingOpLambda, **objects}
+    _fix_keras2_configs(config, custom_objects)
+    as_code = {layer["config"].get("name") for layer in _layer_configs(config)
+               if layer.get("class_name") == "Lambda"
+               and layer["config"].get("function_type") == "lambda"}
+    if not safe_mode:
+        objects.update(_lambda_functions(config))
     with keras.saving.custom_object_scope(objects):
-        model = internals.legacy_model_from_config(config,
-                                                   custom_objects=objects)
-    model.load_weights(path)
+        model = internals.load_legacy_h5(path, config, custom_objects=objects,
+                                         safe_mode=safe_mode)
+    _keep_lambda_code(model, as_code)
     return model
+
+
+def _module_globals(name):
+    module = sys.modules.get(name)
+    if module is None and name and name != "__main__":
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # not importable here: Keras's own globals
+            return None
+    return None if module is None else vars(module)
+
+
+def _lambda_functions(config):
+    """The functions of the Lambda layers Keras 2 saved as code, each with
+    the globals of the module the config names (see
+    `function_from_code`), as custom objects; the configs then refer to
+    them by name."""
+    functions = {}
+    for layer in _layer_configs(config):
+        inner = layer.get("config", {})
+        code = inner.get("function")
+        if layer.get("class_name") != "Lambda" or inner.get(
+                "function_type") != "lambda" or not isinstance(code, list):
+            continue
+        globals_ = _module_globals(inner.get("module"))
+        if globals_ is None:
+            continue
+        key = f"renorm_convert_lambda_{len(functions)}"
+        functions[key] = internals.function_from_code(*code[:3], globals_)
+        inner["function"] = {"module": "builtins", "class_name": "function",
+                             "config": key, "registered_name": "function"}
+        inner.pop("function_type", None)
+    return functions
+
+
+def _keep_lambda_code(model, as_code):
+    """Lambda layers whose function Keras 2 saved as code: Keras 3 saves a
+    named function by its name only, and a `.keras` file written from this
+    model could not find it again ("Could not locate function 'helper'").
+    Named "<lambda>", their functions are saved as code, as Keras 2 did
+    (loading such a file needs safe mode off, as this one did)."""
+    if not as_code:
+        return
+    for layer in internals.flatten_layers(model):
+        function = getattr(layer, "function", None)
+        if isinstance(layer, keras.layers.Lambda) and layer.name in as_code \
+                and callable(function) and hasattr(function, "__code__"):
+            # The code's own name too: a copy made from the code keeps it.
+            function.__code__ = function.__code__.replace(
+                co_name="<lambda>", co_qualname="<lambda>")
+            function.__name__ = function.__qualname__ = "<lambda>"

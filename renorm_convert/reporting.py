@@ -5,27 +5,41 @@ Every file is written atomically."""
 import csv
 import io as _io
 import json
+import os
 
 import numpy as np
 
 from renorm_convert.io import write_atomically
 
 
-def write_history(history, path):
-    """PATH.csv (per epoch), PATH.steps.csv (per step) and PATH.json."""
-    base = str(path)
+def history_prefix(path):
+    """A records prefix without the ".csv" / ".json" a user may give."""
+    prefix = os.fspath(path)
     for suffix in (".csv", ".json"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-    epochs = history.history
+        if prefix.endswith(suffix):
+            prefix = prefix[: -len(suffix)]
+    return prefix
+
+
+def history_files(path):
+    """The three files `write_history` writes for the prefix `path`."""
+    base = history_prefix(path)
+    return [base + suffix for suffix in (".csv", ".steps.csv", ".json")]
+
+
+def write_history(epochs, steps, curve, path):
+    """PATH.csv (per epoch), PATH.steps.csv (per step) and PATH.json of a
+    run whose per-epoch history is `epochs` ({metric: [values]}), per-step
+    log `steps` and validation curve `curve`."""
+    per_epoch, per_step, whole = history_files(path)
     keys = list(epochs)
-    rows = [{"epoch": i + 1, **{k: epochs[k][i] for k in keys}}
+    rows = [{"epoch": i + 1, **{k: epochs[k][i] for k in keys
+                                if i < len(epochs[k])}}
             for i in range(len(epochs.get("loss", [])))]
-    write_atomically(base + ".csv", _csv(rows))
-    write_atomically(base + ".steps.csv", _csv(getattr(history, "steps", [])))
-    payload = {"epochs": rows, "steps": getattr(history, "steps", []),
-               "validation_curve": getattr(history, "validation_curve", [])}
-    write_atomically(base + ".json", json.dumps(payload, indent=1).encode())
+    write_atomically(per_epoch, _csv(rows))
+    write_atomically(per_step, _csv(steps))
+    payload = {"epochs": rows, "steps": steps, "validation_curve": curve}
+    write_atomically(whole, json.dumps(payload, indent=1).encode())
 
 
 def _csv(rows):
@@ -40,17 +54,16 @@ def _csv(rows):
     return buffer.getvalue().encode()
 
 
-def plot_history(history, path, title=None):
+def plot_history(epochs, steps, curve, curve_size, path, title=None):
     """A PNG of the run: training loss per step; validation accuracy from
     step 0 (the model before fine-tuning, marked) at a few points in every
-    epoch, with the per-epoch accuracies; r_max / d_max per step."""
+    epoch, with the training accuracy per epoch; r_max / d_max per step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = getattr(history, "steps", [])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     if steps:
         x = [s["step"] for s in steps]
         axes[0].plot(x, [s.get("loss") for s in steps], lw=0.8)
@@ -60,30 +73,29 @@ def plot_history(history, path, title=None):
     axes[0].set(xlabel="training step", ylabel="loss (running mean in epoch)",
                 title="training loss")
     axes[2].set(xlabel="training step", ylabel="bound",
-                title="renorm clipping bounds")
+                title="renorm clipping bounds r_max / d_max")
     ax = axes[1]
-    curve = getattr(history, "validation_curve", [])
     if curve:
-        size = getattr(history, "validation_curve_size", 0)
         ax.plot([p["step"] for p in curve],
                 [100 * p["val_accuracy"] for p in curve], marker=".",
-                color="tab:red", label=f"validation ({size} examples)")
-        start = curve[0]
-        ax.plot([start["step"]], [100 * start["val_accuracy"]], marker="*",
-                markersize=14, color="black", linestyle="none",
-                label=f"before fine-tuning: "
-                      f"{100 * start['val_accuracy']:.1f}%")
-    h = history.history
-    epoch_steps = _epoch_end_steps(steps, len(h.get("loss", [])))
-    for key, label, colour in (
-            ("accuracy", "training, per epoch", "tab:blue"),
-            ("val_accuracy", "validation (all), per epoch", "tab:green")):
-        if key in h:
-            ax.plot(epoch_steps, [100 * v for v in h[key]], marker="o",
-                    color=colour, linestyle="--" if len(h[key]) > 1
-                    else "none", label=label)
-    ax.set(xlabel="training step", ylabel="accuracy (%)",
-           title="accuracy, from the model as given")
+                color="tab:red",
+                label=f"validation, {curve_size} images (inference mode)")
+        for point, text, marker in ((curve[0], "before", "*"),
+                                    (curve[-1], "after", "D")):
+            ax.plot([point["step"]], [100 * point["val_accuracy"]],
+                    marker=marker, markersize=12 if marker == "*" else 7,
+                    color="black", linestyle="none",
+                    label=f"{text} fine-tuning: "
+                          f"{100 * point['val_accuracy']:.2f}%")
+    epoch_steps = _epoch_end_steps(steps, len(epochs.get("loss", [])))
+    if "accuracy" in epochs:
+        values = epochs["accuracy"]
+        ax.plot(epoch_steps[:len(values)], [100 * v for v in values],
+                marker="o", color="tab:blue",
+                linestyle="--" if len(values) > 1 else "none",
+                label="training batches, per epoch (training mode)")
+    ax.set(xlabel="training step", ylabel="top-1 accuracy (%)",
+           title="accuracy during fine-tuning (step 0: the model as given)")
     ax.legend(fontsize=8, loc="lower right")
     for axis in axes:
         axis.grid(alpha=0.3)
@@ -124,9 +136,11 @@ def _title(result):
             if cfg["experiment"] == "microbatch" else
             f"non-i.i.d. batches: {cfg['classes_per_batch']} classes x "
             f"{cfg['batch_size'] // cfg['classes_per_batch']}")
+    seeds = (f"mean ± std over {cfg['seeds']} seeds" if cfg["seeds"] > 1
+             else "one seed")
     return [f"{cfg['data']}, model {cfg.get('model', 'cnn')}, batch "
             f"{cfg['batch_size']}, {what}",
-            f"{cfg['steps']} steps; mean ± std over {cfg['seeds']} seeds"]
+            f"{cfg['steps']} steps; {seeds}"]
 
 
 def experiment_figure(result):
@@ -166,8 +180,10 @@ def experiment_figure(result):
                        label=f"paper, {variant}: {paper[variant]:.1f} % "
                              "(ImageNet, final)")
     ax.set_xlabel("training step")
-    ax.set_ylabel("validation accuracy (%); dotted: training mode\n"
-                  "on i.i.d. test batches of 500")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.text(0.01, 0.01, "dotted: training mode (batch statistics) on "
+            "i.i.d. test batches of 500", transform=ax.transAxes,
+            fontsize=7, color="0.35")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     # Wrapped to the axes' width (a long dataset path or model name would

@@ -17,9 +17,11 @@ import numpy as np
 
 from renorm_convert import data as data_lib
 from renorm_convert._limits import REPRODUCE_DEFAULTS, REPRODUCE_MODELS
-from renorm_convert.convert import convert
-from renorm_convert.finetune import fine_tune, top1
-from renorm_convert.schedule import renorm_layers
+from renorm_convert.conversion import convert
+from renorm_convert.errors import RenormConvertError
+from renorm_convert.evaluation import top1
+from renorm_convert.finetune import fine_tune
+from renorm_convert.layers import renorm_layers
 
 # The paper's numbers (ImageNet, Inception-v2 style network), for reference.
 PAPER = {
@@ -44,14 +46,12 @@ class Config:
     momentum: float = 0.9
     model: str = None  # None: the experiment's default
     data: str = "fashion-mnist"
-    # TensorFlow's deterministic kernels: two runs with the same config give
-    # the same numbers (on the same machine and instruction set).
-    deterministic: bool = True
 
     def __post_init__(self):
         if self.experiment not in REPRODUCE_DEFAULTS:
-            raise ValueError(f"experiment={self.experiment!r}: use one of "
-                             f"{', '.join(REPRODUCE_DEFAULTS)}.")
+            raise RenormConvertError(
+                "{arg}: use one of " + ", ".join(REPRODUCE_DEFAULTS) + ".",
+                "experiment", self.experiment)
         for name, value in REPRODUCE_DEFAULTS[self.experiment].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -90,9 +90,9 @@ MODELS = REPRODUCE_MODELS
 
 def _model(config, shape, num_classes):
     if config.model not in MODELS:
-        raise ValueError(f"model={config.model!r}: use one of "
-                         f"{', '.join(MODELS)} (or load your own through "
-                         "the Python API).")
+        raise RenormConvertError(
+            "{arg}: use one of " + ", ".join(MODELS) + " (or load your own "
+            "through the Python API).", "model", config.model)
     return small_cnn(shape, num_classes, name=config.model.replace("-", "_"),
                      **MODELS[config.model])
 
@@ -103,7 +103,8 @@ def training_mode_accuracy(model, dataset):
     training: the paper's mechanism is that batch norm trained on
     non-i.i.d. batches works this way and fails with its moving averages.
     The model's statistics are put back afterwards."""
-    saved = [v.numpy() for v in model.non_trainable_variables]
+    saved = [keras.ops.convert_to_numpy(v)
+             for v in model.non_trainable_variables]
     try:
         return top1(model, dataset, training=True)
     finally:
@@ -122,10 +123,11 @@ class _Curve(keras.callbacks.Callback):
         self._eval_ds = eval_ds
 
     def on_epoch_end(self, epoch, logs=None):
-        self.points.append((int(self.model.optimizer.iterations.numpy()),
-                            float(logs["val_accuracy"]),
-                            training_mode_accuracy(self.model,
-                                                   self._eval_ds)))
+        model = self.model
+        self.points.append((
+            int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+            float(logs["val_accuracy"]),
+            training_mode_accuracy(model, self._eval_ds)))
 
 
 def _train(model, split, config, renorm, seed, eval_ds):
@@ -136,45 +138,46 @@ def _train(model, split, config, renorm, seed, eval_ds):
     learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay(
         [int(0.75 * config.steps)],
         [config.learning_rate, config.learning_rate * 0.1])
-    fine_tune(model, split, validation=eval_ds,
-              epochs=config.steps // config.eval_every,
-              steps_per_epoch=config.eval_every,
-              batch_size=config.batch_size, optimizer="adam",
+    batches = split.training_batches(
+        model, config.batch_size,
+        non_iid_classes=(config.classes_per_batch
+                         if config.experiment == "non-iid" else None),
+        seed=seed, steps_per_epoch=config.eval_every)
+    fine_tune(model, batches, validation=eval_ds,
+              epochs=config.steps // config.eval_every, optimizer="adam",
               learning_rate=learning_rate,
               schedule="auto" if renorm else None,
-              non_iid_classes=(config.classes_per_batch
-                               if config.experiment == "non-iid" else None),
-              callbacks=[curve], seed=seed, verbose=0, copy=False,
-              validation_curve=0)
+              callbacks=[curve], verbose=0, copy=False)
     return curve.points
 
 
 def run(config, progress=None):
     """Runs the experiment; returns {"curves": [...], "final": {...},
     "config": ..., "paper": ...}. `progress`, if given, is called with a
-    line of text after every arm of every seed."""
+    line of text after every arm of every seed. Each seed's arms start from
+    `keras.utils.set_random_seed(seed)`; run it inside
+    `renorm_convert.determinism.deterministic()` for results that repeat
+    exactly."""
     for name in ("steps", "seeds", "eval_every", "batch_size", "eval_size"):
         if getattr(config, name) < 1:
-            raise ValueError(f"{name}={getattr(config, name)}: must be >= 1.")
+            raise RenormConvertError("{arg}: must be >= 1.", name,
+                                     getattr(config, name))
     if config.steps < config.eval_every:
-        raise ValueError(f"steps={config.steps}: must be at least "
-                         f"eval_every={config.eval_every} (the first "
-                         "evaluation comes after eval_every steps).")
-    if config.deterministic:
-        import tensorflow as tf
-
-        tf.config.experimental.enable_op_determinism()
+        raise RenormConvertError(
+            f"{{arg}}: must be at least eval_every={config.eval_every} (the "
+            "first evaluation comes after eval_every steps).", "steps",
+            config.steps)
     split = data_lib.load_source(config.data)
     split = split.subset(val=config.eval_size, seed=0)
     shape = (28, 28, 1) if split.x_train.shape[1:] == (28, 28, 1) else tuple(
         split.x_train.shape[1:])
-    eval_ds = data_lib.evaluation_dataset(split, shape, batch_size=500)
     microbatch = config.microbatch if config.experiment == "microbatch" \
         else None
     curves = []
     for seed in range(config.seeds):
         keras.utils.set_random_seed(seed)
         initial = _model(config, shape, split.num_classes)
+        eval_ds = split.evaluation_batches(initial, batch_size=500)
         for variant, renorm in (("batch norm", False), ("batch renorm", True)):
             keras.utils.set_random_seed(seed)
             model = convert(initial, r_max=1.0, d_max=0.0,

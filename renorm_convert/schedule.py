@@ -6,10 +6,10 @@ steps and reaches d_max = 5 after 25k steps and r_max = 3 after 40k steps.
 """
 
 import keras
-import tensorflow as tf
 
 from renorm_convert import _keras_internals as internals
-from renorm_convert.layers import BatchRenormalization
+from renorm_convert.errors import RenormConvertError
+from renorm_convert.layers import check_d_max, check_r_max, renorm_layers
 
 # The paper trains for about 160k steps; `RenormSchedule.for_run` keeps the
 # shape below for runs of any length.
@@ -33,23 +33,17 @@ def clipping_at(step, *, warmup_steps, r_max, r_max_steps, d_max, d_max_steps):
     )
 
 
-def renorm_layers(model):
-    """Every BatchRenormalization in `model`, nested models included."""
-    return [
-        layer
-        for layer in internals.flatten_layers(model, include_self=True)
-        if isinstance(layer, BatchRenormalization)
-    ]
-
-
 @keras.saving.register_keras_serializable(package="renorm_convert")
 class RenormSchedule(keras.callbacks.Callback):
     """Relaxes the renorm clipping bounds during training.
 
-    At each training batch it sets r_max and d_max of every
-    BatchRenormalization of the model (nested models included) from the
-    optimizer's iteration count, so a resumed run continues the schedule where
-    it stopped; the current values go into the batch and epoch logs (History,
+    Before each training batch it sets r_max and d_max of every
+    BatchRenormalization of the model (nested models and custom layers'
+    sublayers included) for the optimizer step about to run, counted from
+    the optimizer's iterations at the start of each epoch, so a resumed run
+    continues the schedule where it stopped. The bounds are variables the
+    trainer carries into its compiled step: nothing retraces, on any
+    backend. The current values go into the batch and epoch logs (History,
     CSVLogger, TensorBoard).
 
     Args:
@@ -77,33 +71,35 @@ class RenormSchedule(keras.callbacks.Callback):
         scale=1.0,
     ):
         super().__init__()
-        r_max = BatchRenormalization._check_r_max(r_max)
-        d_max = BatchRenormalization._check_d_max(d_max)
-        if scale <= 0:
-            raise ValueError(f"Expected `scale` > 0. Received: scale={scale}")
+        r_max = check_r_max(r_max)
+        d_max = check_d_max(d_max)
+        if isinstance(scale, bool) or not scale > 0:
+            raise RenormConvertError("Expected `scale` > 0. Received: {arg}",
+                                     "scale", scale)
         for name, value in (
             ("warmup_steps", warmup_steps),
             ("r_max_steps", r_max_steps),
             ("d_max_steps", d_max_steps),
         ):
-            if value < 0:
-                raise ValueError(
-                    f"Expected `{name}` >= 0. Received: {name}={value}"
-                )
+            if isinstance(value, bool) or not value >= 0:
+                raise RenormConvertError(
+                    f"Expected `{name}` >= 0. Received: {{arg}}", name, value)
         if r_max_steps < warmup_steps or d_max_steps < warmup_steps:
-            raise ValueError(
+            raise RenormConvertError(
                 "Expected `r_max_steps` and `d_max_steps` >= `warmup_steps`. "
                 f"Received: warmup_steps={warmup_steps}, "
-                f"r_max_steps={r_max_steps}, d_max_steps={d_max_steps}"
-            )
+                f"r_max_steps={r_max_steps}, d_max_steps={d_max_steps}")
         self.warmup_steps = warmup_steps
         self.r_max = float(r_max)
         self.r_max_steps = r_max_steps
         self.d_max = float(d_max)
         self.d_max_steps = d_max_steps
         self.scale = float(scale)
-        self._layers = None
+        self._assigner = None
+        self._count = 0
         self._current = (1.0, 0.0)
+        self._applied = None
+        self._epoch_start = 0
 
     @classmethod
     def for_run(cls, total_steps, *, warmup=0.1, d_max_at=0.25, r_max_at=0.35,
@@ -115,16 +111,24 @@ class RenormSchedule(keras.callbacks.Callback):
         proportions of its ~160k steps are warmup=0.03, d_max_at=0.16,
         r_max_at=0.25.
         """
-        if total_steps < 1:
-            raise ValueError(
-                f"Expected `total_steps` >= 1. Received: total_steps={total_steps}"
-            )
+        if isinstance(total_steps, bool) or not total_steps >= 1:
+            raise RenormConvertError(
+                "Expected `total_steps` >= 1. Received: {arg}", "total_steps",
+                total_steps)
+        for name, value in (("warmup", warmup), ("d_max_at", d_max_at),
+                            ("r_max_at", r_max_at)):
+            if not 0.0 <= value <= 1.0:
+                raise RenormConvertError(
+                    f"Expected `{name}` as a fraction of the run, in [0, 1]. "
+                    "Received: {arg}", name, value)
         return cls(
             warmup_steps=round(warmup * total_steps),
             r_max=r_max,
-            r_max_steps=round(r_max_at * total_steps),
+            r_max_steps=max(round(r_max_at * total_steps),
+                            round(warmup * total_steps)),
             d_max=d_max,
-            d_max_steps=round(d_max_at * total_steps),
+            d_max_steps=max(round(d_max_at * total_steps),
+                            round(warmup * total_steps)),
         )
 
     def values_at(self, step):
@@ -140,39 +144,39 @@ class RenormSchedule(keras.callbacks.Callback):
 
     def set_model(self, model):
         super().set_model(model)
-        self._layers = None
-        self._assign = None
+        self._assigner = None
         self._applied = None
 
-    def _apply(self):
-        if self._layers is None:
-            self._layers = renorm_layers(self.model)
-            r_vars = [layer._r_max_var for layer in self._layers]
-            d_vars = [layer._d_max_var for layer in self._layers]
-
-            # One call per change instead of two eager assignments per
-            # layer and batch (which cost ~0.1 ms each).
-            @tf.function
-            def assign(r_max, d_max):
-                for v in r_vars:
-                    v.assign(r_max)
-                for v in d_vars:
-                    v.assign(d_max)
-
-            self._assign = assign
-        step = int(self.model.optimizer.iterations.numpy())
+    def _apply(self, step):
         self._current = self.values_at(step)
-        if self._current != self._applied:
-            # The warm-up and the end of the schedule change nothing.
-            self._assign(tf.constant(self._current[0], tf.float32),
-                         tf.constant(self._current[1], tf.float32))
-            self._applied = self._current
+        if self._current == self._applied:
+            return  # the warm-up and the end of the schedule change nothing
+        if self._assigner is None:
+            layers = renorm_layers(self.model)
+            for layer in layers:
+                if not layer.built:
+                    raise RenormConvertError(
+                        f"layer '{layer.name}' is not built yet; build the "
+                        "model before training it with RenormSchedule.")
+            variables = [v for layer in layers
+                         for v in layer.clipping_variables]
+            self._count = len(layers)
+            self._assigner = internals.FitAssigner(self.model, variables)
+        self._assigner.assign(list(self._current) * self._count)
+        self._applied = self._current
 
     def on_train_begin(self, logs=None):
-        self._apply()
+        self._applied = None
+        self._assigner = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # Read once an epoch (under JAX the state is attached to the model
+        # here; reading it mid-epoch would force a full state sync).
+        self._epoch_start = int(keras.ops.convert_to_numpy(
+            self.model.optimizer.iterations))
 
     def on_train_batch_begin(self, batch, logs=None):
-        self._apply()
+        self._apply(self._epoch_start + batch)
 
     def _log(self, logs):
         if logs is not None:

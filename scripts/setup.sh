@@ -1,9 +1,23 @@
 #!/usr/bin/env bash
-# Installs renorm_convert into ./.venv on a bare Debian machine.
-#   bash scripts/setup.sh        the tool and its data (Fashion-MNIST)
+# Installs renorm_convert into a virtual environment on a bare Debian machine.
+#   bash scripts/setup.sh        the tool and its data (Fashion-MNIST), into .venv
 #   bash scripts/setup.sh test   the same, plus what the tests need
+# BACKEND=jax or BACKEND=torch installs that Keras backend instead of
+# TensorFlow, into .venv-jax / .venv-torch (VENV=DIR chooses another place).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+BACKEND="${BACKEND:-tensorflow}"
+case "$BACKEND" in
+    tensorflow) VENV="${VENV:-.venv}"; EXTRAS="tensorflow" ;;
+    jax) VENV="${VENV:-.venv-jax}"; EXTRAS="jax" ;;
+    torch) VENV="${VENV:-.venv-torch}"; EXTRAS="torch" ;;
+    *) echo "setup: BACKEND=$BACKEND: use tensorflow, jax or torch" >&2; exit 2 ;;
+esac
+if [ "${1:-}" = "test" ]; then
+    EXTRAS="$EXTRAS,test"
+    [ "$BACKEND" = tensorflow ] && EXTRAS="$EXTRAS,test-tensorflow"
+fi
 
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
     echo "setup: installing Debian's dataset-fashion-mnist (the real data the demo and tests use)"
@@ -14,11 +28,12 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
 fi
 
 PYTHON="${PYTHON:-python3}"
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-if [ "${1:-}" = "test" ]; then
-    .venv/bin/python -m pip install -q -e ".[test]"
-else
-    .venv/bin/python -m pip install -q -e .
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+if [ "$BACKEND" = torch ]; then
+    # PyTorch's CPU build (a plain `torch` from PyPI is a CUDA build of
+    # several GB); TORCH_VERSION=... chooses another.
+    "$VENV/bin/python" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 fi
-echo "setup: done; the tool is .venv/bin/renorm-convert"
+"$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
+echo "setup: done; the tool is $VENV/bin/renorm-convert (Keras backend: $BACKEND)"

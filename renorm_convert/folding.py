@@ -7,14 +7,19 @@ Two levels, as in PyTorch's `torch.nn.utils.fusion`: pure NumPy weight maths
 rebuilds an inference-only model without the normalization layers.
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 
-from renorm_convert.convert import (SwappedBlock, clone_prebuilt,
-                                    copy_weights, mirror_block,
-                                    normalization_sublayers)
-from renorm_convert.graph import clone_layer, consumers, model_graph, rebuild
-from renorm_convert.layers import build_with_values, values_by_name
+from renorm_convert import _keras_internals as internals
+from renorm_convert.blocks import is_block, normalization_sublayers, unwrapped
+from renorm_convert.graph import (consumers, is_graph_model, model_graph,
+                                  rebuild)
+from renorm_convert.layers import is_normalization
+from renorm_convert.weights import (assign_by_name, build_like, clone_layer,
+                                    clone_prebuilt, put, sublayer_items,
+                                    values_by_name)
 
 # Producers whose output channels are a linear function of their weights:
 # class -> (name of the kernel to scale, axis of its output channels).
@@ -131,12 +136,13 @@ class ChannelAffine(keras.layers.Layer):
 
 def _norm_weights(layer):
     """(mean, variance, epsilon, gamma or None, beta or None) of a BN."""
+    value = keras.ops.convert_to_numpy
     return (
-        layer.moving_mean.numpy(),
-        layer.moving_variance.numpy(),
+        value(layer.moving_mean),
+        value(layer.moving_variance),
         layer.epsilon,
-        layer.gamma.numpy() if layer.scale else None,
-        layer.beta.numpy() if layer.center else None,
+        value(layer.gamma) if layer.scale else None,
+        value(layer.beta) if layer.center else None,
     )
 
 
@@ -186,10 +192,6 @@ def _unfoldable_reason(graph, node_id, calls_of):
     return None
 
 
-def _unwrapped(layer):
-    return layer.layer if isinstance(layer, SwappedBlock) else layer
-
-
 # Consumers a normalization folds forward into (input channels on the
 # kernel's second-to-last axis, one input, no groups).
 FORWARD_FOLDABLE = (keras.layers.Dense, keras.layers.Conv1D,
@@ -225,51 +227,93 @@ def _forward_consumers(graph, node_id, calls_of):
     return list(found.values())
 
 
-def _block_plan(node_id, data):
-    """Plan entries for the normalization a custom layer holds: its Python
-    code joins its sublayers, so none of them can be folded; each becomes a
+@dataclasses.dataclass
+class FoldEntry:
+    """Where one normalization layer goes when the model is folded.
+
+    `into` is "producer" (folded into the Conv / Dense that feeds it),
+    "consumers" (forward into the Conv / Dense layers it feeds, listed in
+    `consumers`), or None (kept as a per-channel scale and offset, for
+    `reason`)."""
+
+    path: str
+    layer: object
+    producer: str
+    producer_layer: object
+    channels: int
+    into: str = None
+    consumers: list = dataclasses.field(default_factory=list)
+    consumer_layers: list = dataclasses.field(default_factory=list)
+    reason: str = None
+
+    @property
+    def foldable(self):
+        return self.into is not None
+
+    def as_dict(self):
+        """The entry for people and JSON: paths and reasons, no objects."""
+        return {"path": self.path, "class": type(self.layer).__name__,
+                "producer": self.producer, "channels": self.channels,
+                "foldable": self.foldable, "into": self.into,
+                "consumers": list(self.consumers), "reason": self.reason}
+
+
+@dataclasses.dataclass
+class FoldPlan:
+    """`fold_plan`'s answer: one `FoldEntry` per normalization layer, in
+    graph order."""
+
+    entries: list
+
+    def __iter__(self):
+        return iter(self.entries)
+
+    def __len__(self):
+        return len(self.entries)
+
+    @property
+    def folded(self):
+        """Paths of the normalization layers folded into a Conv / Dense."""
+        return [e.path for e in self.entries if e.foldable]
+
+    @property
+    def unfolded(self):
+        """{path: reason} of the ones kept as scale and offset."""
+        return {e.path: e.reason for e in self.entries if not e.foldable}
+
+
+def _block_entries(data):
+    """Entries for the normalization a custom layer holds: its Python code
+    joins its sublayers, so none of them can be folded; each becomes a
     ChannelAffine inside a copy of the block."""
     prefix = data["path"].rsplit("/", 1)[0] + "/" if "/" in data["path"] else ""
-    return [{
-        "node": node_id,
-        "path": prefix + path,
-        "layer": norm,
-        "producer": data["path"],
-        "producer_layer": data["layer"],
-        "channels": int(norm.moving_mean.shape[0]),
-        "foldable": False,
-        "into": None,
-        "consumers": [],
-        "consumer_layers": [],
-        "reason": f"it is inside custom layer '{data['path']}' "
-                  f"({type(_unwrapped(data['layer'])).__name__}), whose "
-                  "Python code "
-                  "joins its sublayers",
-    } for path, norm in normalization_sublayers(data["layer"])]
+    return [FoldEntry(
+        path=prefix + path, layer=norm, producer=data["path"],
+        producer_layer=data["layer"],
+        channels=int(norm.moving_mean.shape[0]),
+        reason=f"it is inside custom layer '{data['path']}' "
+               f"({type(unwrapped(data['layer'])).__name__}), whose Python "
+               "code joins its sublayers",
+    ) for path, norm in normalization_sublayers(data["layer"])]
 
 
 def fold_plan(model, graph=None):
-    """Which normalization calls can be folded, into what.
-
-    Returns a list of dicts, one per normalization layer in graph order
-    (its first call; a layer called several times folds in all calls or
-    none), with
-    `path`, `producer` (the path of the layer producing its input), `layer`,
-    `producer_layer`, `foldable` and `reason` (None when foldable).
-    """
+    """Which normalization layers can be folded, into what: a `FoldPlan`
+    with one `FoldEntry` per normalization layer, in graph order (a layer
+    called several times folds in all its calls or none)."""
     graph = model_graph(model) if graph is None else graph
     calls_of = {}
     for node_id, d in graph.nodes(data=True):
         calls_of.setdefault(d["layer_id"], []).append(node_id)
-    plan = []
+    entries = []
     seen = set()
     for node_id in graph.nodes:
         data = graph.nodes[node_id]
-        if not isinstance(data["layer"], keras.layers.BatchNormalization):
+        if not is_normalization(data["layer"]):
             if data["layer_id"] not in seen and isinstance(
                     data["layer"], keras.layers.Layer):
                 seen.add(data["layer_id"])
-                plan += _block_plan(node_id, data)
+                entries += _block_entries(data)
             continue
         if data["layer_id"] in seen:
             continue  # a layer called several times is planned once
@@ -278,22 +322,18 @@ def fold_plan(model, graph=None):
         reason = _unfoldable_reason(graph, node_id, calls_of)
         forward = None if reason is None else _forward_consumers(
             graph, node_id, calls_of)
-        plan.append({
-            "node": node_id,
-            "path": data["path"],
-            "layer": data["layer"],
-            "producer": graph.nodes[producer_id]["path"],
-            "producer_layer": graph.nodes[producer_id]["layer"],
-            "channels": int(data["layer"].moving_mean.shape[0]),
-            "foldable": reason is None or forward is not None,
-            "reason": None if forward else reason,
-            # "producer", or "consumers" (folded forward into those).
-            "into": "consumers" if forward else (
+        entries.append(FoldEntry(
+            path=data["path"], layer=data["layer"],
+            producer=graph.nodes[producer_id]["path"],
+            producer_layer=graph.nodes[producer_id]["layer"],
+            channels=int(data["layer"].moving_mean.shape[0]),
+            into="consumers" if forward else (
                 "producer" if reason is None else None),
-            "consumers": [c["path"] for c in forward or []],
-            "consumer_layers": [c["layer"] for c in forward or []],
-        })
-    return plan
+            consumers=[c["path"] for c in forward or []],
+            consumer_layers=[c["layer"] for c in forward or []],
+            reason=None if forward else reason,
+        ))
+    return FoldPlan(entries)
 
 
 def _folded_layer(player, name, norm=None, norm_before=None):
@@ -323,51 +363,16 @@ def _folded_layer(player, name, norm=None, norm_before=None):
     return new, weights
 
 
-def _built_affine(layer):
+def _built_affine(layer, path=None):
     """The inference equivalent of a normalization sublayer, built, with its
     values (None for other layers: kept as they are)."""
-    if not isinstance(layer, keras.layers.BatchNormalization):
+    if not is_normalization(layer):
         return None
     new, values = _affine(layer, layer.name)
-    if not _build_with_values(new, layer, values):
+    if not build_like(new, layer, values):
         new.build_from_config(layer.get_build_config())
-        _assign_by_name(new, values, layer)
+        assign_by_name(new, values, layer)
     return new
-
-
-def _build_with_values(new, old, values):
-    """Builds `new` as `old` was built, each weight created with the value
-    of its name in `values`; False (nothing done) when `old` recorded no
-    build (the rebuild builds `new`, and `_assign_by_name` follows)."""
-    build_config = old.get_build_config()
-    if not build_config:
-        return False
-    used = build_with_values(new, None, values,
-                             build=lambda: new.build_from_config(build_config))
-    _check_names(new, values, used, old)
-    return True
-
-
-def _assign_by_name(new, values, old):
-    """Assigns each weight of the built `new` the value of its name."""
-    names = [v.path.split("/")[-1] for v in new.weights]
-    _check_names(new, values, [n for n in names if n in values], old)
-    for variable, name in zip(new.weights, names):
-        variable.assign(values[name])
-
-
-def _check_names(new, values, used, old):
-    names = [v.path.split("/")[-1] for v in new.weights]
-    missing = [n for n in names if n not in used]
-    unused = [n for n in values if n not in used]
-    if missing or unused:
-        what = (f"a weight '{missing[0]}' with no value" if missing
-                else f"no weight '{unused[0]}'")
-        raise ValueError(
-            f"The folded copy of layer '{old.name}' ({type(old).__name__}) "
-            f"has {what} (weights move by name; it has {sorted(names)}, the "
-            f"values are {sorted(values)}). Fix get_config() of that class."
-        )
 
 
 def _affine(norm, name):
@@ -376,7 +381,7 @@ def _affine(norm, name):
     return new, {"scale": scale, "offset": offset}
 
 
-def fold(model):
+def fold(model, plan=None):
     """An inference-only copy of `model` with its normalization folded.
 
     Every BatchNormalization or BatchRenormalization whose input comes only
@@ -389,20 +394,22 @@ def fold(model):
     inside custom layers whose Python code joins their sublayers.
     Nested models are inlined. The input model is not modified.
 
+    Args:
+        model: A Keras model (Functional or Sequential).
+        plan: `fold_plan(model)`, when the caller has it already.
+
     Returns:
-        The folded `keras.Model`, with `folded` (paths of the folded layers)
-        and `unfolded` (path -> reason) attributes.
+        The folded `keras.Model`.
     """
     graph = model_graph(model)
-    plan = fold_plan(model, graph)
-    folded_norms = {id(p["layer"]): p for p in plan if p["foldable"]}
-    producers = {id(p["producer_layer"]): p["layer"] for p in plan
-                 if p["into"] == "producer"}
-    forward = {id(c): p["layer"] for p in plan if p["into"] == "consumers"
-               for c in p["consumer_layers"]}
+    plan = fold_plan(model, graph) if plan is None else plan
+    folded_norms = {id(e.layer) for e in plan if e.foldable}
+    producers = {id(e.producer_layer): e.layer for e in plan
+                 if e.into == "producer"}
+    forward = {id(c): e.layer for e in plan if e.into == "consumers"
+               for c in e.consumer_layers}
     clones = {}
     pending = []
-    blocks = []
     used_names = set()
 
     def clone(site):
@@ -421,20 +428,22 @@ def fold(model):
         if id(layer) in producers or id(layer) in forward:
             new, values = _folded_layer(layer, name, producers.get(id(layer)),
                                         forward.get(id(layer)))
-        elif isinstance(layer, keras.layers.BatchNormalization):
+        elif is_normalization(layer):
             new, values = _affine(layer, name)
-        elif isinstance(layer, SwappedBlock) or normalization_sublayers(layer):
-            inner = layer.layer if isinstance(layer, SwappedBlock) else layer
-            new = clone_layer(inner, name=name)
-            blocks.append((new, layer, site.path))
+        elif is_block(layer):
+            # A copy of the block as it is in memory (its config need not
+            # describe it), each normalization sublayer a ChannelAffine.
+            new = internals.live_copy(unwrapped(layer))
+            new.name = name
+            _affine_in_place(new, site.path)
         else:
             new = clone_prebuilt(layer, name=name)
-            if new is None:
-                # Built by the rebuild's call; its weights follow by name.
-                new = clone_layer(layer, name=name)
-                if layer.weights:
-                    pending.append((new, None, layer))
-        if values is not None and not _build_with_values(new, layer, values):
+            if new is None and layer.weights:
+                new = internals.live_copy(layer)
+                new.name = name
+            elif new is None:
+                new = _weightless_copy(layer, name)
+        if values is not None and not build_like(new, layer, values):
             pending.append((new, values, layer))
         clones[id(layer)] = new
         return new
@@ -442,20 +451,38 @@ def fold(model):
     def visit(site, args, kwargs):
         if id(site.layer) in folded_norms:
             return args[0]
-        if isinstance(site.layer, keras.layers.BatchNormalization):
+        if is_normalization(site.layer):
             kwargs.pop("training", None)
             kwargs.pop("mask", None)
         return clone(site)(*args, **kwargs)
 
     new_model = rebuild(model, visit)
     for new, values, old in pending:
-        if values is None:
-            copy_weights(old, new)
-        else:
-            _assign_by_name(new, values, old)
-    for new, old, path in blocks:
-        mirror_block(new, old, _built_affine, path)
-    new_model.folded = [p["path"] for p in plan if p["foldable"]]
-    new_model.unfolded = {p["path"]: p["reason"] for p in plan
-                          if not p["foldable"]}
+        assign_by_name(new, values, old)
     return new_model
+
+
+def _weightless_copy(layer, name):
+    """A layer without weights from its config; as it is in memory where
+    the config cannot recreate it, and always for a Lambda (a loaded one's
+    function may name helpers of a module its config cannot reach)."""
+    if not isinstance(layer, keras.layers.Lambda):
+        try:
+            return clone_layer(layer, name=name)
+        except Exception:  # the config does not recreate it: any error
+            pass
+    new = internals.live_copy(layer)
+    new.name = name
+    return new
+
+
+def _affine_in_place(layer, path):
+    """Replaces each normalization sublayer of the custom layer `layer` (a
+    copy) by its ChannelAffine, at any depth."""
+    for attr, index, sub in sublayer_items(layer):
+        sub_path = f"{path}/{sub.name}"
+        affine = _built_affine(sub)
+        if affine is not None:
+            put(layer, attr, index, sub, affine, sub_path)
+        elif not is_graph_model(sub):
+            _affine_in_place(sub, sub_path)

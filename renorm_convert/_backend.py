@@ -1,0 +1,125 @@
+"""What differs between Keras's backends and cannot be said in `keras.ops`:
+which backend runs, whether a GPU is there, gradients outside `fit`, and
+the one-line refusal of a TensorFlow-only feature elsewhere."""
+
+import importlib.util
+
+import keras
+import numpy as np
+
+from renorm_convert.errors import BackendError
+
+
+def name():
+    return keras.backend.backend()
+
+
+def has_tensorflow():
+    """Whether TensorFlow is installed (it is not imported here)."""
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def require_tensorflow(what, fix):
+    """Refuses `what` unless Keras runs on TensorFlow; `fix` says what to do
+    instead."""
+    if name() == "tensorflow":
+        return
+    missing = "" if has_tensorflow() else " (and TensorFlow is not installed)"
+    raise BackendError(f"{what} needs Keras's TensorFlow backend; this one "
+                       f"is {name()}{missing}. {fix}")
+
+
+def has_gpu():
+    """Whether the backend computes on a GPU."""
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return bool(tf.config.list_physical_devices("GPU"))
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "gpu"
+    if backend == "torch":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    return False
+
+
+def device_names():
+    """Names of the accelerators the backend sees (empty on a CPU)."""
+    backend = name()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return [tf.config.experimental.get_device_details(d).get(
+            "device_name", d.name)
+            for d in tf.config.list_physical_devices("GPU")]
+    if backend == "jax":
+        import jax
+
+        return [d.device_kind for d in jax.devices() if d.platform != "cpu"]
+    if backend == "torch":
+        import torch
+
+        return [torch.cuda.get_device_name(i)
+                for i in range(torch.cuda.device_count())]
+    return []
+
+
+def gradients(model, x, y, loss):
+    """[(variable, gradient as NumPy or None)] of `loss(y, model(x,
+    training=True))` for every trainable variable of `model`, on one batch,
+    outside `fit`. The model's statistics are not changed."""
+    variables = list(model.trainable_variables)
+    saved = [keras.ops.convert_to_numpy(v) for v in model.non_trainable_variables]
+    try:
+        grads = _GRADIENTS[name()](model, variables, x, y, loss)
+    finally:
+        for v, value in zip(model.non_trainable_variables, saved):
+            v.assign(value)
+    return [(v, None if g is None else np.asarray(g))
+            for v, g in zip(variables, grads)]
+
+
+def _tf_gradients(model, variables, x, y, loss):
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        value = loss(y, model(x, training=True))
+    return [None if g is None else g.numpy()
+            for g in tape.gradient(value, [v.value for v in variables])]
+
+
+def _jax_gradients(model, variables, x, y, loss):
+    import jax
+
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+
+    def compute(values):
+        pred, _ = model.stateless_call(values, non_trainable, x,
+                                       training=True)
+        return loss(y, pred)
+
+    return [np.asarray(g) for g in jax.grad(compute)(trainable)]
+
+
+def _torch_gradients(model, variables, x, y, loss):
+    import torch
+
+    for v in variables:
+        v.value.grad = None
+    with torch.enable_grad():
+        value = loss(y, model(x, training=True))
+        value.backward()
+    grads = [None if v.value.grad is None else
+             v.value.grad.detach().cpu().numpy() for v in variables]
+    for v in variables:
+        v.value.grad = None
+    return grads
+
+
+_GRADIENTS = {"tensorflow": _tf_gradients, "jax": _jax_gradients,
+              "torch": _torch_gradients}

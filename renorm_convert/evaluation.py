@@ -1,0 +1,93 @@
+"""What a classifier's outputs are (probabilities or logits) and how often
+it is right: shared by fine-tuning (which loss), export (which logits to
+verify) and every accuracy the tool reports."""
+
+import keras
+import numpy as np
+
+from renorm_convert import _keras_internals as internals
+from renorm_convert.data import class_ids, model_image_shape
+
+_PROBABILITIES = ("softmax", "sigmoid")
+
+
+def final_activation(model):
+    """("softmax" | "sigmoid", layer, its input tensor) when the model's one
+    output comes from a final softmax / sigmoid (a Softmax or Activation
+    layer, or a Dense / Conv with that activation), else None."""
+    if len(model.outputs) != 1:
+        return None
+    layer, node = internals.producing_node(model.outputs[0])
+    if len(node.input_tensors) != 1 or not isinstance(layer,
+                                                      keras.layers.Layer):
+        return None
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax", layer, node.input_tensors[0]
+    name = getattr(getattr(layer, "activation", None), "__name__", "")
+    if name in _PROBABILITIES:
+        return name, layer, node.input_tensors[0]
+    return None
+
+
+def outputs_probabilities(model):
+    """Whether the model's output is a softmax (then the loss takes
+    probabilities, not logits)."""
+    found = final_activation(model)
+    return found is not None and found[0] == "softmax"
+
+
+def to_numpy(value):
+    """A model's output (any backend, maybe requiring grad) as NumPy."""
+    if isinstance(value, (np.ndarray, np.generic)):
+        return np.asarray(value)  # predict_on_batch's (torch: no detach)
+    return np.asarray(keras.ops.convert_to_numpy(
+        keras.ops.stop_gradient(value)))
+
+
+def top1(model, batches, training=False):
+    """Top-1 accuracy of `model` over (inputs, labels) batches (labels as
+    class ids or one-hot / soft rows); `training` as in a Keras call."""
+    correct = total = 0
+    for x, y in batches:
+        # predict_on_batch runs Keras's compiled predict step (JAX would
+        # otherwise run op by op); training mode needs a plain call.
+        pred = to_numpy(model(x, training=True) if training
+                        else model.predict_on_batch(x))
+        correct += int((pred.argmax(-1) == class_ids(y)).sum())
+        total += len(pred)
+    return correct / max(total, 1)
+
+
+def accuracy(model, split, batch_size=256, count=None):
+    """Top-1 accuracy of `model` on the validation part of `split` (its
+    first `count` examples when given), images prepared as for training."""
+    from renorm_convert.batches import EvaluationBatches
+
+    shape = model_image_shape(model)
+    return top1(model, EvaluationBatches(
+        split.x_val[:count], split.y_val[:count], shape, batch_size,
+        split.value_range, split.scaling))
+
+
+def logits(model, xs):
+    """The model's logits before its final softmax / sigmoid (float64), or
+    None for a model with several outputs or another ending."""
+    found = final_activation(model)
+    if found is None:
+        return None
+    _, layer, features = found
+    single = len(model.inputs) == 1
+    values = keras.Model(model.inputs[0] if single else model.inputs,
+                         features)(xs[0] if single else xs, training=False)
+    values = to_numpy(values).astype("float64")
+    if not isinstance(layer, (keras.layers.Softmax, keras.layers.Activation)):
+        # A Dense (or Conv) with the activation built in: apply its linear
+        # part here.
+        if not isinstance(layer, keras.layers.Dense):
+            return None
+        values = values @ keras.ops.convert_to_numpy(
+            layer.kernel).astype("float64")
+        if layer.use_bias:
+            values = values + keras.ops.convert_to_numpy(
+                layer.bias).astype("float64")
+    return values
