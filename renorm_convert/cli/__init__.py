@@ -1,0 +1,219 @@
+"""renorm-convert: Batch Renormalization for existing Keras models.
+
+Convert every BatchNormalization of a Keras model to BatchRenormalization
+(keeping all weights and statistics), fine-tune it with the paper's r_max /
+d_max schedule on any Keras backend, and export it to ONNX with the
+normalization folded away.
+
+Exit status: 0 success, 2 bad input or usage (one line says what and how to
+fix it), 1 internal error.
+"""
+
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+
+from renorm_convert.cli import _args
+from renorm_convert.cli._args import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
+from renorm_convert.errors import NOTHING, RenormConvertError
+
+# The commands, in --help order: each module has HELP, add_arguments(parser),
+# check(args) (what can be checked before a backend loads) and run(args).
+COMMANDS = ("inspect", "convert", "revert", "finetune", "export", "demo",
+            "reproduce")
+
+CHANNELS_FIRST_ON_CPU = (
+    "the model has channels_first layers, which TensorFlow cannot run on "
+    "this CPU while oneDNN is off (its default on CPUs without AVX-512); "
+    "rerun with TF_ENABLE_ONEDNN_OPTS=1 in the environment, on a GPU, or "
+    "with KERAS_BACKEND=jax")
+
+# Library errors name Python arguments (`non_iid_classes=4`); a person at
+# the command line reads the flag (`--non-iid 4`). A callable writes the
+# whole phrase from the value.
+FLAGS = {
+    "non_iid_classes": "--non-iid", "batch_size": "--batch-size",
+    "microbatch_size": "--microbatch", "head": "--head",
+    "num_classes": "--head", "momentum": "--momentum",
+    "learning_rate": "--lr", "dtype_policy": "--mixed-precision",
+    "strategy": "--strategy", "optimizer": "--optimizer",
+    "checkpoint_dir": "--checkpoint-dir", "opset": "--opset",
+    "seed": "--seed", "r_max": "--r-max", "d_max": "--d-max",
+    "renorm_momentum": "--renorm-momentum", "epochs": "--epochs",
+    "batches": "--recalibrate", "tolerance": "--tolerance",
+    "train": "--train-size", "val": "--val-size", "scaling": "--scaling",
+    "include": "--include", "exclude": "--exclude",
+    "safe_mode": lambda value: "--unsafe",
+    "custom_objects": lambda value: "--custom-objects your.module",
+    "verify": lambda value: "--no-verify",
+    "calibration": lambda value: "--data (its training images)",
+}
+# Where a command names an argument's flag otherwise.
+COMMAND_FLAGS = {
+    "reproduce": {"non_iid_classes": "--classes-per-batch",
+                  "microbatch_size": "--microbatch"},
+    "export": {"batch_size": "--fixed-batch", "batches": "--recalibrate"},
+}
+
+
+def flag_namer(command=None):
+    """The `name(argument, value, quote)` an error renders its arguments
+    with: the command's flag where it has one, else the Python name."""
+    table = {**FLAGS, **COMMAND_FLAGS.get(command, {})}
+
+    def name(argument, value, quote=True):
+        flag = table.get(argument)
+        if flag is None:
+            from renorm_convert.errors import python_name
+
+            return python_name(argument, value, quote)
+        if callable(flag):
+            return flag(value)
+        if value is NOTHING or value is None:
+            return flag
+        text = repr(value) if isinstance(value, str) and quote else str(value)
+        return f"{flag} {text}"
+
+    return name
+
+
+def one_line(error, command=None):
+    """An error as the one line a person reads: flags, not arguments."""
+    if isinstance(error, RenormConvertError):
+        text = error.render(flag_namer(command))
+    else:
+        text = str(error)
+    text = " ".join(text.split())
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def progress(message):
+    print(f"[renorm-convert] {message}", file=sys.stderr, flush=True)
+
+
+class _ProgressHandler(logging.Handler):
+    """The library's notes (resuming, a damaged checkpoint skipped) as
+    progress lines."""
+
+    def emit(self, record):
+        progress(record.getMessage())
+
+
+def command_module(name):
+    return importlib.import_module(f"renorm_convert.cli.{name}")
+
+
+def build_parser():
+    from renorm_convert import __version__
+
+    parser = _args.Parser(prog="renorm-convert", description=__doc__,
+                          formatter_class=_args.Formatter)
+    parser.add_argument("--version", action="version",
+                        version=f"renorm-convert {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                parser_class=_args.Parser)
+    for name in COMMANDS:
+        module = command_module(name)
+        p = sub.add_parser(name, help=module.HELP,
+                           description=_args.docstring(module),
+                           formatter_class=_args.Formatter)
+        module.add_arguments(p)
+        p.set_defaults(module=module)
+    return parser
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every `finally` (temporary
+    files, partial outputs) runs before the process ends."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _load_backend():
+    """Keras and its backend, TensorFlow's native start-up logs filtered."""
+    import importlib.util
+
+    from renorm_convert import _limits
+    from renorm_convert._logs import filtered_stderr
+    from renorm_convert.errors import BackendError
+
+    backend = _limits.keras_backend()
+    module = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}.get(
+        backend)
+    if module and importlib.util.find_spec(module) is None:
+        others = [b for b in ("tensorflow", "jax", "torch")
+                  if b != backend and importlib.util.find_spec(b)]
+        hint = (f"set KERAS_BACKEND={others[0]} (installed here)" if others
+                else "install it, or another backend and set KERAS_BACKEND")
+        raise BackendError(
+            f"Keras's backend is {backend} (KERAS_BACKEND, or Keras's "
+            f"default), but {module} is not installed: {hint}.")
+    with filtered_stderr():
+        import keras  # noqa: F401  (imports and registers our layers)
+    try:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:
+        pass
+
+
+def main(argv=None):
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a one-line usage error
+        return e.code
+    module = getattr(args, "module", None)
+    if module is None:
+        parser.print_help()
+        return EXIT_USAGE
+    command = args.command
+    handler = _ProgressHandler()
+    library_log = logging.getLogger("renorm_convert")
+    library_log.addHandler(handler)
+    library_log.setLevel(logging.INFO)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        module.check(args)  # before any backend loads: refusals are instant
+        _load_backend()
+        from renorm_convert._logs import filtered_stderr
+
+        with filtered_stderr():
+            return module.run(args)
+    except RenormConvertError as e:
+        print(f"renorm-convert {command}: error: {one_line(e, command)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, _Terminated) else "interrupted"
+        print(f"renorm-convert {command}: {what}; outputs not yet "
+              "written were not written (temporary files removed)",
+              file=sys.stderr)
+        return 143 if isinstance(e, _Terminated) else 130
+    except OSError as e:
+        print(f"renorm-convert {command}: error: {one_line(e, command)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as e:  # an internal error: say so, briefly
+        if os.environ.get("RENORM_CONVERT_DEBUG"):
+            raise
+        if "only supports the NHWC tensor format" in str(e):
+            print(f"renorm-convert {command}: error: {CHANNELS_FIRST_ON_CPU}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        print(f"renorm-convert {command}: internal error: "
+              f"{one_line(e, command)} (set RENORM_CONVERT_DEBUG=1 for "
+              "the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+    finally:
+        library_log.removeHandler(handler)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

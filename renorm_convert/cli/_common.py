@@ -1,0 +1,79 @@
+"""What several commands do the same way once the backend is loaded:
+loading the model, registering custom layers, measuring parity."""
+
+import importlib
+import inspect
+import os
+
+from renorm_convert.cli import progress
+from renorm_convert.cli._paths import PathError
+
+
+def import_custom_objects(modules):
+    """Imports each `module.path` (which registers its classes) and returns
+    the Keras layers, losses and metrics it defines, by class name."""
+    import keras
+
+    objects = {}
+    for name in modules or ():
+        try:
+            module = importlib.import_module(name)
+        except Exception as e:
+            raise PathError(
+                f"--custom-objects {name}: cannot import it ({type(e).__name__}"
+                f": {e}). Give an importable module path (on PYTHONPATH)."
+            ) from None
+        for attr, value in vars(module).items():
+            if inspect.isclass(value) and issubclass(
+                value, (keras.layers.Layer, keras.losses.Loss,
+                        keras.metrics.Metric)):
+                objects[attr] = value
+                # Files name registered classes as "package>Class".
+                objects[keras.saving.get_registered_name(value)] = value
+    return objects
+
+
+def load_model(args, path=None):
+    from renorm_convert.io import load
+
+    if getattr(args, "unsafe", False):
+        progress("warning: --unsafe: Python code in Lambda layers of the file "
+                 "will run.")
+    custom = import_custom_objects(getattr(args, "custom_objects", None))
+    path = path or args.model
+    progress(f"loading {path}")
+    return load(path, safe_mode=not getattr(args, "unsafe", False),
+                custom_objects=custom)
+
+
+def parity(reference, other):
+    """Max abs inference difference on random inputs, and relative to the
+    output scale."""
+    import keras
+    import numpy as np
+
+    from renorm_convert.export import sample_inputs
+    from renorm_convert.evaluation import to_numpy
+
+    xs = sample_inputs(reference, batch=4)
+    xs = xs[0] if len(xs) == 1 else xs
+    a = [to_numpy(t) for t in keras.tree.flatten(reference(xs,
+                                                           training=False))]
+    b = [to_numpy(t) for t in keras.tree.flatten(other(xs, training=False))]
+    diff = max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+    scale = max(float(np.abs(x).max()) for x in a)
+    return diff, diff / max(scale, 1e-12)
+
+
+def check_model_path(path):
+    """The input model exists and looks like a model file (no backend)."""
+    from renorm_convert.io import check_model_file
+
+    check_model_file(path)
+
+
+def default_model_path():
+    """The embedded reference model (models/inception_fmnist.keras)."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(os.path.dirname(here), "models",
+                        "inception_fmnist.keras")

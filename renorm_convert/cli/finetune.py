@@ -1,0 +1,294 @@
+"""Fine-tune MODEL (usually the output of `convert`) on real data and write it
+to -o OUT.keras. Batch renormalization layers follow the paper's r_max / d_max
+schedule fitted to the run (1 / 0 for a warm-up, then a linear ramp to
+--final-r-max / --final-d-max), replacing the bounds the layers were saved
+with; --schedule off keeps those. The layer settings it trains with are
+printed first. Accuracies are top-1 on the same validation images before
+and after. Runs on every Keras backend (KERAS_BACKEND)."""
+
+import os
+import sys
+
+from renorm_convert.cli import _args, progress
+from renorm_convert.cli._args import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
+from renorm_convert.cli._common import check_model_path, load_model
+from renorm_convert.cli._paths import PathError, check_output, check_outputs
+
+HELP = "fine-tune with the renorm schedule"
+
+
+def add_arguments(p):
+    _args.model_input(p)
+    _args.output(p, ".keras")
+    _args.data(p, required=True)
+    _args.sizes(p)
+    _args.scaling(p)
+    _args.seed(p)
+    g = _args.training(p)
+    g.add_argument("--optimizer", default="adam",
+                   help="Keras optimizer name: adam, rmsprop (the paper's), "
+                        "sgd, ...")
+    g.add_argument("--non-iid", type=_args.integer(1), metavar="K",
+                   help="each batch from K classes (the paper's Figure 3)")
+    _args.microbatch(g)
+    g.add_argument("--head", type=_args.integer(1), metavar="N",
+                   help="replace the classifier (the last Dense, or a Conv "
+                   "followed only by pooling / flatten / reshape / activation "
+                   "/ dropout) by a new one with N classes")
+    g.add_argument("--train-only", choices=["norm"],
+                   help="train only the normalization parameters")
+    g.add_argument("--mixed-precision", choices=["float16", "bfloat16"],
+                   help="compute in this type, keep weights and "
+                        "normalization statistics in float32 (default: "
+                        "float32 throughout)")
+    g.add_argument("--xla", action="store_true",
+                   help="jit-compile the step (default: Keras's choice for "
+                        "the backend: JAX compiles, TensorFlow on a CPU and "
+                        "PyTorch do not)")
+    g.add_argument("--strategy", choices=["mirrored", "multi-worker",
+                                          "data-parallel"],
+                   help="beyond one device: mirrored (TensorFlow, local "
+                        "GPUs), multi-worker (TensorFlow, machines in "
+                        "TF_CONFIG), data-parallel (JAX, every device; "
+                        "several processes with KERAS_DISTRIBUTION_*)")
+    g = p.add_argument_group("renorm schedule")
+    g.add_argument("--schedule", choices=["auto", "off"], default="auto",
+                   help="auto: the paper's relaxation fitted to this run; "
+                        "off: keep the layers' own r_max / d_max")
+    g.add_argument("--final-r-max", type=_args.number(1.0), default=3.0,
+                   help="r_max the schedule reaches")
+    g.add_argument("--final-d-max", type=_args.number(0.0), default=5.0,
+                   help="d_max the schedule reaches")
+    g.add_argument("--warmup", type=_args.number(0.0, 1.0), default=0.1,
+                   metavar="FRACTION",
+                   help="fraction of the run held at r_max 1, d_max 0")
+    g.add_argument("--d-max-at", type=_args.number(0.0, 1.0), default=0.25,
+                   metavar="FRACTION",
+                   help="fraction of the run by which d_max is reached")
+    g.add_argument("--r-max-at", type=_args.number(0.0, 1.0), default=0.35,
+                   metavar="FRACTION",
+                   help="fraction of the run by which r_max is reached")
+    g = p.add_argument_group("records and checkpoints")
+    g.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="back up every epoch here; rerunning the same command "
+                        "resumes (one run at a time holds a directory)")
+    g.add_argument("--plot", metavar="PNG", help="write the curves here")
+    g.add_argument("--history", metavar="PREFIX",
+                   help="history files prefix (default: OUT.history)")
+    g.add_argument("--tensorboard", metavar="DIR",
+                   help="TensorBoard logs (needs the tensorboard package)")
+    g.add_argument("--grad-report", metavar="JSON",
+                   help="print and save mean |gradient| of normalization "
+                        "parameters versus other weights")
+    g.add_argument("--recalibrate", type=_args.integer(1), metavar="N",
+                   help="after training, set the normalization statistics "
+                        "to exact averages over N batches of the training "
+                        "data (\"precise BN\"; default: keep the moving "
+                        "averages)")
+    g.add_argument("--quiet-progress", action="store_true",
+                   help="one line per epoch instead of a progress bar")
+
+
+def history_prefix(args):
+    from renorm_convert.reporting import history_prefix as strip
+
+    return strip(args.history or
+                 os.path.splitext(args.output)[0] + ".history")
+
+
+def check(args):
+    """Every place the run writes, checked against the inputs and each other
+    before any work, and what else can be told without a backend: a mistake
+    costs nothing, and a trained model is never lost to a path that was
+    wrong from the start."""
+    from renorm_convert import checkpoint
+    from renorm_convert._limits import keras_backend
+    from renorm_convert.data import check_source, source_path
+    from renorm_convert.distribute import check_strategy_name
+    from renorm_convert.reporting import history_files
+
+    check_output(args.output, [args.model], (".keras",))
+    flag = "--history" if args.history else "-o (history)"
+    outputs = [("-o", args.output, "file")] + [
+        (flag, path, "file") for path in history_files(history_prefix(args))]
+    for name, path, kind in (("--plot", args.plot, "file"),
+                             ("--grad-report", args.grad_report, "file"),
+                             ("--tensorboard", args.tensorboard, "logdir"),
+                             ("--checkpoint-dir", args.checkpoint_dir,
+                              "dir")):
+        if path:
+            outputs.append((name, path, kind))
+    check_outputs(outputs, [("model", args.model),
+                            ("data", source_path(args.data))])
+    check_model_path(args.model)
+    check_source(args.data)
+    if args.checkpoint_dir:
+        checkpoint.check(args.checkpoint_dir)
+    check_strategy_name(args.strategy, keras_backend())
+    if args.non_iid and args.batch_size % args.non_iid:
+        raise PathError(
+            f"--non-iid {args.non_iid}: the batch size {args.batch_size} "
+            "must be a multiple of it (batches of equally many examples of "
+            "each class).")
+    if args.microbatch and args.microbatch > args.batch_size:
+        raise PathError(f"--microbatch {args.microbatch}: must be between 1 "
+                        f"and the batch size {args.batch_size}.")
+    if args.tensorboard:
+        import importlib.util
+
+        if importlib.util.find_spec("tensorboard") is None:
+            raise PathError(
+                "--tensorboard needs the tensorboard package: pip install "
+                "'renorm_convert[tensorboard]' (or tensorboard).")
+
+
+def run(args):
+    import keras
+
+    import renorm_convert as rc
+    from renorm_convert import callbacks as cb
+    from renorm_convert import checkpoint, distribute
+    from renorm_convert.data import check_batching, load_source
+    from renorm_convert.io import save_atomically
+    from renorm_convert.surgery import KEEP, normalization_settings
+
+    keras.utils.set_random_seed(args.seed)
+    # A multi-worker strategy must exist before TensorFlow's first op.
+    strategy = distribute.make_strategy(args.strategy)
+    chief = distribute.is_chief()
+    split = load_source(args.data).with_scaling(args.scaling).subset(
+        train=args.train_size, val=args.val_size, seed=args.seed)
+    check_batching(len(split.y_train), args.batch_size, args.non_iid,
+                   split.num_classes, args.microbatch)
+    model = load_model(args)
+    if args.head:
+        model = rc.replace_head(model, args.head)
+    model = rc.configure(
+        model, microbatch_size=KEEP if args.microbatch is None
+        else args.microbatch, momentum=args.momentum, inplace=True)
+    if args.train_only == "norm":
+        model = rc.freeze_all_but_normalization(model, inplace=True)
+    if args.mixed_precision:
+        model = rc.recast(model, f"mixed_{args.mixed_precision}")
+    _print_settings(model, normalization_settings(model))
+    batches = split.training_batches(model, args.batch_size,
+                                     non_iid_classes=args.non_iid,
+                                     seed=args.seed)
+    validation = split.evaluation_batches(model) if len(split.y_val) \
+        else None
+    curve = (cb.ValidationCurve(validation, batches.num_batches,
+                                size=len(split.y_val))
+             if validation is not None and distribute.process_count() == 1
+             and not distribute.is_multi_worker(strategy) else None)
+    prefix = history_prefix(args)
+    records = cb.RunRecords(prefix, plot=args.plot, curve=curve,
+                            title=f"{os.path.basename(args.model)} on "
+                                  f"{split.name}")
+    extra = [c for c in (curve, records) if c is not None]
+    if args.tensorboard:
+        extra.append(keras.callbacks.TensorBoard(str(args.tensorboard)))
+    grads = None
+    if args.grad_report:
+        grads = cb.GradientReport(batches[0], args.grad_report)
+        extra.append(grads)
+    schedule = None
+    if args.schedule == "auto":
+        schedule = rc.RenormSchedule.for_run(
+            batches.num_batches * args.epochs, warmup=args.warmup,
+            d_max_at=args.d_max_at, r_max_at=args.r_max_at,
+            r_max=args.final_r_max, d_max=args.final_d_max)
+        if rc.renorm_layers(model):
+            progress(f"renorm schedule: r_max 1 -> {schedule.r_max:g} by "
+                     f"step {schedule.r_max_steps}, d_max 0 -> "
+                     f"{schedule.d_max:g} by step {schedule.d_max_steps}, "
+                     f"after {schedule.warmup_steps} steps of warm-up (the "
+                     "layers' saved bounds are replaced; --schedule off "
+                     "keeps them)")
+    progress(f"fine-tuning on {split.name}: {len(split.y_train)} examples, "
+             f"{args.epochs} epoch(s) of {batches.num_batches} steps "
+             f"(Keras backend: {keras.backend.backend()})")
+    try:
+        result = rc.fine_tune(
+            model, batches, validation=validation, epochs=args.epochs,
+            optimizer=args.optimizer, learning_rate=args.lr,
+            schedule=schedule, callbacks=extra,
+            checkpoint_dir=args.checkpoint_dir,
+            jit_compile=True if args.xla else "auto", strategy=strategy,
+            copy=False, verbose=2 if args.quiet_progress
+            or not sys.stdout.isatty() else "auto")
+    except rc.NonFiniteLoss as e:
+        if chief:
+            save_atomically(e.model, args.output)
+        print(f"renorm-convert finetune: {e}; wrote that model to "
+              f"{args.output}", file=sys.stderr)
+        return EXIT_INTERNAL
+    if not chief:
+        print("worker done (the chief writes the outputs)")
+        return EXIT_OK
+    trained = result.model
+    if args.recalibrate:
+        trained, used = rc.recalibrate(trained, split,
+                                       batches=args.recalibrate,
+                                       batch_size=args.batch_size,
+                                       report=True)
+        print(f"recalibrated the normalization statistics on {used} "
+              "batches of training data")
+    save_atomically(trained, args.output)
+    if result.checkpoint_dir:
+        # Only now that the model is safely written: a run killed before
+        # this point resumes from the checkpoint instead of starting over.
+        checkpoint.remove(result.checkpoint_dir)
+    _print_accuracy(rc, trained, split, curve, result, args)
+    if grads is not None and grads.report:
+        print("mean |gradient|: " + ", ".join(
+            f"{k} {v:.3g}" for k, v in grads.report["summary"].items()))
+    if result.steps:
+        bounds = result.final_bounds
+        tail = (f"; final r_max {bounds[0]:.2f}, d_max {bounds[1]:.2f}"
+                if bounds else "")
+        print(f"trained {result.steps[-1]['step']} steps{tail}")
+    failed = records.errors
+    written = [args.output]
+    if prefix not in failed:
+        written.append(prefix + ".csv/.steps.csv/.json")
+    if args.plot and str(args.plot) not in failed:
+        written.append(str(args.plot))
+    print("wrote " + ", ".join(written))
+    for path, why in failed.items():
+        print(f"renorm-convert finetune: error: could not write {path} "
+              f"({why}); the model was written to {args.output}",
+              file=sys.stderr)
+    return EXIT_USAGE if failed else EXIT_OK
+
+
+def _print_settings(model, settings):
+    if not settings:
+        progress(f"note: model '{model.name}' has no BatchRenormalization "
+                 "layer: it trains as it is (convert it first for batch "
+                 "renormalization)")
+        return
+
+    def show(values):
+        return " / ".join("none" if v is None else f"{v:g}" for v in values)
+
+    progress("training with: microbatch "
+             + show(settings["microbatch_size"])
+             + ", momentum " + show(settings["momentum"])
+             + ", renorm_momentum " + show(settings["renorm_momentum"]))
+
+
+def _print_accuracy(rc, trained, split, curve, result, args):
+    if not len(split.y_val):
+        return
+    n = len(split.y_val)
+    where = f"on {n} validation images"
+    after = rc.accuracy(trained, split)
+    if curve is not None and curve.points:
+        start = curve.points[0]["val_accuracy"]
+        label = ("at the start of this run (resumed)" if result.resumed_from
+                 else "with the new head" if args.head else "before")
+        print(f"validation accuracy {where}: {label} {100 * start:.2f}%, "
+              f"after {100 * after:.2f}%"
+              + (" (recalibrated)" if args.recalibrate else ""))
+    else:
+        print(f"validation accuracy {where}: after {100 * after:.2f}%")
