@@ -1,4 +1,11 @@
-"""Deterministic, quiet test settings shared by every test module."""
+"""Deterministic, quiet test settings shared by every test module, on the
+Keras backend KERAS_BACKEND selects.
+
+Tests that need TensorFlow (export, tf.distribute, Keras 2 TF-op files,
+tf_keras as a peer) are marked `tensorflow` and skipped on the other
+backends; the modules that are TensorFlow-only throughout are not collected
+there at all, so an import of TensorFlow anywhere else fails the run.
+"""
 
 import os
 
@@ -7,26 +14,48 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
-# Two logical CPU devices, so tf.distribute.MirroredStrategy can be tested on
-# one CPU; this must happen before TensorFlow initializes its devices.
-_cpus = tf.config.list_physical_devices("CPU")
-try:
-    tf.config.set_logical_device_configuration(
-        _cpus[0],
-        [tf.config.LogicalDeviceConfiguration()] * 2,
-    )
-except RuntimeError:
-    pass
+def _default_backend():
+    """KERAS_BACKEND, else TensorFlow, else the backend this venv has."""
+    import importlib.util
+
+    for name in ("tensorflow", "jax", "torch"):
+        if importlib.util.find_spec(name) is not None:
+            return name
+    return "tensorflow"
+
+
+BACKEND = os.environ.setdefault("KERAS_BACKEND", _default_backend())
+
+# Modules that are TensorFlow-only throughout: ONNX export (tf2onnx), the
+# oneDNN kernel workaround, tf.distribute workers, TensorFlow's GPU kernels.
+TENSORFLOW_ONLY = ["test_fold_export.py", "test_graph_kinds.py",
+                   "test_onednn.py", "test_platform.py", "test_quantize.py",
+                   "test_readme.py", "test_zoo.py", "multiworker_worker.py"]
+collect_ignore = [] if BACKEND == "tensorflow" else TENSORFLOW_ONLY
+
+if BACKEND == "tensorflow":
+    import tensorflow as tf
+
+    # Two logical CPU devices, so tf.distribute.MirroredStrategy can be
+    # tested on one CPU; this must happen before TensorFlow initializes its
+    # devices.
+    _cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    except RuntimeError:
+        pass
 
 import keras  # noqa: E402
 
 
 def channels_first_runs():
-    """Whether TensorFlow can run a channels-first Conv2D here. On CPUs
+    """Whether the backend can run a channels-first Conv2D here. On CPUs
     without AVX-512 TensorFlow turns oneDNN off by default, and its own CPU
-    kernels then take only NHWC."""
+    kernels then take only NHWC; JAX and PyTorch run either layout."""
+    if BACKEND != "tensorflow":
+        return True
     if tf.config.list_physical_devices("GPU"):
         return True
     try:
@@ -41,15 +70,18 @@ CHANNELS_FIRST_RUNS = channels_first_runs()
 
 
 def pytest_collection_modifyitems(config, items):
-    if CHANNELS_FIRST_RUNS:
-        return
-    skip = pytest.mark.skip(
+    skip_cf = pytest.mark.skip(
         reason="TensorFlow cannot run channels-first Conv2D on this CPU "
                "(oneDNN is off); test_channels_first_with_onednn reruns this "
                "with TF_ENABLE_ONEDNN_OPTS=1")
+    skip_tf = pytest.mark.skip(reason=f"needs TensorFlow; the backend is "
+                                      f"{BACKEND}")
     for item in items:
-        if item.get_closest_marker("channels_first"):
-            item.add_marker(skip)
+        if item.get_closest_marker("channels_first") and not \
+                CHANNELS_FIRST_RUNS:
+            item.add_marker(skip_cf)
+        if item.get_closest_marker("tensorflow") and BACKEND != "tensorflow":
+            item.add_marker(skip_tf)
 
 
 @pytest.fixture(autouse=True)
@@ -75,3 +107,13 @@ def mirrored():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def fashion():
+    from renorm_convert import data
+
+    if not os.path.isdir(data.FASHION_MNIST_DIR) and not os.environ.get("CI"):
+        pytest.skip("Debian's dataset-fashion-mnist is not installed "
+                    "(`sudo apt-get install dataset-fashion-mnist`)")
+    return data.load_fashion_mnist()

@@ -7,12 +7,16 @@ import numpy as np
 def randomize_statistics(model, seed=0):
     """Random gamma, beta and moving statistics in every normalization layer,
     so that parity checks compare something (fresh layers are identities)."""
+    import renorm_convert as rc
+
     rng = np.random.default_rng(seed)
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in rc.iter_layers(model):
         if not isinstance(layer, keras.layers.BatchNormalization):
             continue
         for v in layer.variables:
             name = v.path.split("/")[-1]
+            if name in ("r_max", "d_max"):
+                continue  # the bounds, not statistics
             if name in ("moving_variance", "gamma"):
                 value = rng.uniform(0.3, 2.0, v.shape)
             elif name in ("moving_stddev", "renorm_stddev"):
@@ -34,8 +38,8 @@ def sample_inputs(model, batch=2, seed=0):
 
 
 def as_list(y):
-    return [np.asarray(t) for t in y] if isinstance(y, (list, tuple)) else [
-        np.asarray(y)]
+    return [numpy(t) for t in y] if isinstance(y, (list, tuple)) else [
+        numpy(y)]
 
 
 def max_rel_diff(a, b):
@@ -48,7 +52,7 @@ def max_rel_diff(a, b):
 
 
 def weights_snapshot(model):
-    return {v.path: np.array(v.numpy()) for v in model.weights}
+    return {v.path: numpy(v) for v in model.weights}
 
 
 def nested_model(channels_first=False):
@@ -145,3 +149,119 @@ def flipped_model():
     randomize_statistics(model, seed=3)
     FlippedWeights.order = ("b", "a")
     return model
+
+
+# --- backend-neutral training steps of one layer -----------------------------
+
+def numpy(value):
+    """Any backend's tensor or a Keras variable as NumPy."""
+    import keras
+
+    if isinstance(value, (np.ndarray, np.generic, float, int, list)):
+        return np.asarray(value)
+    if isinstance(value, keras.Variable):
+        return np.asarray(keras.ops.convert_to_numpy(value))
+    return np.asarray(keras.ops.convert_to_numpy(
+        keras.ops.stop_gradient(value)))
+
+
+def layer_step(layer, x, w):
+    """One training-mode call of `layer` on `x` with the loss sum(y * w):
+    (y, [d loss / d x, d loss / d each trainable variable]) as NumPy; the
+    layer's statistics are updated as a training step updates them."""
+    import keras
+
+    backend = keras.backend.backend()
+    x = np.asarray(x, "float32")
+    w = np.asarray(w, "float32")
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = layer(xt, training=True)
+            loss = tf.reduce_sum(y * w)
+        grads = tape.gradient(loss, [xt] + [v.value for v in
+                                            layer.trainable_variables])
+        return y.numpy(), [g.numpy() for g in grads]
+    if backend == "jax":
+        import jax
+
+        trainable = [v.value for v in layer.trainable_variables]
+        non_trainable = [v.value for v in layer.non_trainable_variables]
+
+        def loss(x_, values):
+            y_, updated = layer.stateless_call(values, non_trainable, x_,
+                                               training=True)
+            return (y_ * w).sum(), (y_, updated)
+
+        (_, (y, updated)), grads = jax.value_and_grad(
+            loss, argnums=(0, 1), has_aux=True)(x, trainable)
+        for v, value in zip(layer.non_trainable_variables, updated):
+            v.assign(value)
+        return np.asarray(y), [np.asarray(grads[0])] + [
+            np.asarray(g) for g in grads[1]]
+    import torch
+
+    xt = torch.tensor(x, requires_grad=True)
+    for v in layer.trainable_variables:
+        v.value.grad = None
+    y = layer(xt, training=True)
+    (y * torch.tensor(w)).sum().backward()
+    grads = [xt.grad.numpy()] + [v.value.grad.detach().numpy()
+                                 for v in layer.trainable_variables]
+    return y.detach().numpy(), grads
+
+
+def compiled_training_call(layer, jit):
+    """(f, traces): f(x) runs `layer` in training mode through the backend's
+    compiler (TensorFlow: tf.function, XLA with `jit`; JAX: jax.jit of its
+    stateless call; PyTorch: torch.compile with `jit`, eager otherwise),
+    updating its statistics; traces() says how often it was traced or
+    compiled."""
+    import keras
+
+    backend = keras.backend.backend()
+    count = [0]
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        @tf.function(jit_compile=jit)
+        def f(t):
+            count[0] += 1
+            return layer(t, training=True)
+
+        return (lambda x: f(tf.constant(x)).numpy()), lambda: count[0]
+    if backend == "jax":
+        import jax
+
+        def step(trainable, non_trainable, x):
+            count[0] += 1
+            return layer.stateless_call(trainable, non_trainable, x,
+                                        training=True)
+
+        compiled = jax.jit(step) if jit else step
+
+        def f(x):
+            y, updated = compiled([v.value for v in layer.trainable_variables],
+                                  [v.value for v in
+                                   layer.non_trainable_variables], x)
+            for v, value in zip(layer.non_trainable_variables, updated):
+                v.assign(value)
+            return np.asarray(y)
+
+        return f, (lambda: count[0]) if jit else (lambda: 1)
+    import torch
+
+    if not jit:
+        return (lambda x: numpy(layer(x, training=True))), lambda: 1
+
+    def counting(gm, example_inputs):
+        count[0] += 1
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: layer(t, training=True),
+                             backend=counting)
+    return (lambda x: numpy(compiled(torch.tensor(x)))), lambda: count[0]

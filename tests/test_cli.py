@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import renorm_convert as rc
-from helpers import nested_model, randomize_statistics
+from helpers import nested_model, numpy, randomize_statistics
 from renorm_convert.cli import main
 
 
@@ -80,13 +80,23 @@ def test_convert_revert_export(model_file, tmp_path, capsys):
     original = keras.models.load_model(model_file)
     x = [np.ones((2, 8, 8, 3), "float32")] * 2
     for a, b in zip(original(x), converted(x)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(numpy(a), numpy(b), rtol=1e-5, atol=1e-6)
 
     back = tmp_path / "back.keras"
     code, out, _ = _run(capsys, "revert", out_path, "-o", back)
     assert code == 0 and "reverted 5 layers" in out
+    reverted = keras.models.load_model(back)
+    assert not rc.renorm_layers(reverted)
+    for a, b in zip(original(x), reverted(x)):
+        np.testing.assert_allclose(numpy(a), numpy(b), rtol=1e-5, atol=1e-6)
 
     onnx_path = tmp_path / "model.onnx"
+    if keras.backend.backend() != "tensorflow":
+        # Export needs TensorFlow: refused in one line, nothing written.
+        _one_line_error(capsys, ["export", out_path, "-o", onnx_path],
+                        "needs Keras's TensorFlow backend")
+        assert not onnx_path.exists()
+        return
     code, out, _ = _run(capsys, "export", out_path, "-o", onnx_path)
     assert code == 0, out
     assert "folded 3 normalization layers" in out
@@ -115,8 +125,11 @@ def test_bad_inputs(model_file, tmp_path, capsys):
     _one_line_error(capsys, ["convert", truncated, "-o", out],
                     "truncated")
     fake_h5 = tmp_path / "fake.h5"
-    fake_h5.write_bytes(b"\x89HDF\r\n" + b"\0" * 100)
+    fake_h5.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
     _one_line_error(capsys, ["inspect", fake_h5], "corrupted")
+    text_h5 = tmp_path / "text.h5"
+    text_h5.write_text("just some text")
+    _one_line_error(capsys, ["inspect", text_h5], "not an HDF5 file")
     _one_line_error(capsys, ["convert", model_file, "-o", model_file],
                     "is the input file")
     _one_line_error(capsys, ["convert", model_file, "-o",
@@ -131,7 +144,7 @@ def test_bad_inputs(model_file, tmp_path, capsys):
     assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["model.keras", "notes.txt", "truncated.keras", "fake.h5",
-         "plain.keras"])
+         "text.h5", "plain.keras"])
 
 
 @keras.saving.register_keras_serializable(package="cli_test")
@@ -163,13 +176,26 @@ def test_unknown_custom_layer_and_lambda(tmp_path, capsys):
 
 
 def test_help_explains_each_command():
-    for command in ("inspect", "convert", "revert", "export"):
+    """Every command's --help: its usage, a description that starts at the
+    margin, and every one of its options."""
+    from renorm_convert.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions
+               if isinstance(a, __import__("argparse")._SubParsersAction))
+    assert sorted(sub.choices) == sorted(COMMANDS)
+    for command in COMMANDS:
         result = subprocess.run(
-            [sys.executable, "-m", "renorm_convert.cli", command, "--help"],
+            [sys.executable, "-m", "renorm_convert", command, "--help"],
             capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0
-        assert "usage: renorm-convert " + command in result.stdout
-        assert len(result.stdout.splitlines()) > 5
+        assert result.returncode == 0, result.stderr
+        text = result.stdout
+        assert text.startswith("usage: renorm-convert " + command), text
+        description = text.split("\n\n")[1]
+        assert description and not description[0].isspace(), description
+        for action in sub.choices[command]._actions:
+            for flag in action.option_strings:
+                assert flag in text, (command, flag)
 
 
 def test_finetune_bad_inputs(tmp_path, capsys):
@@ -212,13 +238,22 @@ def test_finetune_command(tmp_path, capsys):
                              "--plot", tmp_path / "p.png", "--grad-report",
                              tmp_path / "g.json", "--quiet-progress")
     assert code == 0, err
-    assert "validation accuracy:" in stdout and "final r_max 3.00" in stdout
+    assert "validation accuracy on 359 validation images: before " in stdout
+    assert "final r_max 3.00" in stdout
     assert "mean |gradient|: normalization" in stdout
+    # The layer settings it trains with, before training.
+    assert "training with: microbatch 4, momentum 0.9" in err
     tuned = keras.models.load_model(out)
-    assert rc.schedule.renorm_layers(tuned)[0].microbatch_size == 4
-    for suffix in (".csv", ".steps.csv", ".json"):
-        assert (tmp_path / f"tuned.history{suffix}").exists()
-    assert (tmp_path / "p.png").exists()
+    assert rc.renorm_layers(tuned)[0].microbatch_size == 4
+    with open(tmp_path / "tuned.history.csv") as f:
+        rows = f.read().splitlines()
+    assert len(rows) == 3 and "val_accuracy" in rows[0]  # header + 2 epochs
+    with open(tmp_path / "tuned.history.json") as f:
+        record = json.load(f)
+    assert len(record["epochs"]) == 2
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    gradients = json.load(open(tmp_path / "g.json"))
+    assert gradients
 
 
 def test_custom_objects_module_registers_layers(tmp_path, capsys, monkeypatch):
@@ -244,6 +279,7 @@ def test_custom_objects_module_registers_layers(tmp_path, capsys, monkeypatch):
     assert "converted 1 BatchNormalization" in out
 
 
+@pytest.mark.tensorflow
 def test_finetune_head_on_keras2_conv_classifier(tmp_path, capsys):
     """A Keras 2 .h5 classifier ending in Conv2D(classes, 1x1) ->
     GlobalAveragePooling2D -> softmax gets a 10-class head."""
@@ -303,7 +339,8 @@ def test_help_and_usage_errors_answer_before_tensorflow_loads():
 
 
 def test_every_option_explains_itself_with_its_default():
-    from renorm_convert.cli import _Formatter, build_parser
+    from renorm_convert.cli import build_parser
+    from renorm_convert.cli._args import Formatter as _Formatter
     parser = build_parser()
     sub = next(a for a in parser._actions
                if isinstance(a, __import__("argparse")._SubParsersAction))
@@ -322,6 +359,7 @@ def test_every_option_explains_itself_with_its_default():
         assert len(line.split()) > 1, line
 
 
+@pytest.mark.tensorflow
 def test_export_verifies_on_real_images(tmp_path, capsys):
     model = rc.convert(keras.Sequential([
         keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3),
@@ -338,6 +376,7 @@ def test_export_verifies_on_real_images(tmp_path, capsys):
     assert "same top-1 on 100.0%" in out
 
 
+@pytest.mark.tensorflow
 def test_export_int8_and_float16_commands(tmp_path, capsys):
     model = rc.convert(keras.Sequential([
         keras.Input((8, 8, 1)), keras.layers.Conv2D(8, 3),

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 import renorm_convert as rc
-from helpers import (flipped_model, max_rel_diff, nested_model,
+from helpers import (flipped_model, numpy, max_rel_diff, nested_model,
                      randomize_statistics, sample_inputs, weight_order,
                      weights_snapshot)
-from renorm_convert.convert import copy_model, recast
+from renorm_convert.conversion import copy_model, recast
 
 TOL = 1e-5
 
@@ -23,8 +23,7 @@ APPS = [
 
 
 def _count(model, cls):
-    return sum(type(l) is cls for l in
-               model._flatten_layers(include_self=False, recursive=True))
+    return sum(type(l) is cls for l in rc.iter_layers(model))
 
 
 def _check_parity(model, expected_converted=None, x=None, **options):
@@ -32,12 +31,12 @@ def _check_parity(model, expected_converted=None, x=None, **options):
     x = sample_inputs(model) if x is None else x
     before = weights_snapshot(model)
     reference = model(x, training=False)
-    converted = rc.convert(model, **options)
+    converted, report = rc.convert(model, report=True, **options)
     assert max_rel_diff(reference, converted(x, training=False)) <= TOL
     bn = keras.layers.BatchNormalization
     assert _count(converted, bn) == 0
     n = _count(converted, rc.BatchRenormalization)
-    assert n == len(converted.renorm_converted) == _count(model, bn)
+    assert n == len(report.swapped) == _count(model, bn)
     if expected_converted is not None:
         assert n == expected_converted
     reverted = rc.revert(converted)
@@ -49,28 +48,31 @@ def _check_parity(model, expected_converted=None, x=None, **options):
     for k in before:
         np.testing.assert_array_equal(before[k], after[k])
     assert _count(model, rc.BatchRenormalization) == 0
-    return converted, x
+    return converted, x, report
 
 
 @pytest.mark.parametrize("name,shape,n_bn", APPS)
 def test_keras_applications_parity(name, shape, n_bn):
     model = getattr(keras.applications, name)(weights=None, input_shape=shape,
                                               classes=10)
-    converted, _ = _check_parity(model, n_bn)
+    converted, _, _ = _check_parity(model, n_bn)
     def names(m):
         return [t._keras_history.operation.name for t in m.inputs]
 
     assert names(converted) == names(model) == names(rc.revert(converted))
-    assert len(converted.weights) == len(model.weights) + 3 * n_bn
+    # Each swap adds the renorm statistics (3) and the r_max / d_max bounds
+    # (2, variables so a schedule can move them under jit).
+    assert len(converted.weights) == len(model.weights) + 5 * n_bn
+    assert len(converted.trainable_weights) == len(model.trainable_weights)
 
 
 @pytest.mark.parametrize("channels_first", [
     False, pytest.param(True, marks=pytest.mark.channels_first)])
 def test_nested_shared_multi_io_parity(channels_first):
     model = nested_model(channels_first)
-    converted, x = _check_parity(model)
+    converted, x, report = _check_parity(model)
     # 5 BN calls of 5 layers: the shared one stays one shared layer.
-    assert sorted(converted.renorm_converted) == [
+    assert sorted(report.swapped) == [
         "inner_bn", "join_bn", "seq_bn", "seq_bn2", "shared_bn"]
     shared = converted.get_layer("shared_bn")
     assert isinstance(shared, rc.BatchRenormalization)
@@ -107,8 +109,8 @@ def test_convert_twice_changes_nothing():
     model = nested_model()
     randomize_statistics(model)
     once = rc.convert(model, r_max=2.0)
-    twice = rc.convert(once)
-    assert twice.renorm_converted == []
+    twice, report = rc.convert(once, report=True)
+    assert report.swapped == [] and len(report) == 0
     assert _count(twice, rc.BatchRenormalization) == 5
     a, b = weights_snapshot(once), weights_snapshot(twice)
     assert sorted(v.shape for v in a.values()) == sorted(
@@ -121,16 +123,16 @@ def test_convert_twice_changes_nothing():
 def test_include_exclude_and_options():
     model = nested_model()
     randomize_statistics(model)
-    only = rc.convert(model, include=r"^(join|shared)_bn$", microbatch_size=2,
+    only, only_report = rc.convert(model, report=True, include=r"^(join|shared)_bn$", microbatch_size=2,
                       renorm_momentum=0.9, r_max=1.5, d_max=0.5)
-    assert sorted(only.renorm_converted) == ["join_bn", "shared_bn"]
+    assert sorted(only_report.swapped) == ["join_bn", "shared_bn"]
     layer = only.get_layer("join_bn")
     assert (layer.microbatch_size, layer.renorm_momentum, layer.r_max,
             layer.d_max) == (2, 0.9, 1.5, 0.5)
     assert type(only.get_layer("inner").get_layer("inner_bn")) is (
         keras.layers.BatchNormalization)
-    rest = rc.convert(model, exclude="seq")
-    assert sorted(rest.renorm_converted) == ["inner_bn", "join_bn",
+    rest, rest_report = rc.convert(model, report=True, exclude="seq")
+    assert sorted(rest_report.swapped) == ["inner_bn", "join_bn",
                                              "shared_bn"]
     with pytest.raises(ValueError, match="include"):
         rc.convert(model, include="(")
@@ -138,20 +140,31 @@ def test_include_exclude_and_options():
         rc.convert(model, r_max=0.5)
 
 
-def test_synchronized_and_keras_renorm_are_kept():
+def test_keras_renorm_is_kept():
     inputs = keras.Input((4,))
-    x = keras.layers.BatchNormalization(synchronized=True, name="sync")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(inputs)
     x = keras.layers.BatchNormalization(
         renorm=True, renorm_clipping={"rmax": 2.0, "rmin": 0.5, "dmax": 1.0},
         name="keras_renorm")(x)
     model = keras.Model(inputs, x)
     randomize_statistics(model)
-    converted, _ = _check_parity(model)
-    assert converted.get_layer("sync").synchronized
+    converted, _, _ = _check_parity(model)
     native = converted.get_layer("keras_renorm")
     assert (native.r_max, native.d_max) == (2.0, 1.0)
     np.testing.assert_array_equal(
-        native.renorm_stddev, model.get_layer("keras_renorm").renorm_stddev)
+        numpy(native.renorm_stddev),
+        numpy(model.get_layer("keras_renorm").renorm_stddev))
+
+
+@pytest.mark.tensorflow
+def test_synchronized_is_kept():
+    """Keras allows synchronized=True on TensorFlow only."""
+    inputs = keras.Input((4,))
+    x = keras.layers.BatchNormalization(synchronized=True, name="sync")(inputs)
+    model = keras.Model(inputs, x)
+    randomize_statistics(model)
+    converted, _, _ = _check_parity(model)
+    assert converted.get_layer("sync").synchronized
 
 
 def test_sequential_model():
@@ -161,7 +174,7 @@ def test_sequential_model():
         keras.layers.BatchNormalization(),
         keras.layers.Dense(3),
     ])
-    converted, _ = _check_parity(model, 1)
+    converted, _, _ = _check_parity(model, 1)
     assert isinstance(converted, keras.Sequential)
 
 
@@ -199,7 +212,7 @@ def test_custom_layer_with_bn_sublayers_in_functional_model():
     inputs = keras.Input((5,))
     outputs = keras.layers.Dense(2)(Block(name="block")(inputs))
     model = keras.Model(inputs, outputs)
-    converted, _ = _check_parity(model, 2)
+    converted, _, _ = _check_parity(model, 2)
     block = converted.get_layer("block")
     assert all(isinstance(n, rc.BatchRenormalization) for n in block.norms)
     assert len(converted.trainable_weights) == len(model.trainable_weights)
@@ -209,7 +222,7 @@ def test_subclassed_model():
     model = Subclassed()
     model(np.zeros((2, 5), "float32"))
     x = np.random.default_rng(0).normal(size=(4, 5)).astype("float32")
-    converted, _ = _check_parity(model, 3, x=x)
+    converted, _, _ = _check_parity(model, 3, x=x)
     assert type(converted) is Subclassed
     assert isinstance(converted.bn, rc.BatchRenormalization)
     assert isinstance(converted.block.norms[1], rc.BatchRenormalization)
@@ -248,12 +261,23 @@ class RenamedWeight(keras.layers.Layer):
         return self.dense(x) * self.w
 
 
-def test_weight_without_counterpart_is_named():
+def test_layer_whose_copy_names_its_weight_anew_is_copied_live():
+    """A copy from the config would name its weight differently: the layer
+    is copied as it is in memory instead, with its own new variables."""
     inputs = keras.Input((3,))
-    model = keras.Model(inputs, RenamedWeight(name="renamed")(inputs))
-    with pytest.raises(rc.ConversionError,
-                       match=r"variable 'w\d+' has no counterpart"):
-        rc.convert(model)
+    x = RenamedWeight(name="renamed")(inputs)
+    model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(x))
+    randomize_statistics(model)
+    model.get_layer("renamed").w.assign([0.5, -2.0])
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
+    converted, report = rc.convert(model, report=True)
+    assert report.swapped == ["bn"]
+    assert max_rel_diff(model(x, training=False),
+                        converted(x, training=False)) <= TOL
+    new, old = converted.get_layer("renamed"), model.get_layer("renamed")
+    assert new is not old and new.w is not old.w
+    new.w.assign([1.0, 1.0])
+    np.testing.assert_array_equal(numpy(old.w), [0.5, -2.0])
 
 
 class UnnamedWeights(keras.layers.Layer):
@@ -330,6 +354,7 @@ def test_unbuilt_model_says_so():
         rc.convert(model)
 
 
+@pytest.mark.tensorflow
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_keras2_h5_model_converts(tmp_path):
     import tf_keras
@@ -351,6 +376,6 @@ def test_keras2_h5_model_converts(tmp_path):
     x = rng.normal(size=(3, 6, 6, 2)).astype("float32")
     expected = old.predict(x, verbose=0)
     loaded = keras.models.load_model(path, compile=False)
-    converted = rc.convert(loaded)
-    assert converted.renorm_converted == ["bn"]
+    converted, report = rc.convert(loaded, report=True)
+    assert report.swapped == ["bn"]
     assert max_rel_diff(expected, converted(x, training=False)) <= TOL

@@ -1,16 +1,24 @@
-"""fold and export_onnx: NumPy references, parity, onnxruntime, op counts."""
+"""fold and export_onnx: NumPy references, parity, onnxruntime, op counts,
+and the tf2onnx patches scoped to the export."""
 
+import dataclasses
+import json
 import os
+import re
 
 import keras
 import numpy as np
 import pytest
 
 import renorm_convert as rc
-from helpers import (flipped_model, max_rel_diff, nested_model,
-                     randomize_statistics, sample_inputs, weight_order)
+import renorm_convert.folding as folding_module
+from helpers import (flipped_model, max_rel_diff, nested_model, numpy,
+                     randomize_statistics, sample_inputs, weight_order,
+                     weights_snapshot)
+from renorm_convert import _keras_internals as internals
 from renorm_convert.export import op_counts, run_onnx, to_onnx
-from renorm_convert.fold import fold_plan, fold_weights, scale_offset
+from renorm_convert.folding import (FoldEntry, FoldPlan, fold_forward_weights,
+                                    fold_plan, fold_weights, scale_offset)
 
 
 def test_fold_weights_matches_numpy_dense_then_batchnorm():
@@ -78,8 +86,10 @@ def test_fold_each_producer(make, shape, axis, renorm):
     if renorm:
         model = rc.convert(model)
     randomize_statistics(model, seed=3)
-    folded = rc.fold(model)
-    assert len(folded.folded) == 1 and folded.unfolded == {}
+    plan = fold_plan(model)
+    assert len(plan.folded) == 1 and plan.unfolded == {}
+    assert [e.into for e in plan] == ["producer"]
+    folded = rc.fold(model, plan)
     assert not any(isinstance(l, (keras.layers.BatchNormalization,
                                   rc.ChannelAffine)) for l in folded.layers)
     x = sample_inputs(model, batch=3)
@@ -92,8 +102,8 @@ def test_fold_without_gamma_or_beta(center, scale):
     model = _producer_model(keras.layers.Conv2D(4, 3, use_bias=False),
                             (6, 6, 2), center=center, scale=scale)
     randomize_statistics(model, seed=4)
+    assert len(fold_plan(model).folded) == 1
     folded = rc.fold(model)
-    assert len(folded.folded) == 1
     x = sample_inputs(model)
     assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
 
@@ -113,29 +123,37 @@ def test_unfoldable_cases_become_channel_affine():
     b3 = keras.layers.BatchNormalization(name="bn_after_concat")(cat)
     model = keras.Model(inputs, b3)
     randomize_statistics(model, seed=5)
-    folded = rc.fold(rc.convert(model))
-    assert folded.folded == []
-    assert set(folded.unfolded) == {"bn_input", "bn_two_consumers",
-                                    "bn_after_relu_conv", "bn_after_concat"}
-    assert "model input" in folded.unfolded["bn_input"]
-    assert "other consumers" in folded.unfolded["bn_two_consumers"]
-    assert "non-linear activation" in folded.unfolded["bn_after_relu_conv"]
-    assert "Concatenate" in folded.unfolded["bn_after_concat"]
+    converted = rc.convert(model)
+    plan = fold_plan(converted)
+    folded = rc.fold(converted)
+    assert plan.folded == []
+    unfolded = plan.unfolded
+    assert set(unfolded) == {"bn_input", "bn_two_consumers",
+                             "bn_after_relu_conv", "bn_after_concat"}
+    assert "model input" in unfolded["bn_input"]
+    assert "other consumers" in unfolded["bn_two_consumers"]
+    assert "non-linear activation" in unfolded["bn_after_relu_conv"]
+    assert "Concatenate" in unfolded["bn_after_concat"]
     assert sum(isinstance(l, rc.ChannelAffine) for l in folded.layers) == 4
     x = sample_inputs(model)
     assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
 
 
 def test_fold_moves_weights_by_name():
-    """Layers whose copies create their weights in the other order (a leaf
-    layer, a custom block) keep their values through fold."""
+    """A leaf layer whose copy creates its weights in the other order keeps
+    their values through fold (a custom block with sublayers is copied as it
+    is in memory, its order kept); every weight keeps its value by name."""
     model = flipped_model()
     x = sample_inputs(model, batch=4)
     folded = rc.fold(model)
+    assert weight_order(folded.get_layer("flipped")) != weight_order(
+        model.get_layer("flipped")), "the copy must reverse the order"
     for name in ("flipped", "flipped_block"):
-        assert weight_order(folded.get_layer(name)) != weight_order(
-            model.get_layer(name)), "the copy must reverse the order"
-    assert folded.folded == ["bn"]
+        old = {v.name: numpy(v) for v in model.get_layer(name).weights}
+        new = {v.name: numpy(v) for v in folded.get_layer(name).weights}
+        assert len(old) == len(model.get_layer(name).weights)
+        np.testing.assert_equal(new, old)
+    assert fold_plan(model).folded == ["bn"]
     assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
 
 
@@ -145,8 +163,8 @@ def test_fold_nested_shared_model():
     randomize_statistics(model, seed=6)
     folded = rc.fold(model)
     # inner_bn folds in both calls of the inner model; seq's two BN fold.
-    assert sorted(folded.folded) == ["inner/inner_bn", "seq/seq_bn",
-                                     "seq/seq_bn2"]
+    assert sorted(fold_plan(model).folded) == ["inner/inner_bn", "seq/seq_bn",
+                                               "seq/seq_bn2"]
     x = sample_inputs(model)
     assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
     assert [t._keras_history.operation.name for t in folded.inputs] == [
@@ -210,13 +228,13 @@ def test_export_matches_plain_export_op_counts(tmp_path, make):
     _zero_conv_biases(original)
     # tf2onnx folds BN into bias-free convolutions itself: the reference.
     reference = op_counts(to_onnx(original))
-    converted = rc.convert(original)
+    converted, conversion = rc.convert(original, report=True)
     report = rc.export_onnx(converted, tmp_path / "m.onnx")
     _assert_no_normalization_left(report.op_counts, reference)
     assert "BatchNormalization" not in report.op_counts
     assert report.unfolded == {}
     assert report.relative_diff <= 1e-4
-    assert report.folded == len(converted.renorm_converted)
+    assert report.folded == report.folded_keras == len(conversion) > 0
     # Once convolutions have biases (any training gives them), a plain
     # export keeps a Mul and an Add per normalization; ours does not change.
     randomize_statistics(converted, seed=8)
@@ -275,10 +293,10 @@ def test_export_large_architectures(tmp_path, name, shape):
     randomize_statistics(original, seed=10)
     _zero_conv_biases(original)
     reference = op_counts(to_onnx(original))
-    converted = rc.convert(original)
+    converted, conversion = rc.convert(original, report=True)
     report = rc.export_onnx(converted, tmp_path / "m.onnx")
     _assert_no_normalization_left(report.op_counts, reference)
-    assert report.folded == len(converted.renorm_converted)
+    assert report.folded == len(conversion) > 0
     assert report.relative_diff <= 1e-4
     # Trained (non-zero) conv biases: a plain export of ResNet50 keeps a Mul
     # per normalization (InceptionV3's convolutions have no bias); ours is
@@ -313,19 +331,24 @@ def test_fold_forward_into_valid_consumers():
     out = keras.layers.Dense(2, name="head")(bn_vec)
     model = keras.Model(inputs, out)
     randomize_statistics(model, seed=7)
-    folded = rc.fold(rc.convert(model))
-    assert sorted(folded.folded) == ["bn_c2", "bn_cat", "bn_vec"]
-    assert list(folded.unfolded) == ["bn_add"]
-    plan = {p["path"]: p for p in fold_plan(model)}
-    assert plan["bn_cat"]["into"] == "consumers"
-    assert sorted(plan["bn_cat"]["consumers"]) == ["c1", "c2"]
+    converted = rc.convert(model)
+    plan = fold_plan(converted)
+    folded = rc.fold(converted, plan)
+    assert sorted(plan.folded) == ["bn_c2", "bn_cat", "bn_vec"]
+    assert list(plan.unfolded) == ["bn_add"]
+    entries = {e.path: e for e in plan}
+    assert entries["bn_cat"].into == "consumers"
+    assert sorted(entries["bn_cat"].consumers) == ["c1", "c2"]
+    assert entries["bn_c2"].into == "producer"
+    assert entries["bn_c2"].producer == "c2"
+    assert entries["bn_vec"].into == "consumers"
+    assert entries["bn_vec"].consumers == ["head"]
+    assert entries["bn_add"].into is None and entries["bn_add"].reason
     x = sample_inputs(model, batch=3)
     assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
 
 
 def test_fold_forward_weights_against_numpy():
-    from renorm_convert.fold import fold_forward_weights
-
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 5, 5, 3))
     kernel = rng.normal(size=(3, 3, 3, 4))
@@ -364,22 +387,21 @@ def _saturating_classifier():
 
 
 def test_verification_catches_a_wrong_fold(tmp_path, monkeypatch):
-    import sys
-    fold_module = sys.modules["renorm_convert.fold"]  # rc.fold: the function
     model = rc.convert(_saturating_classifier())
     right = rc.export_onnx(model, tmp_path / "right.onnx")
     assert right.logits_relative_diff <= 1e-5
     assert right.top1_agreement == 1.0
     assert right.tolerance == 1e-3 and "random" in right.verified_on
 
-    exact = fold_module.scale_offset
+    exact = folding_module.scale_offset
 
     def gamma_off_by_one_percent(mean, variance, epsilon, gamma=None,
                                  beta=None):
         return exact(mean, variance, epsilon,
                      None if gamma is None else np.asarray(gamma) * 1.01, beta)
 
-    monkeypatch.setattr(fold_module, "scale_offset", gamma_off_by_one_percent)
+    monkeypatch.setattr(folding_module, "scale_offset",
+                        gamma_off_by_one_percent)
     # The probabilities alone (what verification compared before) barely
     # move: they are saturated.
     folded = rc.fold(model)
@@ -419,3 +441,188 @@ def test_fixed_batch_dimension(tmp_path):
     assert dim.dim_value == 0 and dim.dim_param  # symbolic: any batch
     with pytest.raises(rc.ExportError, match="batch_size=0"):
         rc.export_onnx(model, tmp_path / "z.onnx", batch_size=0)
+
+
+def test_fold_plan_is_data_and_fold_leaves_the_model_alone():
+    """The plan is a dataclass of entries (nothing is stuck onto a model);
+    `fold` takes it or makes it, changes nothing in its input, and writes
+    the weights NumPy's maths give."""
+    model = rc.convert(nested_model())
+    randomize_statistics(model, seed=12)
+    before = weights_snapshot(model)
+    attributes = set(vars(model))
+    plan = fold_plan(model)
+    assert isinstance(plan, FoldPlan) and dataclasses.is_dataclass(plan)
+    assert all(isinstance(e, FoldEntry) for e in plan) and len(plan) == 5
+    assert sorted(plan.folded) == ["inner/inner_bn", "seq/seq_bn",
+                                   "seq/seq_bn2"]
+    assert sorted(plan.unfolded) == ["join_bn", "shared_bn"]
+    assert "Concatenate" in plan.unfolded["join_bn"]
+    rows = json.loads(json.dumps([e.as_dict() for e in plan]))
+    assert {r["path"]: r["foldable"] for r in rows} == {
+        e.path: e.path in plan.folded for e in plan}
+    assert {r["path"]: r["reason"] for r in rows if not r["foldable"]} == (
+        plan.unfolded)
+
+    folded = rc.fold(model, plan)
+    again = rc.fold(model)
+    for name in ("folded", "unfolded", "fold_plan", "renorm_converted"):
+        assert not hasattr(folded, name), name
+    assert set(vars(model)) == attributes
+    after = weights_snapshot(model)
+    assert after.keys() == before.keys()
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    # The same plan, given or made: the same weights, bit for bit.
+    np.testing.assert_equal(weights_snapshot(folded), weights_snapshot(again))
+
+    # Against NumPy: Dense -> BN(center=False) folds to
+    # (W, b) -> (W s, (b - mean) s) with s = gamma / sqrt(var + eps).
+    dense, bn = model.get_layer("seq").get_layer("seq_dense"), \
+        model.get_layer("seq").get_layer("seq_bn")
+    s = numpy(bn.gamma) / np.sqrt(numpy(bn.moving_variance) + bn.epsilon)
+    new = folded.get_layer("seq_dense")
+    np.testing.assert_allclose(numpy(new.kernel), numpy(dense.kernel) * s,
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        numpy(new.bias), (numpy(dense.bias) - numpy(bn.moving_mean)) * s,
+        rtol=1e-6, atol=1e-6)
+    # An unfolded one is y = x * scale + offset with NumPy's scale / offset.
+    join = model.get_layer("join_bn")
+    affine = folded.get_layer("join_bn")
+    assert isinstance(affine, rc.ChannelAffine)
+    scale = numpy(join.gamma) / np.sqrt(numpy(join.moving_variance)
+                                        + join.epsilon)
+    np.testing.assert_allclose(numpy(affine.scale), scale, rtol=1e-6)
+    np.testing.assert_allclose(
+        numpy(affine.offset),
+        numpy(join.beta) - numpy(join.moving_mean) * scale,
+        rtol=1e-6, atol=1e-6)
+    x = sample_inputs(model, batch=3)
+    assert max_rel_diff(model(x, training=False), folded(x)) <= 1e-5
+
+
+def _max_abs(a, b):
+    return float(np.abs(np.asarray(a, np.float64)
+                        - np.asarray(b, np.float64)).max())
+
+
+def test_export_report_separates_fold_and_onnx_differences(tmp_path):
+    """fold_max_abs_diff is Keras folded against the model, onnx_max_abs_diff
+    onnxruntime against Keras folded, max_abs_diff end to end: each as
+    measured here with the file written."""
+    model = rc.convert(_conv_net())
+    randomize_statistics(model, seed=13)
+    x = np.random.default_rng(2).normal(size=(6, 16, 16, 3)).astype(
+        "float32")
+    path = tmp_path / "m.onnx"
+    report = rc.export_onnx(model, path, verify=x)
+    keras_out = numpy(model(x, training=False))
+    folded_out = numpy(rc.fold(model)(x, training=False))
+    onnx_out = run_onnx(str(path), [x])[0]
+    assert report.fold_max_abs_diff == pytest.approx(
+        _max_abs(keras_out, folded_out), rel=1e-3, abs=1e-7)
+    assert report.onnx_max_abs_diff == pytest.approx(
+        _max_abs(folded_out, onnx_out), rel=1e-3, abs=1e-7)
+    assert report.max_abs_diff == pytest.approx(
+        _max_abs(keras_out, onnx_out), rel=1e-3, abs=1e-7)
+    assert report.output_scale == pytest.approx(
+        float(np.abs(keras_out).max()), rel=1e-6)
+    # The end-to-end difference is within the two steps' (triangle
+    # inequality), and each is float32 rounding, not a wrong fold.
+    assert report.max_abs_diff <= (report.fold_max_abs_diff
+                                   + report.onnx_max_abs_diff + 1e-9)
+    scale = report.output_scale
+    assert report.fold_max_abs_diff <= 1e-5 * scale
+    assert report.onnx_max_abs_diff <= 1e-5 * scale
+    as_dict = report.as_dict()
+    assert not [k for k in as_dict if "latency" in k or k.endswith("_ms")]
+    assert as_dict["fold_max_abs_diff"] == report.fold_max_abs_diff
+
+
+def test_failed_verification_blames_the_fold_not_the_conversion(
+        tmp_path, monkeypatch):
+    """A wrong fold: the refusal gives folding alone as the difference
+    measured here between the model and its (wrong) fold, and the
+    conversion alone as float32 rounding."""
+    model = rc.convert(_conv_net())
+    randomize_statistics(model, seed=14)
+    exact = folding_module.scale_offset
+
+    def gamma_off_by_five_percent(mean, variance, epsilon, gamma=None,
+                                  beta=None):
+        return exact(mean, variance, epsilon,
+                     None if gamma is None else np.asarray(gamma) * 1.05,
+                     beta)
+
+    monkeypatch.setattr(folding_module, "scale_offset",
+                        gamma_off_by_five_percent)
+    x = np.random.default_rng(3).normal(size=(6, 16, 16, 3)).astype(
+        "float32")
+    wrong = _max_abs(numpy(model(x, training=False)),
+                     numpy(rc.fold(model)(x, training=False)))
+    with pytest.raises(rc.ExportError) as raised:
+        rc.export_onnx(model, tmp_path / "wrong.onnx", verify=x)
+    found = re.search(r"folding alone: ([-+.\de]+).*?conversion alone: "
+                      r"([-+.\de]+)", str(raised.value))
+    assert found, str(raised.value)
+    folding_alone, conversion_alone = map(float, found.groups())
+    assert folding_alone == pytest.approx(wrong, rel=0.06)  # 2 digits
+    assert conversion_alone <= 1e-4 * folding_alone
+    assert not (tmp_path / "wrong.onnx").exists()
+
+
+def _tf2onnx_hooks():
+    """What `tf2onnx_optimizers_fixed` and `grouped_conv_as_plain_op`
+    replace while they hold."""
+    from keras.src.backend.tensorflow import nn as tf_nn
+    from tf2onnx.graph import Node
+    from tf2onnx.optimizer.transpose_optimizer import TransposeOptimizer
+
+    return {"_add_handler": TransposeOptimizer._add_handler,
+            "update_proto": Node.update_proto, "conv": tf_nn.conv}
+
+
+def test_tf2onnx_patches_hold_only_during_the_export(tmp_path, monkeypatch):
+    shipped = _tf2onnx_hooks()
+    during = []
+    convert = internals.tf2onnx_from_function
+
+    def recording(*args, **kwargs):
+        during.append(_tf2onnx_hooks())
+        return convert(*args, **kwargs)
+
+    monkeypatch.setattr(internals, "tf2onnx_from_function", recording)
+    model = rc.convert(_conv_net())
+    randomize_statistics(model, seed=15)
+    report = rc.export_onnx(model, tmp_path / "m.onnx")
+    assert report.relative_diff <= 1e-4
+    assert len(during) == 1
+    for name, function in shipped.items():
+        assert during[0][name] is not function, f"{name} was not patched"
+    assert _tf2onnx_hooks() == shipped
+
+
+def test_tf2onnx_patches_are_undone_after_an_error(tmp_path, monkeypatch):
+    shipped = _tf2onnx_hooks()
+
+    # Directly: an exception inside the block.
+    with pytest.raises(KeyError):
+        with internals.tf2onnx_optimizers_fixed():
+            patched = _tf2onnx_hooks()
+            raise KeyError("inside")
+    assert patched["_add_handler"] is not shipped["_add_handler"]
+    assert patched["update_proto"] is not shipped["update_proto"]
+    assert _tf2onnx_hooks() == shipped
+
+    # Through the export: tf2onnx fails mid-conversion.
+    def failing(*args, **kwargs):
+        assert _tf2onnx_hooks()["update_proto"] is not shipped[
+            "update_proto"]
+        raise RuntimeError("tf2onnx broke")
+
+    monkeypatch.setattr(internals, "tf2onnx_from_function", failing)
+    with pytest.raises(rc.ExportError, match="tf2onnx broke"):
+        rc.export_onnx(_conv_net(), tmp_path / "m.onnx")
+    assert _tf2onnx_hooks() == shipped
+    assert os.listdir(tmp_path) == []

@@ -41,26 +41,27 @@ def _check_all(model, tmp_path, unfolded):
     randomize_statistics(model, seed=1)
     x = sample_inputs(model, batch=3)
     expected = model(x, training=False)
-    converted = rc.convert(model)
+    converted, conversion = rc.convert(model, report=True)
     assert max_rel_diff(expected, converted(x, training=False)) <= 1e-6
     assert max_rel_diff(expected, rc.revert(converted)(x)) <= 1e-6
     converted.save(tmp_path / "c.keras")
     loaded = keras.models.load_model(tmp_path / "c.keras")
     assert max_rel_diff(expected, loaded(x, training=False)) <= 1e-6
-    folded = rc.fold(converted)
+    plan = rc.fold_plan(converted)
     if isinstance(unfolded, dict):
-        assert folded.unfolded.keys() == set(unfolded)
+        assert plan.unfolded.keys() == set(unfolded)
         for name, kind in unfolded.items():
-            assert kind in folded.unfolded[name]
+            assert kind in plan.unfolded[name]
     else:  # (how many, what each reason says)
-        assert len(folded.unfolded) == unfolded[0]
-        assert all(unfolded[1] in r for r in folded.unfolded.values())
+        assert len(plan.unfolded) == unfolded[0]
+        assert all(unfolded[1] in r for r in plan.unfolded.values())
+    folded = rc.fold(converted, plan)
     assert max_rel_diff(expected, folded(x)) <= 1e-5
     report = rc.export_onnx(converted, tmp_path / "c.onnx")
     assert report.max_abs_diff / report.output_scale <= 1e-5
     onnx_out = _onnx(tmp_path / "c.onnx", x)
     assert max_rel_diff(expected, onnx_out) <= 1e-5
-    return converted, report
+    return converted, report, conversion
 
 
 def test_raw_operations_everywhere(tmp_path):
@@ -68,9 +69,9 @@ def test_raw_operations_everywhere(tmp_path):
     graph = rc.model_graph(model)
     kinds = {graph.nodes[n]["class_name"] for n in graph}
     assert {"Pad", "Add", "Split", "GetItem", "Multiply"} <= kinds
-    converted, report = _check_all(model, tmp_path,
+    converted, report, conversion = _check_all(model, tmp_path,
                                    {"bn_after_pad": "Pad"})
-    assert converted.renorm_converted == ["bn_after_pad", "bn_a"]
+    assert conversion.swapped == ["bn_after_pad", "bn_a"]
 
 
 def test_hard_swish_export_keeps_layout_transposes_out(tmp_path):
@@ -124,13 +125,13 @@ def test_keras2_h5_with_tf_op_layers(tmp_path):
 
     loaded = load(path)
     assert max_rel_diff(expected, loaded(x)) <= 1e-6
-    converted = rc.convert(loaded)
-    assert converted.renorm_converted == ["bn1", "bn2"]
+    converted, conversion = rc.convert(loaded, report=True)
+    assert conversion.swapped == ["bn1", "bn2"]
     converted.save(tmp_path / "c.keras")
     reloaded = keras.models.load_model(tmp_path / "c.keras")
     assert max_rel_diff(expected, reloaded(x, training=False)) <= 1e-6
+    assert sorted(rc.fold_plan(converted).folded) == ["bn1", "bn2"]
     folded = rc.fold(converted)
-    assert sorted(folded.folded) == ["bn1", "bn2"]
     assert max_rel_diff(expected, folded(x)) <= 1e-5
     report = rc.export_onnx(converted, tmp_path / "c.onnx")
     assert max_rel_diff(expected, _onnx(tmp_path / "c.onnx", x)) <= 1e-5
@@ -242,9 +243,9 @@ def blocks_model():
 def test_custom_blocks_owning_normalization(tmp_path):
     model = blocks_model()
     n_norm = 4
-    converted, report = _check_all(model, tmp_path,
+    converted, report, conversion = _check_all(model, tmp_path,
                                    (n_norm - 1, "inside custom layer"))
-    assert len(converted.renorm_converted) == n_norm
+    assert len(conversion.swapped) == n_norm
     block = converted.get_layer("block")
     assert isinstance(block.bn, rc.BatchRenormalization)  # attribute access
     assert isinstance(converted.get_layer("stage").blocks[1].bn,
@@ -265,11 +266,12 @@ def test_custom_blocks_owning_normalization(tmp_path):
 def test_unconverted_blocks_fold_to_channel_affine():
     model = blocks_model()
     randomize_statistics(model, seed=5)
-    folded = rc.fold(model)
-    assert folded.folded == ["bn"]
-    assert len(folded.unfolded) == 3
-    assert sum(p.startswith("stage/") for p in folded.unfolded) == 2
-    layers = folded._flatten_layers(include_self=False, recursive=True)
+    plan = rc.fold_plan(model)
+    assert plan.folded == ["bn"]
+    assert len(plan.unfolded) == 3
+    assert sum(p.startswith("stage/") for p in plan.unfolded) == 2
+    folded = rc.fold(model, plan)
+    layers = list(rc.iter_layers(folded))
     assert not any(isinstance(l, keras.layers.BatchNormalization)
                    for l in layers)
     assert sum(isinstance(l, rc.ChannelAffine) for l in layers) == 3
@@ -320,8 +322,8 @@ def test_functional_subclass_with_dict_outputs(tmp_path):
     x = sample_inputs(model, batch=3)
     expected = model(x, training=False)
     assert set(expected) == {"features", "pooled"}
-    converted = rc.convert(model)
-    assert converted.renorm_converted == ["stem_bn"]
+    converted, conversion = rc.convert(model, report=True)
+    assert conversion.swapped == ["stem_bn"]
     for got in (converted(x, training=False), rc.revert(converted)(x),
                 rc.fold(converted)(x)):
         assert set(got) == {"features", "pooled"}
@@ -344,3 +346,65 @@ def test_functional_subclass_with_dict_outputs(tmp_path):
         session.get_inputs()[0].name: x})))
     for key in expected:
         assert max_rel_diff(expected[key], got[key]) <= 1e-5
+
+
+def _channel_mean(t):
+    """A module-level helper a Keras 2 Lambda calls, as model-zoo libraries
+    of the tf.keras years wrote them (`Lambda(expand_dims)`)."""
+    return tf.expand_dims(tf.reduce_mean(t, axis=-1), -1)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_keras2_h5_from_model_zoo_libraries(tmp_path):
+    """What Keras 2 wrote and Keras 3 refuses: `groups` in a
+    DepthwiseConv2D's config, efficientnet's FixedDropout saved by name, a
+    Lambda (saved as code) calling a helper of its module."""
+    import tf_keras
+
+    @tf_keras.utils.register_keras_serializable(package="efficientnet")
+    class FixedDropout(tf_keras.layers.Dropout):
+        pass
+
+    layers = tf_keras.layers
+    inputs = tf_keras.Input((8, 8, 3))
+    x = layers.DepthwiseConv2D(3, padding="same", use_bias=False,
+                               name="dw")(inputs)
+    x = layers.BatchNormalization(name="dw_bn")(x)
+    x = layers.ReLU(6.0)(x)
+    x = layers.Conv2D(4, 1, use_bias=False, name="pw")(x)
+    x = layers.BatchNormalization(name="pw_bn")(x)
+    gate = layers.Lambda(lambda t: tf.sigmoid(_channel_mean(t)),
+                         name="gate")(x)
+    x = layers.Multiply()([x, gate])
+    x = FixedDropout(0.2, noise_shape=(None, 1, 1, 1), name="drop")(x)
+    old = tf_keras.Model(inputs, layers.GlobalAveragePooling2D()(x))
+    assert old.get_layer("dw").get_config()["groups"] == 1
+    rng = np.random.default_rng(0)
+    for name in ("dw_bn", "pw_bn"):
+        layer = old.get_layer(name)
+        layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype("float32")
+                           for w in layer.get_weights()])
+    path = tmp_path / "zoo.h5"
+    old.save(path)
+    x = rng.normal(size=(3, 8, 8, 3)).astype("float32")
+    expected = old.predict(x, verbose=0)
+
+    # Keras 3 itself refuses the file.
+    with pytest.raises(Exception, match="groups"):
+        keras.models.load_model(path, compile=False, safe_mode=False)
+    # Safe mode still refuses the Lambda's code, in one line.
+    with pytest.raises(rc.RenormConvertError, match="Lambda"):
+        load(path)
+    loaded = load(path, safe_mode=False)
+    assert type(loaded.get_layer("drop")) is keras.layers.Dropout
+    assert max_rel_diff(expected, loaded(x)) <= 1e-6
+    converted, conversion = rc.convert(loaded, report=True)
+    assert sorted(conversion.swapped) == ["dw_bn", "pw_bn"]
+    assert max_rel_diff(expected, converted(x, training=False)) <= 1e-6
+    assert max_rel_diff(expected, rc.revert(converted)(x)) <= 1e-6
+    plan = rc.fold_plan(converted)
+    assert sorted(plan.folded) == ["dw_bn", "pw_bn"]
+    assert max_rel_diff(expected, rc.fold(converted, plan)(x)) <= 1e-5
+    report = rc.export_onnx(converted, tmp_path / "zoo.onnx")
+    assert report.folded == 2
+    assert max_rel_diff(expected, _onnx(tmp_path / "zoo.onnx", x)) <= 1e-5

@@ -42,10 +42,12 @@ def test_readme_shows_the_two_setup_commands():
     lines = [l for l in first.splitlines() if l and not l.startswith("#")]
     assert lines == [
         "bash scripts/setup.sh && .venv/bin/renorm-convert demo",
-        "bash scripts/setup.sh test && .venv/bin/python -m pytest -q",
+        "bash scripts/test.sh",
     ]
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
-    assert "scripts/setup.sh test" in ci and "-m pytest -q" in ci
+    assert "bash scripts/test.sh" in ci
+    script = open(os.path.join(ROOT, "scripts", "test.sh")).read()
+    assert 'BACKENDS="${BACKENDS:-tensorflow jax torch}"' in script
 
 
 @pytest.fixture
@@ -56,6 +58,7 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_every_readme_command_runs(workdir, capsys):
     commands = _commands()
     names = [c.split()[0] for c in commands]
@@ -76,10 +79,24 @@ def test_every_readme_command_runs(workdir, capsys):
     assert (workdir / "demo" / "finetuned.onnx").exists()
 
 
-def test_readme_python_example_runs(workdir):
-    (code,) = [b for b in _blocks("python") if "rc.convert(model, r_max" in b]
-    code = code.replace("train=4096, val=1000", "train=256, val=200")
+@pytest.mark.slow
+def test_readme_python_examples_run(workdir):
+    blocks = [b for b in _blocks("python") if "import renorm_convert" in b
+              or "model.fit(" in b]
+    first, fit = blocks[0], next(b for b in blocks if "model.fit(" in b)
+    assert "rc.convert(model, report=True)" in first
     namespace = {}
+    code = first.replace("train=4096, val=1000", "train=256, val=200")
     exec(compile(code, "README.md", "exec"), namespace)
-    report = namespace["report"]
+    report, result = namespace["report"], namespace["result"]
     assert report.folded == 19 and report.relative_diff <= 1e-4
+    assert result.final_bounds == (3.0, 5.0)
+    assert len(namespace["conversion"].swapped) == 19
+    # The same pieces in a plain model.fit.
+    exec(compile(fit, "README.md", "exec"), namespace)
+    model = namespace["model"]
+    import renorm_convert as rc
+    assert {(l.r_max, l.d_max) for l in rc.renorm_layers(model)} == {(3.0, 5.0)}
+    with open(workdir / "runs" / "fit.history.csv") as f:
+        assert len(f.read().splitlines()) == 3  # a header and two epochs
+    assert (workdir / "runs" / "fit.png").exists()

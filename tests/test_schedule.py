@@ -1,4 +1,5 @@
-"""RenormSchedule: the paper's relaxation, applied to nested models, logged."""
+"""RenormSchedule: the paper's relaxation, applied to nested models, logged,
+and seen by every backend's compiled training step."""
 
 import csv
 import os
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 
 import renorm_convert as rc
+from helpers import numpy
 
 
 def test_paper_schedule_values():
@@ -80,7 +82,7 @@ def test_callback_updates_nested_layers_and_logs(tmp_path):
     history = model.fit(x, y, batch_size=8, epochs=2, verbose=0,
                         callbacks=[schedule, Spy(),
                                    keras.callbacks.CSVLogger(str(csv_path))])
-    layers = rc.schedule.renorm_layers(model)
+    layers = rc.renorm_layers(model)
     assert sorted(l.name for l in layers) == ["inner_bn", "outer_bn", "seq_bn"]
     # The value used at step k is the schedule at iteration k (0-based).
     expected = [schedule.values_at(k) for k in range(16)]
@@ -104,4 +106,84 @@ def test_step_comes_from_optimizer_so_resume_continues():
     model.optimizer.iterations.assign(50)
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[schedule])
     # One step was taken at iteration 50.
-    assert rc.schedule.renorm_layers(model)[0].r_max == pytest.approx(2.0)
+    assert rc.renorm_layers(model)[0].r_max == pytest.approx(2.0)
+
+
+class _Counting(rc.BatchRenormalization):
+    """Counts how often its Python `call` runs: once per trace under a
+    compiler, once per step eagerly."""
+
+    calls = 0
+
+    def call(self, inputs, training=None, mask=None):
+        _Counting.calls += 1
+        return super().call(inputs, training=training, mask=mask)
+
+
+def _numpy_run(x, w, schedule, lr, steps, batch, gamma, beta, momentum):
+    """SGD on gamma and beta of one renorm layer under the loss
+    mean over the batch of sum(y * w), the bounds following `schedule`:
+    NumPy, float64."""
+    eps = 1e-3
+    gamma, beta = gamma.astype(np.float64), beta.astype(np.float64)
+    mu = np.zeros(x.shape[1])
+    sigma = np.ones(x.shape[1]) * np.sqrt(1 + eps)
+    for step in range(steps):
+        xb = x[step * batch:(step + 1) * batch].astype(np.float64)
+        wb = w[step * batch:(step + 1) * batch].astype(np.float64)
+        r_max, d_max = schedule.values_at(step)
+        mean, var = xb.mean(0), xb.var(0)
+        std = np.sqrt(var + eps)
+        r = np.clip(std / np.maximum(sigma, np.sqrt(eps)), 1 / r_max, r_max)
+        d = np.clip((mean - mu) / np.maximum(sigma, np.sqrt(eps)), -d_max,
+                    d_max)
+        z = (xb - mean) / std * r + d
+        gamma = gamma - lr * (wb * z).sum(0) / batch
+        beta = beta - lr * wb.sum(0) / batch
+        mu = mu * momentum + mean * (1 - momentum)
+        sigma = sigma * momentum + std * (1 - momentum)
+    return gamma, beta
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_bounds_change_every_step_without_retracing(jit):
+    """The schedule changes r_max and d_max at every step of `fit`; the
+    compiled step is traced once (JAX and TensorFlow; PyTorch runs
+    eagerly), and gamma and beta end where NumPy's step-by-step run with
+    the same bounds ends: the new bounds reached every step."""
+    if keras.backend.backend() == "torch" and jit:
+        pytest.skip("Keras does not compile PyTorch steps by default")
+    rng = np.random.default_rng(0)
+    batch, steps = 16, 12
+    x = (rng.normal(size=(batch * steps, 3)) * 3 + 1).astype("float32")
+    w = rng.normal(size=(batch * steps, 3)).astype("float32")
+    inputs = keras.Input((3,))
+    layer = _Counting(momentum=0.8, renorm_momentum=0.8, name="bn")
+    model = keras.Model(inputs, layer(inputs))
+    layer.gamma.assign(np.array([1.0, 0.5, 2.0], "float32"))
+    gamma0, beta0 = numpy(layer.gamma), numpy(layer.beta)
+    model.compile(keras.optimizers.SGD(0.1),
+                  lambda y, p: keras.ops.sum(y * p, axis=-1),
+                  jit_compile=jit)
+    schedule = rc.RenormSchedule(warmup_steps=1, r_max=4.0, r_max_steps=11,
+                                 d_max=3.0, d_max_steps=10)
+    values = [schedule.values_at(k) for k in range(steps)]
+    assert len(set(values)) == steps - 1  # a new pair at almost every step
+    _Counting.calls = 0
+    model.fit(x, w, batch_size=batch, epochs=1, shuffle=False, verbose=0,
+              callbacks=[schedule])
+    if jit:
+        assert _Counting.calls <= 2, _Counting.calls
+    gamma, beta = _numpy_run(x, w, schedule, 0.1, steps, batch, gamma0,
+                             beta0, 0.8)
+    np.testing.assert_allclose(numpy(layer.gamma), gamma, rtol=2e-4,
+                               atol=2e-5)
+    np.testing.assert_allclose(numpy(layer.beta), beta, rtol=2e-4, atol=2e-5)
+    assert (layer.r_max, layer.d_max) == values[-1]
+    # Held at the first step's bounds instead, the result differs: the
+    # test sees whether the bounds reached the compiled step.
+    fixed = _numpy_run(x, w, rc.RenormSchedule(warmup_steps=100,
+                                               r_max_steps=100,
+                                               d_max_steps=100), 0.1, steps,
+                       batch, gamma0, beta0, 0.8)[0]
+    assert np.abs(fixed - gamma).max() > 1e-3

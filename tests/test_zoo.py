@@ -59,4 +59,7 @@ def test_zoo_model_whole_path(name, tmp_path):
     # Folding rewrites weights in float32: within the model's tolerance.
     assert r["fold"] <= r["tolerance"], r
     if name in EXPORTED:
+        # The export folds what fold_plan planned, and onnxruntime's output
+        # is the original Keras model's within the same tolerance.
+        assert r["exported_folded"] == r["folded"], r
         assert r["onnx"] <= r["tolerance"], r

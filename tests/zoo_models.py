@@ -112,9 +112,9 @@ def check(name, workdir, export=True):
     keras.models.clone_model(model)
     result["clone_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    converted = rc.convert(model)
+    converted, conversion = rc.convert(model, report=True)
     result["convert_s"] = time.perf_counter() - start
-    result["converted"] = len(converted.renorm_converted)
+    result["converted"] = len(conversion)
     result["convert"] = rel_diff(reference, converted(x, training=False))
     result["revert"] = rel_diff(reference, rc.revert(converted)(x))
 
@@ -124,9 +124,10 @@ def check(name, workdir, export=True):
         reference, keras.models.load_model(path)(x, training=False))
     os.remove(path)
 
-    folded = rc.fold(converted)
-    result["folded"] = len(folded.folded)
-    result["unfolded"] = dict(folded.unfolded)
+    plan = rc.fold_plan(converted)
+    folded = rc.fold(converted, plan)
+    result["folded"] = len(plan.folded)
+    result["unfolded"] = dict(plan.unfolded)
     result["fold"] = rel_diff(reference, folded(x))
     # Only `converted` is needed from here: the export's peak memory (tf2onnx
     # freezing and optimizing the graph) comes on top of what is alive.
@@ -135,8 +136,9 @@ def check(name, workdir, export=True):
     if export:
         path = os.path.join(workdir, f"{name}.onnx")
         start = time.perf_counter()
-        rc.export_onnx(converted, path, verify=False)
+        report = rc.export_onnx(converted, path, verify=False)
         result["export_s"] = time.perf_counter() - start
+        result["exported_folded"] = report.folded
         session = onnxruntime.InferenceSession(
             path, providers=["CPUExecutionProvider"])
         result["onnx"] = rel_diff(reference, session.run(

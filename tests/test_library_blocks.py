@@ -1,0 +1,158 @@
+"""Layers written the way model-zoo libraries write them: a block that
+makes its sublayers in `build()` from an argument its config leaves out,
+and a block called with a list of tensors next to other keyword arguments.
+convert, revert and fold must keep their outputs without relying on
+`get_config()` describing them; export too where TensorFlow is."""
+
+import keras
+import numpy as np
+import pytest
+
+import renorm_convert as rc
+from helpers import max_rel_diff, numpy, randomize_statistics
+
+
+class Pyramid(keras.layers.Layer):
+    """Spatial-pyramid pooling as a segmentation library writes it: one
+    Conv + BatchNormalization branch per level, made in `build()`; its
+    config does not record `levels`, so a copy made from
+    the config has 2 branches where the original has `levels`."""
+
+    def __init__(self, levels=2, **kwargs):
+        super().__init__(**kwargs)
+        self.levels = levels
+
+    def build(self, shape):
+        channels = shape[-1]
+        self.convs = [keras.layers.Conv2D(channels, 1, use_bias=False)
+                      for _ in range(self.levels)]
+        self.bns = [keras.layers.BatchNormalization()
+                    for _ in range(self.levels)]
+        for conv, bn in zip(self.convs, self.bns):
+            conv.build(shape)
+            bn.build(shape)
+
+    def get_config(self):  # as the library's: no `levels`
+        return super().get_config()
+
+    def call(self, x):
+        branches = [bn(conv(keras.ops.average_pool(x, 2 ** i, 1, "same")))
+                    for i, (conv, bn) in enumerate(zip(self.convs, self.bns))]
+        return keras.ops.concatenate([x] + branches, axis=-1)
+
+
+class Fuse(keras.layers.Layer):
+    """A detection neck's fusion block: its call takes a list of tensors
+    and a float by keyword, and joins them through its own normalization."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.bn = keras.layers.BatchNormalization()
+
+    def call(self, x, skips=None, scale=1.0):
+        return self.bn(x + sum(skips)) * scale
+
+
+def library_model():
+    inputs = keras.Input((8, 8, 3), name="img")
+    x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    p = Pyramid(levels=3, name="pyramid")(x)
+    p = keras.layers.Conv2D(4, 1, name="reduce")(p)
+    side = keras.layers.Conv2D(4, 1, name="side")(x)
+    y = Fuse(name="fuse")(p, skips=[side, x], scale=0.5)
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(y))
+
+
+def _inputs(model, n=3):
+    return np.random.default_rng(0).normal(
+        size=(n,) + tuple(model.input.shape[1:])).astype("float32")
+
+
+def test_config_does_not_recreate_the_pyramid():
+    """The premise: a copy from the config has other weights."""
+    layer = library_model().get_layer("pyramid")
+    copy = Pyramid.from_config(layer.get_config())
+    copy.build((None, 8, 8, 4))
+    assert len(copy.weights) != len(layer.weights)
+
+
+def test_convert_revert_fold_keep_outputs():
+    model = library_model()
+    randomize_statistics(model, seed=3)
+    x = _inputs(model)
+    expected = model(x, training=False)
+    converted, report = rc.convert(model, report=True)
+    # 1 + 3 in the pyramid + 1 in the fusion block, all swapped.
+    assert len(report) == 5
+    assert sum(isinstance(l, rc.BatchRenormalization)
+               for l in rc.iter_layers(converted)) == 5
+    assert max_rel_diff(expected, converted(x, training=False)) <= 1e-6
+    reverted = rc.revert(converted)
+    assert not any(isinstance(l, rc.BatchRenormalization)
+                   for l in rc.iter_layers(reverted))
+    assert max_rel_diff(expected, reverted(x, training=False)) <= 1e-6
+    folded = rc.fold(converted)
+    assert not any(isinstance(l, keras.layers.BatchNormalization)
+                   for l in rc.iter_layers(folded))
+    assert max_rel_diff(expected, folded(x)) <= 1e-5
+
+
+def test_copies_do_not_share_variables_with_the_original():
+    model = library_model()
+    randomize_statistics(model, seed=4)
+    converted = rc.convert(model)
+    old = model.get_layer("pyramid")
+    new = converted.get_layer("pyramid")
+    new = getattr(new, "layer", new)  # the block inside its SwappedBlock
+    assert isinstance(new.bns[2], rc.BatchRenormalization)
+    assert type(old.bns[2]) is keras.layers.BatchNormalization
+    before = numpy(old.convs[2].kernel)
+    np.testing.assert_array_equal(numpy(new.convs[2].kernel), before)
+    new.convs[2].kernel.assign(np.zeros_like(before))
+    np.testing.assert_array_equal(numpy(old.convs[2].kernel), before)
+
+
+def test_training_the_converted_model_leaves_the_original():
+    model = library_model()
+    randomize_statistics(model, seed=5)
+    x = _inputs(model, n=8)
+    expected = numpy(model(x, training=False))
+    converted = rc.convert(model)
+    converted.compile("sgd", "mse")
+    converted.fit(x, np.zeros((8, 4), "float32"), epochs=1, verbose=0)
+    np.testing.assert_array_equal(numpy(model(x, training=False)), expected)
+    assert max_rel_diff(expected, converted(x, training=False)) > 1e-4
+
+
+def test_fused_block_saves_and_loads(tmp_path):
+    """The fusion block (config intact) round-trips through .keras with its
+    renorm statistics."""
+    inputs = keras.Input((8, 8, 3))
+    a = keras.layers.Conv2D(4, 1)(inputs)
+    b = keras.layers.Conv2D(4, 3, padding="same")(inputs)
+    model = keras.Model(inputs, Fuse(name="fuse")(a, skips=[b, a], scale=2.0))
+    randomize_statistics(model, seed=6)
+    x = _inputs(model)
+    converted = rc.convert(model)
+    path = tmp_path / "fuse.keras"
+    converted.save(path)
+    loaded = keras.models.load_model(path, custom_objects={"Fuse": Fuse})
+    assert isinstance(loaded.get_layer("fuse").bn, rc.BatchRenormalization)
+    assert max_rel_diff(model(x, training=False),
+                        loaded(x, training=False)) <= 1e-6
+
+
+@pytest.mark.tensorflow
+def test_export_folds_and_matches(tmp_path):
+    from renorm_convert.export import run_onnx
+
+    model = library_model()
+    randomize_statistics(model, seed=7)
+    x = _inputs(model)
+    converted = rc.convert(model)
+    report = rc.export_onnx(converted, tmp_path / "lib.onnx")
+    assert report.relative_diff <= 1e-5
+    assert "BatchNormalization" not in report.op_counts
+    got = run_onnx(str(tmp_path / "lib.onnx"), [x])[0]
+    assert max_rel_diff(model(x, training=False), got) <= 1e-5
