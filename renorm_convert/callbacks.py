@@ -21,7 +21,6 @@ Example:
 
 import json
 import math
-import os
 
 import keras
 import numpy as np

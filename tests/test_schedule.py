@@ -2,7 +2,6 @@
 and seen by every backend's compiled training step."""
 
 import csv
-import os
 
 import keras
 import numpy as np

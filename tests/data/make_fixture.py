@@ -2,7 +2,7 @@
 model trained one epoch, and its outputs in inference and training mode.
 Run with the version and backend to record, e.g.
 `KERAS_BACKEND=jax python tests/data/make_fixture.py tests/data/renorm-0.2-jax`."""
-import sys, os
+import sys
 import numpy as np, keras
 import renorm_convert as rc
 out = sys.argv[1]
