@@ -1,6 +1,9 @@
 """One worker of the two-worker test (run by test_multi_worker_two_processes):
 fine-tunes a converted model on scikit-learn's digits under
-MultiWorkerMirroredStrategy and saves its final weights."""
+MultiWorkerMirroredStrategy and saves its final weights. TensorFlow only.
+
+Usage: multiworker_worker.py INDEX PORT0 PORT1 OUT.npz [CHECKPOINT_DIR]
+"""
 
 import json
 import os
@@ -12,6 +15,7 @@ os.environ["TF_CONFIG"] = json.dumps({
     "cluster": {"worker": [f"127.0.0.1:{port0}", f"127.0.0.1:{port1}"]},
     "task": {"type": "worker", "index": index},
 })
+os.environ["KERAS_BACKEND"] = "tensorflow"
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -30,13 +34,13 @@ x = keras.layers.BatchNormalization(synchronized=True)(x)
 x = keras.layers.ReLU()(x)
 x = keras.layers.GlobalAveragePooling2D()(x)
 outputs = keras.layers.Dense(10, activation="softmax")(x)
-model = rc.convert(keras.Model(inputs, outputs))
+model = rc.configure(rc.convert(keras.Model(inputs, outputs)), momentum=0.9)
 split = data.load_digits().subset(train=256, val=64)
-history = rc.fine_tune(model, split, epochs=2, batch_size=32,
-                       strategy=strategy, verbose=0, momentum=0.9,
-                       checkpoint_dir=checkpoint_dir)
-trained = history.trained_model
+result = rc.fine_tune(model, split.training_batches(model, 32),
+                      validation=split, epochs=2, strategy=strategy,
+                      verbose=0, checkpoint_dir=checkpoint_dir)
+trained = result.model
 np.savez(out, *[v.numpy() for v in trained.weights],
          steps=int(trained.optimizer.iterations.numpy()),
-         loss=history.history["loss"][-1])
+         loss=result.history["loss"][-1])
 print("worker", index, "done")
