@@ -1,0 +1,272 @@
+"""io: loading models with one clear error for every way a file is wrong,
+and atomic writes; on every backend."""
+
+import os
+import signal
+import subprocess
+import sys
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+
+import renorm_convert as rc
+from renorm_convert import io
+from helpers import numpy, randomize_statistics
+
+
+def small_model():
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(3, 3, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(4, name="head")(x))
+    randomize_statistics(model, seed=1)
+    return model
+
+
+def sample(model, n=3):
+    return np.random.default_rng(0).normal(
+        size=(n,) + tuple(model.inputs[0].shape[1:])).astype("float32")
+
+
+@keras.saving.register_keras_serializable(package="test_io")
+class Doubler(keras.layers.Layer):
+    def call(self, x):
+        return 2.0 * x
+
+
+class Unregistered(keras.layers.Layer):
+    def call(self, x):
+        return x + 1.0
+
+
+# --- what check_model_file refuses before loading anything -------------------
+
+
+def test_paths_that_are_not_model_files(tmp_path):
+    with pytest.raises(io.UsageError, match="missing.keras: no such file"):
+        rc.load(tmp_path / "missing.keras")
+    with pytest.raises(io.UsageError, match="is a directory; give a .keras"):
+        rc.load(tmp_path)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    with pytest.raises(io.UsageError, match=r"not a Keras model file; "
+                       r"expected a name ending in \.keras, \.h5, \.hdf5"):
+        rc.load(notes)
+    fake = tmp_path / "fake.keras"
+    fake.write_text("hello")
+    with pytest.raises(io.UsageError, match="not a valid .keras file"):
+        rc.load(fake)
+
+
+def test_a_text_file_named_h5_is_not_an_hdf5_file(tmp_path):
+    for name in ("fake.h5", "FAKE.HDF5"):
+        path = tmp_path / name
+        path.write_text("model weights, honestly\n")
+        with pytest.raises(io.UsageError, match="not an HDF5 file") as info:
+            rc.load(path)
+        assert str(info.value).startswith(f"{path}: ")
+        # The same refusal without loading anything (the command line's
+        # check before a backend loads).
+        with pytest.raises(io.UsageError, match="not an HDF5 file"):
+            io.check_model_file(path)
+    empty = tmp_path / "empty.h5"
+    empty.write_bytes(b"")
+    with pytest.raises(io.UsageError, match="not an HDF5 file"):
+        rc.load(empty)
+
+
+def test_a_truncated_hdf5_file_says_truncated_or_corrupted(tmp_path):
+    model = small_model()
+    whole = tmp_path / "whole.h5"
+    model.save(whole)
+    payload = whole.read_bytes()
+    assert payload.startswith(b"\x89HDF\r\n\x1a\n")
+    for keep in (len(payload) // 2, 4096):
+        cut = tmp_path / f"cut{keep}.h5"
+        cut.write_bytes(payload[:keep])
+        io.check_model_file(cut)  # the signature is there
+        with pytest.raises(io.UsageError, match="cannot be read as a Keras "
+                           r"model \(truncated or corrupted file") as info:
+            rc.load(cut)
+        assert str(info.value).startswith(f"{cut}: ")
+        assert "\n" not in str(info.value)
+    # The whole file loads, with the same outputs.
+    loaded = rc.load(whole)
+    x = sample(model)
+    np.testing.assert_allclose(numpy(loaded(x)), numpy(model(x)), rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_a_truncated_or_gutted_keras_file(tmp_path):
+    model = small_model()
+    whole = tmp_path / "whole.keras"
+    model.save(whole)
+    cut = tmp_path / "cut.keras"
+    cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
+    with pytest.raises(io.UsageError, match="not a valid .keras file .* or "
+                       "is truncated"):
+        rc.load(cut)
+    # A zip archive that is not a Keras model.
+    gutted = tmp_path / "gutted.keras"
+    with zipfile.ZipFile(gutted, "w") as z:
+        z.writestr("readme.txt", "nothing here")
+    with pytest.raises(io.UsageError, match=f"^{gutted}: cannot be "):
+        rc.load(gutted)
+
+
+# --- what only loading can tell ---------------------------------------------
+
+
+def test_converted_model_loads_back_with_the_same_outputs(tmp_path):
+    model = rc.convert(small_model(), r_max=2.0, d_max=1.0)
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = rc.load(path)
+    layer = loaded.get_layer("bn")
+    assert isinstance(layer, rc.BatchRenormalization)
+    assert (layer.r_max, layer.d_max) == (2.0, 1.0)
+    x = sample(model)
+    np.testing.assert_allclose(numpy(loaded(x)), numpy(model(x)), rtol=1e-6,
+                               atol=1e-6)
+    for a, b in zip(loaded.weights, model.weights):
+        np.testing.assert_array_equal(numpy(a), numpy(b))
+
+
+def test_an_unregistered_class_says_how_to_pass_it(tmp_path):
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, Unregistered(name="plus")(
+        keras.layers.Dense(2)(inputs)))
+    path = tmp_path / "custom.keras"
+    model.save(path)
+    with pytest.raises(io.UsageError, match="uses the class 'Unregistered', "
+                       "which is not registered. Pass custom_objects="):
+        rc.load(path)
+    loaded = rc.load(path, custom_objects={"Unregistered": Unregistered})
+    x = sample(model)
+    np.testing.assert_allclose(numpy(loaded(x)), numpy(model(x)), rtol=1e-6)
+
+
+def test_a_registered_custom_layer_loads(tmp_path):
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, Doubler()(keras.layers.Dense(3)(inputs)))
+    model.save(tmp_path / "d.keras")
+    loaded = rc.load(tmp_path / "d.keras")
+    x = sample(model)
+    np.testing.assert_allclose(numpy(loaded(x)), 2 * numpy(
+        model.layers[1](x)), rtol=1e-6)
+
+
+def test_lambda_is_refused_in_safe_mode_and_loads_unsafe(tmp_path):
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda t: t * 3.0)(
+        keras.layers.Dense(3)(inputs)))
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    with pytest.raises(io.UsageError, match="Lambda layer .* refused in safe "
+                       "mode. Load it with safe_mode=False"):
+        rc.load(path)
+    loaded = rc.load(path, safe_mode=False)
+    x = sample(model)
+    np.testing.assert_allclose(numpy(loaded(x)), 3 * numpy(
+        model.layers[1](x)), rtol=1e-6)
+
+
+# --- atomic writes -----------------------------------------------------------
+
+
+def _ours(directory):
+    return [n for n in os.listdir(directory) if n.startswith(io.TEMP_PREFIX)]
+
+
+def test_write_atomically_replaces_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "out.bin"
+    io.write_atomically(path, b"first")
+    assert path.read_bytes() == b"first"
+    io.write_atomically(path, b"second, longer")
+    assert path.read_bytes() == b"second, longer"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+    def half_then_fail(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        io.replace_atomically(path, half_then_fail)
+    assert path.read_bytes() == b"second, longer"
+    assert _ours(tmp_path) == []
+
+    def interrupted(tmp):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        io.replace_atomically(path, interrupted)
+    assert path.read_bytes() == b"second, longer" and _ours(tmp_path) == []
+
+
+def test_an_os_error_names_the_target_not_the_temporary(tmp_path):
+    missing = tmp_path / "no" / "such" / "dir" / "out.bin"
+    with pytest.raises(OSError) as info:
+        io.write_atomically(missing, b"x")
+    assert str(missing) in str(info.value)
+    assert io.TEMP_PREFIX not in str(info.value)
+
+
+def test_save_atomically_writes_a_model_that_loads(tmp_path):
+    model = small_model()
+    path = tmp_path / "m.keras"
+    path.write_bytes(b"an old file")
+    io.save_atomically(model, path)
+    assert _ours(tmp_path) == []
+    x = sample(model)
+    np.testing.assert_allclose(numpy(rc.load(path)(x)), numpy(model(x)),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    done = subprocess.run([sys.executable, "-c", "import os; "
+                           "print(os.getpid())"], capture_output=True,
+                          text=True)
+    dead = int(done.stdout)
+    names = {
+        "dead": f"{io.TEMP_PREFIX}{dead}-abc.keras",
+        "alive": f"{io.TEMP_PREFIX}{os.getpid()}-def.keras",
+        "old": f"{io.TEMP_PREFIX}{os.getpid()}-ghi.keras",
+        "other": ".tmp-someone-else-123-x.keras",
+        "model": "model.keras",
+    }
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"x")
+    day_ago = os.path.getmtime(tmp_path / names["old"]) - io.STALE_AFTER_S - 60
+    os.utime(tmp_path / names["old"], (day_ago, day_ago))
+    removed = io.remove_stale_temporaries(tmp_path)
+    assert sorted(removed) == sorted([names["dead"], names["old"]])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [names["alive"], names["other"], names["model"]])
+    assert io.remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_kill_point_signals_at_its_nth_passage(monkeypatch):
+    caught = []
+    previous = signal.signal(signal.SIGUSR1,
+                             lambda signum, frame: caught.append(signum))
+    try:
+        monkeypatch.setattr(io, "_passages", {})
+        monkeypatch.setenv("RENORM_CONVERT_TEST_KILL_AT", "before-rename:2")
+        monkeypatch.setenv("RENORM_CONVERT_TEST_KILL_SIGNAL", "SIGUSR1")
+        io.kill_point("after-training")
+        io.kill_point("before-rename")
+        assert caught == []
+        io.kill_point("before-rename")
+        assert caught == [signal.SIGUSR1]
+        monkeypatch.delenv("RENORM_CONVERT_TEST_KILL_AT")
+        io.kill_point("before-rename")
+        assert caught == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
