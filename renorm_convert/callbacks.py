@@ -147,7 +147,17 @@ class NanGuard(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         if self.tripped_at is None:
-            self._good = self._snapshot()
+            snapshot = self._snapshot()
+            if not all(np.isfinite(value).all() for value in snapshot):
+                # A compiled step can report a finite loss from NaN weights
+                # (XLA's CPU min / max, as in the loss's clipping, drop NaN
+                # under JAX): the weights are checked too, once an epoch.
+                self.tripped_at = _iterations(self.model)
+                self.model.stop_training = True
+                for v, value in zip(self._variables(), self._good):
+                    v.assign(value)
+                return
+            self._good = snapshot
             self.good_epoch = epoch + 1
 
     def on_train_batch_end(self, batch, logs=None):

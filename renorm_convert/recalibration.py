@@ -157,6 +157,7 @@ def _input_batches(model, data, batch_size):
             yield part[0] if len(part) == 1 else part
         return
     if isinstance(data, keras.utils.PyDataset):
-        data = (data[i] for i in range(data.num_batches))
+        dataset = data  # the generator must not read `data`, rebound here
+        data = (dataset[i] for i in range(dataset.num_batches))
     for item in data:
         yield item[0] if isinstance(item, tuple) else item
