@@ -200,13 +200,19 @@ def build_resnet(norm, name="resnet"):
 # --- reports ------------------------------------------------------------------
 
 def versions(*extra):
-    """'TF …, Keras …, <extra…>, renorm_convert …, python …, N CPUs'."""
+    """'TF …, Keras …, <extra…>, renorm_convert …, python …, N CPUs' (JAX
+    … or PyTorch … first on those backends)."""
+    import importlib
+
     import keras
-    import tensorflow as tf
 
     import renorm_convert as rc
 
-    return ", ".join([f"TF {tf.__version__}", f"Keras {keras.__version__}",
+    backend = keras.backend.backend()
+    label = {"tensorflow": "TF", "jax": "JAX", "torch": "PyTorch"}.get(
+        backend, backend)
+    version = getattr(importlib.import_module(backend), "__version__", "?")
+    return ", ".join([f"{label} {version}", f"Keras {keras.__version__}",
                       *extra, f"renorm_convert {rc.__version__}",
                       f"python {platform.python_version()}",
                       f"{os.cpu_count()} CPUs"])

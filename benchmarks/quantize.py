@@ -1,105 +1,243 @@
-"""int8 against float ONNX of the reference models, and int8 of our folded
-export against int8 of a plain export of the same model.
+"""int8 against float ONNX of the reference models: latency in onnxruntime on
+the CPU, and accuracy on the 10,000 Fashion-MNIST test images.
 
 For each reference model in ``models/`` (converted with ``rc.convert``; the
 shipped weights are trained on Fashion-MNIST):
 
-  float        rc.export_onnx(model, path)                       (baseline)
-  int8         rc.export_onnx(model, path, quantize="int8",
-               calibration=256 training images)
-  plain float  model.export(path, format="onnx"): Keras's own tf2onnx export,
-               no folding (a Mul and an Add per normalization)
-  plain int8   that file through `rc.quantize_onnx`, the same settings
-               as quantize="int8" (onnxruntime's static QDQ, per-channel
-               int8 weights, uint8 activations, MinMax calibration on the
-               same 256 images in batches of 16, after `quant_pre_process`)
+  float   rc.export_onnx(model, path)
+  int8    rc.export_onnx(model, path, quantize="int8",
+          calibration=256 training images)
 
-Reported: top-1 accuracy of each file on the 10,000 Fashion-MNIST test
-images, file size, and onnxruntime latency at batch 1 and 32 as the median
-over interleaved rounds (every file runs once per round, in turn, the order
-rotating from round to round), with the ratio to the float file measured in
-the same run.
+Latency: one onnxruntime session per file, as a user runs it
+(CPUExecutionProvider, intra_op_num_threads=2 by default, thread spinning
+left on), batch 32 by default. The two sessions are measured in the same
+process and interleaved: every round times a block of calls of each file
+(after one untimed call), the order alternating from round to round, with a
+pause before each block: an onnxruntime worker thread spins for some 50 ms
+after a run, and on 2 cores the spinning threads of the session just timed
+would otherwise slow down the next one. Reported: the median over rounds of
+each block's median, and the ratio int8 / float as the median over rounds of
+the ratio within a round (the machine's slow phases fall on both files of a
+round alike).
+
+``--unwidened`` adds a third file, the int8 export without the widening of
+narrow Convs (`renorm_convert.int8_layout`), timed in the same rounds: what
+the widening gains.
+
+``--profile`` also prints onnxruntime's profile of one session per file:
+per op type, the time its nodes took per run (median over runs), which is
+where the int8 file gains or loses against the float one.
 
 Example::
 
     python benchmarks/quantize.py            # about 2 minutes on 2 cores
+    python benchmarks/quantize.py --rounds 5 --profile
 """
 
+import collections
+import json
 import os
 import sys
 import tempfile
+import time
 
 import _common as common
 
 
-
-def measure(split, work, rounds):
-    """Writes the four files of each reference model into `work` and
-    prints their table."""
-    import numpy as np
+def sessions_for(files, threads, profile_dir=None):
+    """{name: onnxruntime session} of `files` ({name: path})."""
     import onnxruntime as ort
+
+    out = {}
+    for name, path in files.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        if profile_dir:
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(
+                profile_dir, name.replace(" ", "_"))
+        out[name] = ort.InferenceSession(path, options,
+                                         providers=["CPUExecutionProvider"])
+    return out
+
+
+def feed(session, x):
+    return {session.get_inputs()[0].name: x}
+
+
+def accuracy(session, x, y, batch=500):
+    import numpy as np
+
+    pred = np.concatenate([session.run(None, feed(session, x[i:i + batch]))[0]
+                           for i in range(0, len(x), batch)])
+    return float((pred.argmax(-1) == y).mean())
+
+
+def latency_ms(sessions, x, rounds, calls, pause):
+    """{name: [per-round median ms]}: interleaved blocks (module doc)."""
+    import numpy as np
+
+    times = {name: [] for name in sessions}
+    for _, order in common.round_robin(sessions, rounds):
+        for name in order:
+            session = sessions[name]
+            inputs = feed(session, x)
+            time.sleep(pause)  # the other session's threads stop spinning
+            session.run(None, inputs)
+            block = common.time_calls(lambda: session.run(None, inputs), calls)
+            times[name].append(1000 * float(np.median(block)))
+    return times
+
+
+def profile(files, x, threads, runs, work):
+    """{name: {op type: ms per run}} from onnxruntime's profiler."""
+    import numpy as np
+
+    out = {}
+    for name, session in sessions_for(files, threads, work).items():
+        inputs = feed(session, x)
+        for _ in range(runs):
+            session.run(None, inputs)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+        per_node = collections.defaultdict(list)
+        op_of = {}
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                per_node[e["name"]].append(e["dur"])
+                op_of[e["name"]] = e["args"].get("op_name", "?")
+        by_op = collections.Counter()
+        for node, durations in per_node.items():
+            by_op[op_of[node]] += float(np.median(durations[1:] or
+                                                  durations)) / 1000
+        out[name] = by_op
+    return out
+
+
+def measure(split, work, args):
+    """Exports each reference model's two files into `work`, measures them
+    and prints their rows; returns the rows."""
+    import numpy as np
 
     import renorm_convert as rc
 
-    for name in common.REFERENCE_MODELS:
-        model = rc.convert(common.load_reference(name))
+    rows = []
+    for model_name in common.REFERENCE_MODELS:
+        model = rc.convert(common.load_reference(model_name))
         shape = rc.data.model_image_shape(model)
         calibration = np.asarray(rc.data.adapt(split.x_train, shape))
         test = np.asarray(rc.data.adapt(split.x_val, shape))
-        files = {k: os.path.join(work, f"{name}_{k.replace(' ', '_')}.onnx")
-                 for k in ("float", "int8", "plain float", "plain int8")}
+        kinds = ("float", "int8") + (("unwidened",) if args.unwidened
+                                     else ())
+        files = {k: os.path.join(work, f"{model_name}_{k}.onnx")
+                 for k in kinds}
         rc.export_onnx(model, files["float"])
         rc.export_onnx(model, files["int8"], quantize="int8",
                        calibration=calibration)
-        model.export(files["plain float"], format="onnx", verbose=False)
-        rc.quantize_onnx(files["plain float"], files["plain int8"],
-                         calibration)
-        sessions = {k: ort.InferenceSession(
-            f, providers=["CPUExecutionProvider"]) for k, f in files.items()}
-        accuracy = {}
-        for k, s in sessions.items():
-            feed = s.get_inputs()[0].name
-            pred = np.concatenate([s.run(None, {feed: test[i:i + 500]})[0]
-                                   for i in range(0, len(test), 500)])
-            accuracy[k] = float((pred.argmax(-1) == split.y_val).mean())
-        latency = {}
-        for batch in (1, 32):
-            x = test[:batch]
-            times = {k: [] for k in sessions}
-            for s in sessions.values():
-                s.run(None, {s.get_inputs()[0].name: x})
-            for _, order in common.round_robin(sessions, rounds):
-                for k in order:
-                    s = sessions[k]
-                    feed = {s.get_inputs()[0].name: x}
-                    times[k] += common.time_calls(lambda: s.run(None, feed), 1)
-            latency[batch] = {k: 1000 * float(np.median(v))
-                              for k, v in times.items()}
-        print(f"\n{name}")
-        print(f"  {'file':<12} {'accuracy':>9} {'MB':>6} "
-              f"{'ms b=1':>8} {'vs float':>8} {'ms b=32':>8} {'vs float':>8}")
-        for k in files:
-            print(f"  {k:<12} {100 * accuracy[k]:>8.2f}% "
-                  f"{os.path.getsize(files[k]) / 1e6:>6.2f} "
-                  f"{latency[1][k]:>8.3f} "
-                  f"{latency[1][k] / latency[1]['float']:>7.2f}x "
-                  f"{latency[32][k]:>8.3f} "
-                  f"{latency[32][k] / latency[32]['float']:>7.2f}x",
-                  flush=True)
+        if args.unwidened:
+            from renorm_convert import int8_layout
+
+            widened = int8_layout.widened_payload
+            int8_layout.widened_payload = lambda payload, sample: payload
+            try:
+                rc.export_onnx(model, files["unwidened"], quantize="int8",
+                               calibration=calibration)
+            finally:
+                int8_layout.widened_payload = widened
+        sessions = sessions_for(files, args.threads)
+        acc = {k: accuracy(s, test, split.y_val) for k, s in sessions.items()}
+        times = latency_ms(sessions, test[:args.batch], args.rounds,
+                           args.calls, args.pause)
+        row = {
+            "model": model_name,
+            "float_ms": float(np.median(times["float"])),
+            "int8_ms": float(np.median(times["int8"])),
+            "ratio": common.paired(times["int8"], times["float"]),
+            "float_acc": acc["float"], "int8_acc": acc["int8"],
+            "float_mb": os.path.getsize(files["float"]) / 1e6,
+            "int8_mb": os.path.getsize(files["int8"]) / 1e6,
+        }
+        if args.unwidened:
+            row.update(unwidened_ms=float(np.median(times["unwidened"])),
+                       unwidened_ratio=common.paired(times["unwidened"],
+                                                     times["float"]),
+                       unwidened_acc=acc["unwidened"])
+        rows.append(row)
+        print(f"[{model_name}] float {row['float_ms']:.2f} ms, int8 "
+              f"{row['int8_ms']:.2f} ms ({row['ratio']:.2f}x), accuracy "
+              f"{100 * row['float_acc']:.2f}% / {100 * row['int8_acc']:.2f}%",
+              flush=True)
+        if args.profile:
+            ops = profile(files, test[:args.batch], args.threads,
+                          args.profile_runs, work)
+            print(f"  onnxruntime profile, ms per run by op type "
+                  f"(median over {args.profile_runs} runs):")
+            for k, by_op in ops.items():
+                total = sum(by_op.values())
+                parts = ", ".join(f"{op} {ms:.2f}"
+                                  for op, ms in by_op.most_common(6))
+                print(f"    {k:<9} {total:6.2f} ms: {parts}")
+    return rows
+
+
+def print_table(rows, args):
+    common.print_rule()
+    print(f"int8 vs float ONNX, onnxruntime CPU, intra_op_num_threads="
+          f"{args.threads}, batch {args.batch}, {args.rounds} interleaved "
+          f"rounds of {args.calls} calls; accuracy on "
+          f"{args.test_images} test images")
+    common.print_header(f"{'model':<18} {'float ms':>9} {'int8 ms':>8} "
+                        f"{'ratio':>6} {'float acc':>10} {'int8 acc':>9} "
+                        f"{'MB f/i8':>10}")
+    for r in rows:
+        print(f"{r['model']:<18} {r['float_ms']:>9.2f} {r['int8_ms']:>8.2f} "
+              f"{r['ratio']:>5.2f}x {100 * r['float_acc']:>9.2f}% "
+              f"{100 * r['int8_acc']:>8.2f}% "
+              f"{r['float_mb']:>4.2f}/{r['int8_mb']:.2f}")
+    for r in rows:
+        if "unwidened_ms" in r:
+            print(f"  {r['model']}: int8 without widening "
+                  f"{r['unwidened_ms']:.2f} ms ({r['unwidened_ratio']:.2f}x "
+                  f"float), accuracy {100 * r['unwidened_acc']:.2f}%")
+    verdicts = [r["ratio"] <= 0.7 and r["int8_acc"] >= r["float_acc"] - 0.01
+                for r in rows]
+    for r, ok in zip(rows, verdicts):
+        print(common.verdict(ok, f"{r['model']}: int8 <= 0.70x float "
+                                 "latency, at most 1 point of accuracy lost"))
+    print(common.overall(verdicts))
 
 
 def main(argv=None):
     parser = common.parser(__doc__)
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--calls", type=int, default=10,
+                        help="timed calls per file per round")
+    parser.add_argument("--pause", type=float, default=0.1,
+                        help="seconds before each block (thread spinning)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2,
+                        help="onnxruntime intra_op_num_threads")
     parser.add_argument("--calibration", type=int, default=256)
+    parser.add_argument("--unwidened", action="store_true",
+                        help="also time int8 without widening narrow Convs")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile-runs", type=int, default=100)
+    parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
 
     import renorm_convert as rc
 
     split = rc.data.load_source("fashion-mnist").subset(
         train=args.calibration, seed=0)
+    args.test_images = len(split.y_val)
     with tempfile.TemporaryDirectory(prefix="renorm-quantize-") as work:
-        measure(split, work, args.rounds)
+        rows = measure(split, work, args)
+    print_table(rows, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":
