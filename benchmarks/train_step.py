@@ -1,4 +1,5 @@
-"""Training-step cost of `rc.BatchRenormalization` against Keras's BatchNormalization.
+"""Training-step cost of `rc.BatchRenormalization` against Keras's BatchNormalization,
+on the Keras backend KERAS_BACKEND picks (TensorFlow, JAX or PyTorch).
 
 What is measured
 ----------------
@@ -22,7 +23,8 @@ Variants of the normalization layer:
 Each model is compiled with ``model.compile(optimizer="sgd",
 loss=SparseCategoricalCrossentropy(from_logits=True), jit_compile=...)``
 (``--jit auto`` is Keras's default; on a CPU-only TensorFlow machine Keras
-resolves it to *no* XLA, the resolved value is printed) and timed with ``model.train_on_batch`` on
+resolves it to *no* XLA, on JAX to jax.jit, on PyTorch to eager; the
+resolved value is printed) and timed with ``model.train_on_batch`` on
 one fixed batch of random data, so the time is one full training step: the
 forward pass, the backward pass, the SGD update and the moving-statistic
 updates, plus the (identical) Python overhead of ``train_on_batch``.
@@ -49,6 +51,8 @@ allocator reports non-zero numbers and otherwise falls back to:
 ``--memory rss``: every variant in a fresh subprocess; the max RSS
 (``resource.getrusage``) after warm-up and timed steps, minus the max RSS
 after the model was built (the tracing / compilation cost is in both).
+The allocator is TensorFlow's: on JAX and PyTorch the default is rss.
+``--memory none`` measures no memory (no subprocesses: quicker).
 
 Targets (printed as PASS / FAIL): without microbatches ``rc`` at most 1.03x
 the Keras BN step time; with microbatches at most 1.10x.
@@ -142,7 +146,8 @@ def make_model(family, variant, jit):
 # --- memory ---------------------------------------------------------------
 
 def allocator_peak_step(model, x, y):
-    """Peak CPU-allocator bytes above the pre-step level during one step."""
+    """Peak CPU-allocator bytes above the pre-step level during one step
+    (TensorFlow only)."""
     import tensorflow as tf
 
     tf.config.experimental.reset_memory_stats("CPU:0")
@@ -154,10 +159,7 @@ def allocator_peak_step(model, x, y):
 
 def rss_child(family, variant, batch, jit, steps):
     """Runs in a fresh process; prints 'RSS <built> <peak>' in bytes."""
-    import tensorflow as tf
-
-    x, y = make_data(family, batch)
-    x, y = tf.constant(x), tf.constant(y)
+    x, y = on_device(*make_data(family, batch))
     model = make_model(family, variant, jit)
     built = common.max_rss_bytes()
     for _ in range(steps):
@@ -174,11 +176,16 @@ def rss_in_subprocess(family, variant, batch, jit, steps):
 
 # --- timing ---------------------------------------------------------------
 
-def bench_family(family, batch, variants, args, log):
-    import tensorflow as tf
+def on_device(*arrays):
+    """The arrays as the backend's tensors (made once: the steps time the
+    step, not the copy)."""
+    import keras
 
-    x_np, y_np = make_data(family, batch)
-    x, y = tf.constant(x_np), tf.constant(y_np)
+    return [keras.ops.convert_to_tensor(a) for a in arrays]
+
+
+def bench_family(family, batch, variants, args, log):
+    x, y = on_device(*make_data(family, batch))
     models = {}
     for v in variants:
         t0 = time.perf_counter()
@@ -221,6 +228,10 @@ def bench_family(family, batch, variants, args, log):
 
 
 def allocator_works():
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return False
     import tensorflow as tf
 
     try:
@@ -265,8 +276,13 @@ def print_table(family, batch, res, mem_label):
               f"{t / base_t:7.3f}x{pr:7.3f}x{fmt_mem(m):>10}{mratio}  "
               f"{verdict(v, t / base_t)}")
     if "keras_renorm" in res and "rc" in res:
-        print(f"rc vs keras_renorm (step time): "
-              f"{res['rc'][0] / res['keras_renorm'][0]:.3f}x")
+        import keras
+
+        ratio = res["rc"][0] / res["keras_renorm"][0]
+        print(f"rc vs keras_renorm (step time): {ratio:.3f}x")
+        print(f"RATIO backend={keras.backend.backend()} family={family} "
+              f"batch={batch} rc/keras_renorm={ratio:.3f} "
+              f"rc/keras_bn={res['rc'][0] / base_t:.3f}")
 
 
 def main(argv=None):
@@ -290,7 +306,7 @@ def main(argv=None):
                         help="model.compile(jit_compile=...): auto (Keras's "
                              "default; XLA on TF when all layers support it), "
                              "on, off")
-    parser.add_argument("--memory", choices=("allocator", "rss"),
+    parser.add_argument("--memory", choices=("allocator", "rss", "none"),
                         default="allocator",
                         help="how to measure peak memory (see above)")
     common.add_threads(parser)
@@ -309,18 +325,27 @@ def main(argv=None):
     variants = ["keras_bn"] + [v for v in args.variants if v != "keras_bn"]
     variants = [v for v in VARIANTS if v in variants]
 
-    common.set_threads(args.threads)
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        common.set_threads(args.threads)
+    elif args.threads:
+        print(f"--threads sets TensorFlow's pools; ignored on {backend}")
+        args.threads = 0
     if args.memory == "allocator" and not allocator_works():
-        print("TF CPU allocator reports no usage; falling back to "
-              "--memory rss")
+        print("TF CPU allocator reports no usage" if backend == "tensorflow"
+              else f"no allocator statistics on {backend}", end="")
+        print("; falling back to --memory rss")
         args.memory = "rss"
-    mem_label = ("TF CPU allocator peak during one step, above pre-step "
-                 "level" if args.memory == "allocator" else
-                 "max RSS growth after model build, fresh subprocess")
+    mem_label = {"allocator": "TF CPU allocator peak during one step, "
+                              "above pre-step level",
+                 "rss": "max RSS growth after model build, fresh subprocess",
+                 "none": "not measured (--memory none)"}[args.memory]
 
     log = common.stopwatch()
     print(f"{common.versions()}, jit_compile={args.jit}, "
-          f"threads={args.threads or 'TF default'}")
+          f"threads={args.threads or 'default'}")
     print(f"rounds={args.rounds} steps/round={args.steps or 'per family'} "
           f"warmup={args.warmup} batch sizes={args.batch_sizes} "
           f"memory={args.memory}")
