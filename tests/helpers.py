@@ -264,4 +264,6 @@ def compiled_training_call(layer, jit):
     torch._dynamo.reset()
     compiled = torch.compile(lambda t: layer(t, training=True),
                              backend=counting)
-    return (lambda x: numpy(compiled(torch.tensor(x)))), lambda: count[0]
+    # On the backend's device (a GPU where there is one), as Keras puts it.
+    return (lambda x: numpy(compiled(keras.ops.convert_to_tensor(x)))), \
+        lambda: count[0]

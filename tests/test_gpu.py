@@ -28,9 +28,9 @@ import pytest
 import renorm_convert as rc
 from renorm_convert import _backend
 from helpers import compiled_training_call, numpy, weights_snapshot
-from test_layers import D_MAX, R_MAX, _inputs, _np_microbatch, _pair, \
-    _random_state
-from test_schedule import _Counting, _numpy_run
+from test_layers import (D_MAX, R_MAX, _inputs, _np_microbatch, _pair,
+                         _peer, _random_state)
+from test_schedule import ScheduledFit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKEND = keras.backend.backend()
@@ -174,26 +174,6 @@ def _train_step_function(layer, jit):
     return f
 
 
-def _compiled_call(layer):
-    """(f, traces) as helpers.compiled_training_call(layer, jit=True), the
-    input placed on the backend's device (PyTorch: the GPU) first."""
-    if BACKEND != "torch":
-        return compiled_training_call(layer, jit=True)
-    import torch
-
-    count = [0]
-
-    def counting(gm, example_inputs):
-        count[0] += 1
-        return gm.forward
-
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda t: layer(t, training=True),
-                             backend=counting)
-    return (lambda x: compiled(keras.ops.convert_to_tensor(x))), \
-        lambda: count[0]
-
-
 def _assert_all_close(these, those, rtol, atol):
     for a, b in zip(these, those):
         np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
@@ -278,7 +258,7 @@ def test_clipping_changes_without_recompiling(policy):
     layer.build(x.shape)
     _random_state(layer, np.random.default_rng(2))
     snapshot = [numpy(v) for v in layer.variables]
-    f, traces = _compiled_call(layer)
+    f, traces = compiled_training_call(layer, jit=True)
     f(x)  # warm-up: Keras's first-call bookkeeping can cost a capture
     outputs, counts = [], []
     bounds = [(1.0, 0.0), (R_MAX, D_MAX), (1.2, 0.1)]
@@ -291,12 +271,7 @@ def test_clipping_changes_without_recompiling(policy):
     assert counts[0] >= 1 and counts[-1] == counts[0], counts
     rtol, atol = TOLERANCES[policy]
     for (r, d), y in zip(bounds, outputs):
-        peer = keras.layers.BatchNormalization(
-            renorm=True, renorm_clipping={"rmax": r, "rmin": 1 / r,
-                                          "dmax": d})
-        peer.build(x.shape)
-        for v, s in zip(peer.variables, snapshot):
-            v.assign(s)
+        peer = _peer(x.shape, snapshot, r, d)
         expected = numpy(keras.ops.cast(peer(x, training=True), "float32"))
         np.testing.assert_allclose(y, expected, rtol=rtol, atol=atol)
     assert np.abs(outputs[0] - outputs[1]).max() > 1e-1
@@ -308,36 +283,14 @@ def test_schedule_changes_bounds_every_step_without_retracing(jit):
     GPU; the compiled train step is traced once, and gamma and beta end
     where NumPy's step-by-step run with the same bounds ends."""
     _skip_torch_jit(jit)
-    rng = np.random.default_rng(0)
-    batch, steps = 16, 12
-    x = (rng.normal(size=(batch * steps, 3)) * 3 + 1).astype("float32")
-    w = rng.normal(size=(batch * steps, 3)).astype("float32")
-    inputs = keras.Input((3,))
-    layer = _Counting(momentum=0.8, renorm_momentum=0.8, name="bn")
-    model = keras.Model(inputs, layer(inputs))
-    layer.gamma.assign(np.array([1.0, 0.5, 2.0], "float32"))
-    gamma0, beta0 = numpy(layer.gamma), numpy(layer.beta)
-    model.compile(keras.optimizers.SGD(0.1),
-                  lambda y, p: keras.ops.sum(y * p, axis=-1),
-                  jit_compile=jit)
-    schedule = rc.RenormSchedule(warmup_steps=1, r_max=4.0, r_max_steps=11,
-                                 d_max=3.0, d_max_steps=10)
-    values = [schedule.values_at(k) for k in range(steps)]
-    _Counting.calls = 0
-    model.fit(x, w, batch_size=batch, epochs=1, shuffle=False, verbose=0,
-              callbacks=[schedule])
+    run = ScheduledFit(jit)
     if GPU:
-        assert {_on(v) for v in layer.variables} == {"gpu"}
+        assert {_on(v) for v in run.layer.variables} == {"gpu"}
     if jit or BACKEND == "tensorflow":  # TensorFlow: a tf.function either way
-        assert _Counting.calls <= 2, _Counting.calls
+        assert run.calls <= 2, run.calls
     else:  # eager
-        assert _Counting.calls >= steps, _Counting.calls
-    gamma, beta = _numpy_run(x, w, schedule, 0.1, steps, batch, gamma0,
-                             beta0, 0.8)
-    np.testing.assert_allclose(numpy(layer.gamma), gamma, rtol=2e-4,
-                               atol=2e-5)
-    np.testing.assert_allclose(numpy(layer.beta), beta, rtol=2e-4, atol=2e-5)
-    assert (layer.r_max, layer.d_max) == values[-1]
+        assert run.calls >= run.steps, run.calls
+    run.check_against_numpy()
 
 
 # --- fine-tuning on the device ------------------------------------------------

@@ -52,6 +52,19 @@ def _pair(shape, axis, center=True, scale=True, **kw):
     return ours, peer
 
 
+def _peer(shape, snapshot, r_max=R_MAX, d_max=D_MAX):
+    """Keras's renorm with these bounds, its state set from `snapshot` (the
+    values of our layer's variables, whose first seven are Keras's own
+    state arrays in Keras's order)."""
+    peer = keras.layers.BatchNormalization(
+        renorm=True, renorm_clipping={"rmax": r_max, "rmin": 1 / r_max,
+                                      "dmax": d_max})
+    peer.build(shape)
+    for v, s in zip(peer.variables, snapshot):
+        v.assign(s)
+    return peer
+
+
 def _step(layer, x, w):
     return layer_step(layer, x, w)
 
@@ -159,13 +172,7 @@ def test_compiled_step_sees_new_clipping_without_retracing(jit):
     # An independent reference: Keras's renorm built with these bounds.
     peers = []
     for r, d in ((R_MAX, D_MAX), (1.2, 0.1)):
-        peer = keras.layers.BatchNormalization(
-            renorm=True, renorm_clipping={"rmax": r, "rmin": 1 / r,
-                                          "dmax": d})
-        peer.build(x.shape)
-        for v, s in zip(peer.variables, snapshot):
-            v.assign(s)
-        peers.append(numpy(peer(x, training=True)))
+        peers.append(numpy(_peer(x.shape, snapshot, r, d)(x, training=True)))
     assert traces() == traced  # nothing retraced after the first call
     assert np.abs(plain - relaxed).max() > 1e-2
     np.testing.assert_allclose(relaxed, peers[0], rtol=1e-5, atol=1e-5)
@@ -266,13 +273,7 @@ def test_microbatch_gradients_match_per_group_keras_renorm():
     n = len(ours.trainable_variables)
     for i in range(shape[0] // m):
         part = slice(i * m, (i + 1) * m)
-        peer = keras.layers.BatchNormalization(
-            renorm=True, renorm_clipping={"rmax": R_MAX, "rmin": 1 / R_MAX,
-                                          "dmax": D_MAX})
-        peer.build(shape)
-        for v, s in zip(peer.variables, snapshot):
-            v.assign(s)
-        y2, g2 = _step(peer, x[part], w[part])
+        y2, g2 = _step(_peer(shape, snapshot), x[part], w[part])
         np.testing.assert_allclose(y1[part], y2, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(g1[0][part], g2[0], rtol=1e-4, atol=1e-5)
         totals = g2[1:] if i == 0 else [t + g for t, g in zip(totals,

@@ -144,6 +144,54 @@ def _numpy_run(x, w, schedule, lr, steps, batch, gamma, beta, momentum):
     return gamma, beta
 
 
+class ScheduledFit:
+    """One `fit` of a single renorm layer under a RenormSchedule that
+    changes r_max and d_max at almost every step, with what NumPy's
+    step-by-step run of the same bounds gives (shared with test_gpu)."""
+
+    batch, steps, lr, momentum = 16, 12, 0.1, 0.8
+
+    def __init__(self, jit):
+        rng = np.random.default_rng(0)
+        batch, steps = self.batch, self.steps
+        self.x = (rng.normal(size=(batch * steps, 3)) * 3 + 1).astype(
+            "float32")
+        self.w = rng.normal(size=(batch * steps, 3)).astype("float32")
+        inputs = keras.Input((3,))
+        self.layer = layer = _Counting(momentum=self.momentum,
+                                       renorm_momentum=self.momentum,
+                                       name="bn")
+        model = keras.Model(inputs, layer(inputs))
+        layer.gamma.assign(np.array([1.0, 0.5, 2.0], "float32"))
+        self.gamma0, self.beta0 = numpy(layer.gamma), numpy(layer.beta)
+        model.compile(keras.optimizers.SGD(self.lr),
+                      lambda y, p: keras.ops.sum(y * p, axis=-1),
+                      jit_compile=jit)
+        self.schedule = rc.RenormSchedule(warmup_steps=1, r_max=4.0,
+                                          r_max_steps=11, d_max=3.0,
+                                          d_max_steps=10)
+        self.values = [self.schedule.values_at(k) for k in range(steps)]
+        _Counting.calls = 0
+        model.fit(self.x, self.w, batch_size=batch, epochs=1, shuffle=False,
+                  verbose=0, callbacks=[self.schedule])
+        self.calls = _Counting.calls
+
+    def numpy_result(self, schedule=None):
+        """(gamma, beta) of NumPy's run under `schedule` (this one's)."""
+        return _numpy_run(self.x, self.w, schedule or self.schedule, self.lr,
+                          self.steps, self.batch, self.gamma0, self.beta0,
+                          self.momentum)
+
+    def check_against_numpy(self):
+        gamma, beta = self.numpy_result()
+        np.testing.assert_allclose(numpy(self.layer.gamma), gamma,
+                                   rtol=2e-4, atol=2e-5)
+        np.testing.assert_allclose(numpy(self.layer.beta), beta, rtol=2e-4,
+                                   atol=2e-5)
+        assert (self.layer.r_max, self.layer.d_max) == self.values[-1]
+        return gamma
+
+
 @pytest.mark.parametrize("jit", [True, False])
 def test_bounds_change_every_step_without_retracing(jit):
     """The schedule changes r_max and d_max at every step of `fit`; the
@@ -152,37 +200,13 @@ def test_bounds_change_every_step_without_retracing(jit):
     the same bounds ends: the new bounds reached every step."""
     if keras.backend.backend() == "torch" and jit:
         pytest.skip("Keras does not compile PyTorch steps by default")
-    rng = np.random.default_rng(0)
-    batch, steps = 16, 12
-    x = (rng.normal(size=(batch * steps, 3)) * 3 + 1).astype("float32")
-    w = rng.normal(size=(batch * steps, 3)).astype("float32")
-    inputs = keras.Input((3,))
-    layer = _Counting(momentum=0.8, renorm_momentum=0.8, name="bn")
-    model = keras.Model(inputs, layer(inputs))
-    layer.gamma.assign(np.array([1.0, 0.5, 2.0], "float32"))
-    gamma0, beta0 = numpy(layer.gamma), numpy(layer.beta)
-    model.compile(keras.optimizers.SGD(0.1),
-                  lambda y, p: keras.ops.sum(y * p, axis=-1),
-                  jit_compile=jit)
-    schedule = rc.RenormSchedule(warmup_steps=1, r_max=4.0, r_max_steps=11,
-                                 d_max=3.0, d_max_steps=10)
-    values = [schedule.values_at(k) for k in range(steps)]
-    assert len(set(values)) == steps - 1  # a new pair at almost every step
-    _Counting.calls = 0
-    model.fit(x, w, batch_size=batch, epochs=1, shuffle=False, verbose=0,
-              callbacks=[schedule])
+    run = ScheduledFit(jit)
+    assert len(set(run.values)) == run.steps - 1  # new bounds nearly each step
     if jit:
-        assert _Counting.calls <= 2, _Counting.calls
-    gamma, beta = _numpy_run(x, w, schedule, 0.1, steps, batch, gamma0,
-                             beta0, 0.8)
-    np.testing.assert_allclose(numpy(layer.gamma), gamma, rtol=2e-4,
-                               atol=2e-5)
-    np.testing.assert_allclose(numpy(layer.beta), beta, rtol=2e-4, atol=2e-5)
-    assert (layer.r_max, layer.d_max) == values[-1]
+        assert run.calls <= 2, run.calls
+    gamma = run.check_against_numpy()
     # Held at the first step's bounds instead, the result differs: the
     # test sees whether the bounds reached the compiled step.
-    fixed = _numpy_run(x, w, rc.RenormSchedule(warmup_steps=100,
-                                               r_max_steps=100,
-                                               d_max_steps=100), 0.1, steps,
-                       batch, gamma0, beta0, 0.8)[0]
+    fixed = run.numpy_result(rc.RenormSchedule(
+        warmup_steps=100, r_max_steps=100, d_max_steps=100))[0]
     assert np.abs(fixed - gamma).max() > 1e-3
