@@ -774,37 +774,6 @@ def test_tensorboard_logs_the_run(digits, tmp_path):
                                result.history["loss"], rtol=1e-6)
 
 
-WORKER = '''
-import json, os, sys
-index, port0, port1, out, ckpt = sys.argv[1:6]
-os.environ["TF_CONFIG"] = json.dumps({
-    "cluster": {"worker": [f"127.0.0.1:{port0}", f"127.0.0.1:{port1}"]},
-    "task": {"type": "worker", "index": int(index)}})
-import keras
-import numpy as np
-import tensorflow as tf
-strategy = tf.distribute.MultiWorkerMirroredStrategy()
-import renorm_convert as rc
-from renorm_convert import data
-keras.utils.set_random_seed(0)
-inputs = keras.Input((8, 8, 1))
-x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(inputs)
-x = keras.layers.BatchNormalization(synchronized=True)(x)
-x = keras.layers.ReLU()(x)
-x = keras.layers.GlobalAveragePooling2D()(x)
-outputs = keras.layers.Dense(10, activation="softmax")(x)
-model = rc.configure(rc.convert(keras.Model(inputs, outputs)), momentum=0.9)
-split = data.load_digits().subset(train=256, val=64)
-result = rc.fine_tune(model, split.training_batches(model, 32), epochs=2,
-                      strategy=strategy, verbose=0, checkpoint_dir=ckpt)
-trained = result.model
-np.savez(out, *[v.numpy() for v in trained.weights],
-         steps=int(trained.optimizer.iterations.numpy()),
-         loss=result.history["loss"][-1])
-print("worker", index, "done")
-'''
-
-
 @pytest.mark.slow
 @pytest.mark.tensorflow
 def test_multi_worker_two_processes(tmp_path):
@@ -817,8 +786,8 @@ def test_multi_worker_two_processes(tmp_path):
     if not shutil.which("unshare") or subprocess.run(
             ["unshare", "-n", "true"], capture_output=True).returncode:
         pytest.skip("needs `unshare -n` (a private network namespace)")
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                          "multiworker_worker.py")
     outs = [tmp_path / f"w{i}.npz" for i in range(2)]
     ckpt = tmp_path / "ckpt"
     logs = [tmp_path / f"w{i}.log" for i in range(2)]
