@@ -17,7 +17,7 @@ import sys
 import threading
 
 from renorm_convert.cli import _args
-from renorm_convert.cli._args import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
+from renorm_convert.cli._args import EXIT_INTERNAL, EXIT_USAGE
 from renorm_convert.errors import NOTHING, RenormConvertError
 
 # The commands, in --help order: each module has HELP, add_arguments(parser),

@@ -3,7 +3,6 @@ commands share, each defined once. Nothing here imports a backend."""
 
 import argparse
 import math
-import os
 import shutil
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
@@ -206,7 +205,3 @@ def docstring(module):
     import inspect
 
     return inspect.cleandoc(module.__doc__ or "")
-
-
-def default_out(*parts):
-    return os.path.join(*parts)
