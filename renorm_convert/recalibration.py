@@ -9,6 +9,7 @@ from renorm_convert import _keras_internals as internals
 from renorm_convert.conversion import copy_model
 from renorm_convert.data import Split, model_image_shape
 from renorm_convert.errors import RenormConvertError
+from renorm_convert.evaluation import to_numpy
 from renorm_convert.layers import is_normalization
 
 
@@ -79,8 +80,8 @@ def recalibrate(model, data, *, batches=None, batch_size=32, report=False):
             mean, variance = ops.moments(
                 x, [i for i in range(len(x.shape)) if i != axis])
             total = sums[id(layer)]
-            total[0] = total[0] + _numpy(mean)
-            total[1] = total[1] + _numpy(variance)
+            total[0] = total[0] + to_numpy(mean).astype(np.float64)
+            total[1] = total[1] + to_numpy(variance).astype(np.float64)
             # The layer's own training-mode forward, held at batch norm
             # (renorm bounds 1 / 0: r = 1, d = 0) and with its statistics
             # held still (momentum 1); they are replaced at the end.
@@ -131,11 +132,6 @@ def recalibrate(model, data, *, batches=None, batch_size=32, report=False):
             variable = getattr(layer, name)
             variable.assign(value.astype(variable.dtype))
     return (copy, seen) if report else copy
-
-
-def _numpy(value):
-    return np.asarray(ops.convert_to_numpy(ops.stop_gradient(value)),
-                      np.float64)
 
 
 def _input_batches(model, data, batch_size):
