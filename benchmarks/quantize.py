@@ -20,13 +20,16 @@ each block's median, and the ratio int8 / float as the median over rounds of
 the ratio within a round (the machine's slow phases fall on both files of a
 round alike).
 
-``--unwidened`` adds a third file, the int8 export without the widening of
-narrow Convs (`renorm_convert.int8_layout`), timed in the same rounds: what
-the widening gains.
+``--baseline`` adds a third file, "plain int8": onnxruntime's static
+quantization with the same settings but without `renorm_convert.int8_layout`
+(no widening of narrow Convs, no shared Concat scales), as `export --int8`
+made it before; timed in the same rounds, it shows what the layout rule
+gains.
 
 ``--profile`` also prints onnxruntime's profile of one session per file:
-per op type, the time its nodes took per run (median over runs), which is
-where the int8 file gains or loses against the float one.
+per op type, the time its nodes took per run (median over interleaved
+rounds run as for the latency), which is where the int8 file gains or loses
+against the float one.
 
 Example::
 
@@ -91,15 +94,15 @@ def latency_ms(sessions, x, rounds, calls, pause):
     return times
 
 
-def profile(files, x, threads, runs, work):
-    """{name: {op type: ms per run}} from onnxruntime's profiler."""
+def profile(files, x, args, work):
+    """{name: {op type: ms per run}} from onnxruntime's profiler, the files
+    run in interleaved rounds as for the latency."""
     import numpy as np
 
+    sessions = sessions_for(files, args.threads, work)
+    latency_ms(sessions, x, args.profile_rounds, args.calls, args.pause)
     out = {}
-    for name, session in sessions_for(files, threads, work).items():
-        inputs = feed(session, x)
-        for _ in range(runs):
-            session.run(None, inputs)
+    for name, session in sessions.items():
         with open(session.end_profiling()) as f:
             events = json.load(f)
         per_node = collections.defaultdict(list)
@@ -110,10 +113,23 @@ def profile(files, x, threads, runs, work):
                 op_of[e["name"]] = e["args"].get("op_name", "?")
         by_op = collections.Counter()
         for node, durations in per_node.items():
-            by_op[op_of[node]] += float(np.median(durations[1:] or
-                                                  durations)) / 1000
+            by_op[op_of[node]] += float(np.median(durations)) / 1000
         out[name] = by_op
     return out
+
+
+def export_plain_int8(model, path, calibration):
+    """`export_onnx(quantize="int8")` with `int8_layout` switched off."""
+    import renorm_convert as rc
+    from renorm_convert import int8_layout
+
+    saved = int8_layout.widened_payload, int8_layout.share_concat_scales
+    int8_layout.widened_payload = lambda payload, sample: payload
+    int8_layout.share_concat_scales = lambda model: 0
+    try:
+        rc.export_onnx(model, path, quantize="int8", calibration=calibration)
+    finally:
+        int8_layout.widened_payload, int8_layout.share_concat_scales = saved
 
 
 def measure(split, work, args):
@@ -129,23 +145,14 @@ def measure(split, work, args):
         shape = rc.data.model_image_shape(model)
         calibration = np.asarray(rc.data.adapt(split.x_train, shape))
         test = np.asarray(rc.data.adapt(split.x_val, shape))
-        kinds = ("float", "int8") + (("unwidened",) if args.unwidened
-                                     else ())
+        kinds = ("float", "int8") + (("plain",) if args.baseline else ())
         files = {k: os.path.join(work, f"{model_name}_{k}.onnx")
                  for k in kinds}
         rc.export_onnx(model, files["float"])
         rc.export_onnx(model, files["int8"], quantize="int8",
                        calibration=calibration)
-        if args.unwidened:
-            from renorm_convert import int8_layout
-
-            widened = int8_layout.widened_payload
-            int8_layout.widened_payload = lambda payload, sample: payload
-            try:
-                rc.export_onnx(model, files["unwidened"], quantize="int8",
-                               calibration=calibration)
-            finally:
-                int8_layout.widened_payload = widened
+        if args.baseline:
+            export_plain_int8(model, files["plain"], calibration)
         sessions = sessions_for(files, args.threads)
         acc = {k: accuracy(s, test, split.y_val) for k, s in sessions.items()}
         times = latency_ms(sessions, test[:args.batch], args.rounds,
@@ -159,21 +166,20 @@ def measure(split, work, args):
             "float_mb": os.path.getsize(files["float"]) / 1e6,
             "int8_mb": os.path.getsize(files["int8"]) / 1e6,
         }
-        if args.unwidened:
-            row.update(unwidened_ms=float(np.median(times["unwidened"])),
-                       unwidened_ratio=common.paired(times["unwidened"],
-                                                     times["float"]),
-                       unwidened_acc=acc["unwidened"])
+        if args.baseline:
+            row.update(plain_ms=float(np.median(times["plain"])),
+                       plain_ratio=common.paired(times["plain"],
+                                                 times["float"]),
+                       plain_acc=acc["plain"])
         rows.append(row)
         print(f"[{model_name}] float {row['float_ms']:.2f} ms, int8 "
               f"{row['int8_ms']:.2f} ms ({row['ratio']:.2f}x), accuracy "
               f"{100 * row['float_acc']:.2f}% / {100 * row['int8_acc']:.2f}%",
               flush=True)
         if args.profile:
-            ops = profile(files, test[:args.batch], args.threads,
-                          args.profile_runs, work)
-            print(f"  onnxruntime profile, ms per run by op type "
-                  f"(median over {args.profile_runs} runs):")
+            ops = profile(files, test[:args.batch], args, work)
+            print(f"  onnxruntime profile, ms per run by op type (medians "
+                  f"over {args.profile_rounds} interleaved rounds):")
             for k, by_op in ops.items():
                 total = sum(by_op.values())
                 parts = ", ".join(f"{op} {ms:.2f}"
@@ -197,10 +203,10 @@ def print_table(rows, args):
               f"{100 * r['int8_acc']:>8.2f}% "
               f"{r['float_mb']:>4.2f}/{r['int8_mb']:.2f}")
     for r in rows:
-        if "unwidened_ms" in r:
-            print(f"  {r['model']}: int8 without widening "
-                  f"{r['unwidened_ms']:.2f} ms ({r['unwidened_ratio']:.2f}x "
-                  f"float), accuracy {100 * r['unwidened_acc']:.2f}%")
+        if "plain_ms" in r:
+            print(f"  {r['model']}: plain int8 (no int8_layout) "
+                  f"{r['plain_ms']:.2f} ms ({r['plain_ratio']:.2f}x float), "
+                  f"accuracy {100 * r['plain_acc']:.2f}%")
     verdicts = [r["ratio"] <= 0.7 and r["int8_acc"] >= r["float_acc"] - 0.01
                 for r in rows]
     for r, ok in zip(rows, verdicts):
@@ -220,10 +226,10 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2,
                         help="onnxruntime intra_op_num_threads")
     parser.add_argument("--calibration", type=int, default=256)
-    parser.add_argument("--unwidened", action="store_true",
-                        help="also time int8 without widening narrow Convs")
+    parser.add_argument("--baseline", action="store_true",
+                        help="also time plain int8 (without int8_layout)")
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--profile-runs", type=int, default=100)
+    parser.add_argument("--profile-rounds", type=int, default=10)
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
 

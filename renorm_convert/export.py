@@ -479,7 +479,8 @@ def quantize_int8(float_payload, xs, input_names, batch=16):
     on the input arrays `xs` (one per name in `input_names`): onnxruntime's
     static quantization, QDQ, per-channel int8 weights, uint8 activations,
     every Conv quantized; Convs too narrow for onnxruntime's fast int8 kernel
-    are widened with zeros first (`int8_layout`: exact, checked on `xs`)."""
+    are widened with zeros first (`int8_layout`: exact, checked on `xs`), and
+    Concat inputs share their output's scale (QLinearConcat then copies)."""
     import tempfile
 
     from onnxruntime.quantization import (CalibrationDataReader, QuantFormat,
@@ -495,7 +496,9 @@ def quantize_int8(float_payload, xs, input_names, batch=16):
         def get_next(self):
             return next(self._batches, None)
 
-    from renorm_convert.int8_layout import widened_payload
+    import onnx
+
+    from renorm_convert.int8_layout import share_concat_scales, widened_payload
 
     float_payload = widened_payload(float_payload, [x[:batch] for x in xs])
     with tempfile.TemporaryDirectory(prefix="renorm-convert-int8-") as work:
@@ -517,8 +520,9 @@ def quantize_int8(float_payload, xs, input_names, batch=16):
             text = " ".join(str(e).split())[:200]
             raise ExportError(f"onnxruntime could not quantize the model: "
                               f"{type(e).__name__}: {text}") from None
-        with open(target, "rb") as f:
-            return f.read()
+        quantized = onnx.load(target)
+    share_concat_scales(quantized)
+    return quantized.SerializeToString()
 
 
 def quantize_onnx(source, path, calibration):

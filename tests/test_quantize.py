@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 import renorm_convert as rc
 from renorm_convert import data
 from renorm_convert.int8_layout import (CHANNEL_ALIGNMENT,
-                                        MIN_OUTPUT_CHANNELS, widen_for_int8)
+                                        MIN_OUTPUT_CHANNELS,
+                                        share_concat_scales, widen_for_int8)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,7 +95,6 @@ def test_int8_keeps_accuracy_and_is_smaller(trained, tmp_path):
     assert not hasattr(report, "int8_latency_ms")
 
 
-@pytest.mark.slow
 def test_int8_inception_every_conv_quantized_and_wide(inception_int8):
     model, path, report = inception_int8
     graph, convs = _quantized_convs(path)
@@ -111,6 +111,14 @@ def test_int8_inception_every_conv_quantized_and_wide(inception_int8):
     pad = _producer(graph, pad.input[0]) if pad.op_type == "QuantizeLinear" \
         else pad
     assert pad.op_type == "Pad"
+    # Every Concat's inputs carry its output's scale: QLinearConcat copies.
+    concats = [n for n in graph.node if n.op_type == "Concat"]
+    assert len(concats) == 3
+    for concat in concats:
+        out_q = next(n for n in graph.node if concat.output[0] in n.input)
+        assert out_q.op_type == "QuantizeLinear"
+        assert {tuple(_producer(graph, i).input[1:3]) for i in concat.input} \
+            == {tuple(out_q.input[1:3])}
     # Zero filters: a widened Conv computes exactly what it did.
     assert report.int8_top1_agreement >= 0.97
     assert report.float_accuracy >= 0.78
@@ -307,3 +315,43 @@ def test_quantize_int8_falls_back_when_widening_changes_outputs(
 
     monkeypatch.setattr(int8_layout, "widen_for_int8", wrong)
     assert int8_layout.widened_payload(payload, [x]) == payload
+
+
+def test_share_concat_scales_on_a_quantized_graph(tmp_path):
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat,
+                                          QuantType, quantize_static)
+
+    rng = np.random.default_rng(3)
+    model = _branchy(rng)
+    onnx.save(model, tmp_path / "f.onnx")
+    x = rng.normal(size=(16, 1, 8, 8)).astype(np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"x": x}])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"),
+                    Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    quantized = onnx.load(str(tmp_path / "q.onnx"))
+    before = _run(quantized, x)[0]
+    assert share_concat_scales(quantized) == 1
+    onnx.checker.check_model(quantized)
+    graph = quantized.graph
+    concat = next(n for n in graph.node if n.op_type == "Concat")
+    out_q = next(n for n in graph.node if concat.output[0] in n.input)
+    for name in concat.input:
+        dq = _producer(graph, name)
+        q = _producer(graph, dq.input[0])
+        assert dq.input[1:3] == out_q.input[1:3] == q.input[1:3]
+    # Coarser steps for the narrower input, same predictions to within them.
+    after = _run(quantized, x)[0]
+    assert np.abs(after - before).max() <= 0.1 * np.abs(before).max()
+    # A second pass changes nothing.
+    again = quantized.SerializeToString()
+    share_concat_scales(quantized)
+    assert quantized.SerializeToString() == again
