@@ -1,6 +1,8 @@
 """Bounds that the command line checks while it parses its arguments, before
 TensorFlow loads: this module imports nothing heavy."""
 
+from renorm_convert.errors import RenormConvertError
+
 # tf2onnx 1.17 converts these opsets and onnxruntime runs what it writes;
 # below 9, tf2onnx leaves variables as graph inputs (measured).
 MIN_OPSET, MAX_OPSET = 9, 18
@@ -42,3 +44,37 @@ def keras_backend():
             return json.load(f).get("backend") or "tensorflow"
     except (OSError, ValueError, AttributeError):
         return "tensorflow"
+
+
+# Strategy name -> (the backend it needs, what it is).
+STRATEGIES = {
+    "mirrored": ("tensorflow", "tf.distribute.MirroredStrategy over the "
+                 "local GPUs"),
+    "multi-worker": ("tensorflow", "tf.distribute.MultiWorkerMirroredStrategy"
+                     " across the machines TF_CONFIG describes"),
+    "data-parallel": ("jax", "keras.distribution.DataParallel over every "
+                      "device (several processes with "
+                      "KERAS_DISTRIBUTION_NUM_PROCESSES)"),
+}
+
+
+class StrategyError(RenormConvertError):
+    """A strategy that cannot be created: the message says why and what to
+    do."""
+
+
+def check_strategy_name(name, backend):
+    """Refuses a strategy name this backend cannot run (before any work)."""
+    if name is None:
+        return
+    if name not in STRATEGIES:
+        raise StrategyError("{arg}: use None or one of "
+                            + ", ".join(STRATEGIES) + ".", "strategy", name)
+    needed = STRATEGIES[name][0]
+    if needed != backend:
+        fits = [n for n, (b, _) in STRATEGIES.items() if b == backend]
+        raise StrategyError(
+            f"{{arg}} runs on Keras's {needed} backend, not {backend} "
+            f"(KERAS_BACKEND={needed}); on {backend}: "
+            + (", ".join(fits) if fits else "one device only") + ".",
+            "strategy", name)

@@ -28,7 +28,7 @@ import re
 import socket
 import time
 
-from renorm_convert import io as _io
+import renorm_convert.io as _io
 from renorm_convert.io import UsageError, kill_point, write_atomically
 
 MARKER = ".renorm-convert-checkpoint"

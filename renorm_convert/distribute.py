@@ -20,41 +20,8 @@ import sys
 import keras
 
 from renorm_convert import _keras_internals as internals
-from renorm_convert.errors import RenormConvertError
-
-# Strategy name -> (the backend it needs, what it is).
-STRATEGIES = {
-    "mirrored": ("tensorflow", "tf.distribute.MirroredStrategy over the "
-                 "local GPUs"),
-    "multi-worker": ("tensorflow", "tf.distribute.MultiWorkerMirroredStrategy"
-                     " across the machines TF_CONFIG describes"),
-    "data-parallel": ("jax", "keras.distribution.DataParallel over every "
-                      "device (several processes with "
-                      "KERAS_DISTRIBUTION_NUM_PROCESSES)"),
-}
-
-
-class StrategyError(RenormConvertError):
-    """A strategy that cannot be created: the message says why and what to
-    do."""
-
-
-def check_strategy_name(name, backend):
-    """Refuses a strategy name this backend cannot run (before any work)."""
-    if name is None:
-        return
-    if name not in STRATEGIES:
-        raise StrategyError("{arg}: use None or one of "
-                            + ", ".join(STRATEGIES) + ".", "strategy", name)
-    needed = STRATEGIES[name][0]
-    if needed != backend:
-        fits = [n for n, (b, _) in STRATEGIES.items() if b == backend]
-        raise StrategyError(
-            f"{{arg}} runs on Keras's {needed} backend, not {backend} "
-            f"(KERAS_BACKEND={needed}); on {backend}: "
-            + (", ".join(fits) if fits else "one device only") + ".",
-            "strategy", name)
-
+from renorm_convert._limits import (  # noqa: F401  (public here)
+    STRATEGIES, StrategyError, check_strategy_name)
 
 def _is_tf_strategy(strategy):
     tf = sys.modules.get("tensorflow")

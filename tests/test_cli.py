@@ -338,6 +338,65 @@ def test_help_and_usage_errors_answer_before_tensorflow_loads():
         assert time.perf_counter() - start < 3.0
 
 
+REFUSED_BEFORE_BACKEND = """
+import sys
+sys.argv[0] = "renorm-convert"
+from renorm_convert.cli import main
+code = main(sys.argv[1:])
+print(code, "keras" in sys.modules)
+"""
+MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models",
+                     "inception_fmnist.keras")
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["finetune", MODEL, "-o", "{tmp}/o.keras", "--data", "{tmp}/nope/"],
+     "no such directory"),
+    (["finetune", MODEL, "-o", "{tmp}/o.keras", "--data", "digits",
+      "--non-iid", "3"], "--non-iid 3: the batch size 32"),
+    (["finetune", MODEL, "-o", "{tmp}/o.keras", "--data", "digits",
+      "--checkpoint-dir", "{tmp}/file"], "is a file, not a directory"),
+    (["finetune", MODEL, "-o", "{tmp}/o.keras", "--data", "digits",
+      "--strategy", "{other}"], "runs on Keras's"),
+    (["export", MODEL, "-o", "{tmp}/o.onnx", "--int8", "--data",
+      "{tmp}/nope/"], "no such directory"),
+    (["demo", "--data", "{tmp}/nope.npz"], "nope.npz"),
+    (["reproduce", "non-iid", "--classes-per-batch", "3"],
+     "--classes-per-batch 3"),
+])
+def test_refusals_come_before_the_backend_in_one_line(tmp_path, argv, match):
+    # What the command checks itself is refused before Keras (and so
+    # TensorFlow, with its native start-up lines on fd 2) is imported.
+    (tmp_path / "file").write_text("x")
+    backend = os.environ.get("KERAS_BACKEND", "tensorflow")
+    other = "data-parallel" if backend == "tensorflow" else "mirrored"
+    argv = [a.format(tmp=tmp_path, other=other) for a in argv]
+    out = subprocess.run([sys.executable, "-c", REFUSED_BEFORE_BACKEND]
+                         + argv, capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert out.stdout.split() == ["2", "False"], (out.stdout, out.stderr)
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and match in lines[0], out.stderr
+    assert lines[0].startswith(f"renorm-convert {argv[0]}: error: ")
+
+
+def test_an_error_after_the_backend_loads_is_one_line_too(tmp_path):
+    # Labels are read once the backend is up: TensorFlow's native start-up
+    # lines must not come with the refusal.
+    y = np.zeros((20, 10), "float32")
+    y[:, :2] = 1  # multi-hot
+    np.savez(tmp_path / "multi.npz", x=np.zeros((20, 28, 28), "float32"),
+             y=y)
+    out = subprocess.run(
+        [sys.executable, "-c", REFUSED_BEFORE_BACKEND, "finetune", MODEL,
+         "-o", str(tmp_path / "o.keras"), "--data",
+         f"npz:{tmp_path / 'multi.npz'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.stdout.split() == ["2", "True"], (out.stdout, out.stderr)
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and "multi-label" in lines[0], out.stderr
+
+
 def test_every_option_explains_itself_with_its_default():
     from renorm_convert.cli import build_parser
     from renorm_convert.cli._args import Formatter as _Formatter

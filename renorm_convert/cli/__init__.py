@@ -135,11 +135,10 @@ def _on_sigterm(signum, frame):
 
 
 def _load_backend():
-    """Keras and its backend, TensorFlow's native start-up logs filtered."""
+    """Keras and its backend (call it inside `filtered_stderr`)."""
     import importlib.util
 
     from renorm_convert import _limits
-    from renorm_convert._logs import filtered_stderr
     from renorm_convert.errors import BackendError
 
     backend = _limits.keras_backend()
@@ -153,8 +152,7 @@ def _load_backend():
         raise BackendError(
             f"Keras's backend is {backend} (KERAS_BACKEND, or Keras's "
             f"default), but {module} is not installed: {hint}.")
-    with filtered_stderr():
-        import keras  # noqa: F401  (imports and registers our layers)
+    import keras  # noqa: F401  (imports and registers our layers)
     try:
         import absl.logging
 
@@ -181,12 +179,14 @@ def main(argv=None):
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        module.check(args)  # before any backend loads: refusals are instant
-        _load_backend()
-        from renorm_convert._logs import filtered_stderr
+    from renorm_convert._logs import filtered_stderr
 
+    try:
+        # TensorFlow's native start-up lines are dropped from stderr
+        # wherever they come from, everything else passes.
         with filtered_stderr():
+            module.check(args)  # before any backend loads: instant refusals
+            _load_backend()
             return module.run(args)
     except RenormConvertError as e:
         print(f"renorm-convert {command}: error: {one_line(e, command)}",

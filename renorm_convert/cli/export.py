@@ -56,7 +56,7 @@ def add_arguments(p):
 
 
 def check(args):
-    from renorm_convert import data as data_lib
+    import renorm_convert.data as data_lib
     from renorm_convert._limits import keras_backend
     from renorm_convert.errors import BackendError
 

@@ -101,10 +101,9 @@ def check(args):
     before any work, and what else can be told without a backend: a mistake
     costs nothing, and a trained model is never lost to a path that was
     wrong from the start."""
-    from renorm_convert import checkpoint
-    from renorm_convert._limits import keras_backend
+    import renorm_convert.checkpoint as checkpoint
+    from renorm_convert._limits import check_strategy_name, keras_backend
     from renorm_convert.data import check_source, source_path
-    from renorm_convert.distribute import check_strategy_name
     from renorm_convert.reporting import history_files
 
     check_output(args.output, [args.model], (".keras",))
