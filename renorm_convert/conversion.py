@@ -21,7 +21,7 @@ from renorm_convert import _keras_internals as internals
 from renorm_convert.blocks import (SwappedBlock, is_block,
                                    normalization_sublayers, unwrapped)
 from renorm_convert.errors import RenormConvertError
-from renorm_convert.graph import is_graph_model
+from renorm_convert.graph import is_graph_model, iter_layers
 from renorm_convert.layers import BatchRenormalization
 from renorm_convert.weights import (WeightsError, clone_layer,
                                     clone_prebuilt, clone_with_weights,
@@ -151,7 +151,14 @@ def recast(model, dtype_policy):
             return None
         return clone_with_weights(layer, dtype=policy)
 
-    return _transform(model, swap, False)
+    new = _transform(model, swap, False)
+    # The models themselves take the policy too: `compile` reads the
+    # model's to add loss scaling (a LossScaleOptimizer) under
+    # mixed_float16.
+    for graph in [new] + [layer for layer in iter_layers(new)
+                          if is_graph_model(layer)]:
+        graph.dtype_policy = policy
+    return new
 
 
 def _transform(model, swap, report):

@@ -379,3 +379,32 @@ def test_keras2_h5_model_converts(tmp_path):
     converted, report = rc.convert(loaded, report=True)
     assert report.swapped == ["bn"]
     assert max_rel_diff(expected, converted(x, training=False)) <= TOL
+
+
+def test_recast_to_mixed_float16_compiles_with_loss_scaling():
+    """The recast model (and a nested one) carries the policy, so Keras's
+    `compile` wraps the optimizer in a LossScaleOptimizer; the layers
+    compute in float16 and keep float32 variables."""
+    inner = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4),
+                              keras.layers.BatchNormalization()],
+                             name="inner")
+    inputs = keras.Input((6,))
+    outputs = keras.layers.Dense(2)(inner(inputs))
+    model = rc.convert(keras.Model(inputs, outputs))
+    mixed = recast(model, "mixed_float16")
+    assert mixed.dtype_policy.name == "mixed_float16"
+    assert mixed.get_layer("inner").dtype_policy.name == "mixed_float16"
+    assert model.dtype_policy.name == "float32"  # the input is untouched
+    mixed.compile(optimizer="sgd", loss="mse")
+    assert isinstance(mixed.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert all(layer.compute_dtype == "float16"
+               for layer in rc.iter_layers(mixed)
+               if not isinstance(layer, keras.layers.InputLayer))
+    assert all(v.dtype == "float32" for v in mixed.variables)
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype("float32")
+    mixed.fit(x, x[:, :2], epochs=1, batch_size=4, verbose=0)
+    assert np.isfinite(numpy(mixed(x))).all()
+    back = recast(mixed, "float32")
+    back.compile(optimizer="sgd", loss="mse")
+    assert not isinstance(back.optimizer,
+                          keras.optimizers.LossScaleOptimizer)
