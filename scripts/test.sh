@@ -4,10 +4,13 @@
 # (.venv-torch), whose venvs have no TensorFlow, so that a stray TensorFlow
 # import fails there. Tests that need TensorFlow are skipped on the others.
 # On JAX and PyTorch the tests marked slow (subprocesses, minutes of
-# training: they run on TensorFlow) are left out unless ALL=1.
+# training: they run on TensorFlow) are left out unless ALL=1; on
+# TensorFlow, the keras.applications sizes whose family another size
+# covers (marked full_zoo) are.
 #   bash scripts/test.sh                 all three backends
 #   BACKENDS="jax" bash scripts/test.sh  only those named
-#   ALL=1 bash scripts/test.sh           the slow tests on every backend
+#   ALL=1 bash scripts/test.sh           the slow tests on every backend,
+#                                        the whole zoo on TensorFlow
 #   bash scripts/test.sh -x -k schedule  extra arguments go to pytest
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,8 +36,12 @@ for backend in $BACKENDS; do
     echo "== $backend: tests"
     start=$(date +%s)
     select=()
-    if [ "$backend" != tensorflow ] && [ -z "${ALL:-}" ]; then
-        select=(-m "not slow")
+    if [ -z "${ALL:-}" ]; then
+        if [ "$backend" = tensorflow ]; then
+            select=(-m "not full_zoo")
+        else
+            select=(-m "not slow")
+        fi
     fi
     KERAS_BACKEND="$backend" "$venv/bin/python" -m pytest -q \
         -p no:cacheprovider "${select[@]}" "$@" || status=1

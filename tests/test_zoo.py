@@ -3,7 +3,11 @@ convert, revert, save / load and fold with its inference output unchanged
 within the tolerance its own measured sensitivity justifies (see
 tests/zoo_models.py); one model per family also through the ONNX export in
 onnxruntime (the export of every model is benchmarks/zoo.py's job: it takes
-8 to 35 s a model)."""
+8 to 35 s a model).
+
+One model per family runs by default; the family's other sizes (the same
+blocks, more of them: 8 to 40 s each, 9 minutes together) are marked
+`full_zoo` and run with `ALL=1 bash scripts/test.sh` (or `-m full_zoo`)."""
 
 import gc
 import re
@@ -39,8 +43,20 @@ def family(name):
     return re.sub(r"(\d.*|[VB]\d.*|Small|Large|Mobile)$", "", name)
 
 
+# The default run's model of each family: the one exported, and
+# InceptionResNetV2 (its family's only member).
+DEFAULT = EXPORTED | {"InceptionResNetV2"}
+
+
+def test_the_default_run_covers_every_family():
+    assert {family(name) for name in DEFAULT} == {
+        family(name) for name in zoo_models.ZOO}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", zoo_models.ZOO)
+@pytest.mark.parametrize("name", [
+    name if name in DEFAULT else pytest.param(name, marks=pytest.mark.full_zoo)
+    for name in zoo_models.ZOO])
 def test_zoo_model_whole_path(name, tmp_path):
     keras.backend.clear_session()
     gc.collect()
