@@ -9,6 +9,7 @@ Nothing heavy is imported at module level: `layers` imports this module, and
 happens inside the function that needs it.
 """
 
+import contextlib
 import copy
 
 # --- layer tracking ---
@@ -235,6 +236,39 @@ def function_from_code(code, defaults, closure, globals_):
 
     return python_utils.func_load(code, defaults=defaults, closure=closure,
                                   globs=globals_)
+
+
+@contextlib.contextmanager
+def lambda_code_globals(choose):
+    """Within the block, a Lambda function Keras recreates from saved code
+    runs with `choose(code)`'s globals where that gives a dict (Keras's own
+    module's globals otherwise).
+
+    Why: `python_utils.func_load` (no public name; `Lambda.from_config`
+    calls it through its module) gives every loaded function the globals
+    of that Keras module, so a Lambda calling a helper of the module that
+    defined it fails on loading with a NameError."""
+    import types
+
+    from keras.src.utils import python_utils
+
+    original = python_utils.func_load
+
+    def func_load(code, defaults=None, closure=None, globs=None):
+        function = original(code, defaults=defaults, closure=closure,
+                            globs=globs)
+        globals_ = None if globs is not None else choose(function.__code__)
+        if globals_ is None:
+            return function
+        return types.FunctionType(function.__code__, globals_,
+                                  function.__name__, function.__defaults__,
+                                  function.__closure__)
+
+    python_utils.func_load = func_load
+    try:
+        yield
+    finally:
+        python_utils.func_load = original
 
 
 def load_legacy_h5(path, config, custom_objects=None, safe_mode=True):

@@ -55,7 +55,7 @@ def load(path, *, safe_mode=True, custom_objects=None):
     import keras
 
     import renorm_convert
-    from renorm_convert import legacy
+    from renorm_convert import _keras_internals as internals, legacy
 
     renorm_convert.register()
     path = str(path)
@@ -65,7 +65,10 @@ def load(path, *, safe_mode=True, custom_objects=None):
         if path.lower().endswith((".h5", ".hdf5")):
             model = legacy.load_h5(path, custom_objects, safe_mode)
         if model is None:
-            with keras.saving.custom_object_scope(custom_objects or {}):
+            # Lambda code (unsafe mode only) runs with its own module's
+            # globals, as where it was written.
+            with keras.saving.custom_object_scope(custom_objects or {}), \
+                    internals.lambda_code_globals(legacy.lambda_globals):
                 model = keras.models.load_model(path, compile=False,
                                                 safe_mode=safe_mode)
     except RenormConvertError:
@@ -84,6 +87,12 @@ def _explain_load_error(path, error):
             f"{path}: has a Lambda layer whose Python code would run on "
             "loading; refused in safe mode. Load it with {fix} if you trust "
             "the file.", fix=("safe_mode", False))
+    if "Lambda.call()" in text and "infer the shape" in text:
+        return UsageError(
+            f"{path}: a Lambda layer's code fails when the model is rebuilt "
+            "(usually a name of the module that defined it, which cannot be "
+            "imported here); make that module importable (PYTHONPATH), or "
+            "pass {fix} naming it.", fix=("custom_objects", "{name: object}"))
     if "Could not locate" in text or "Unknown layer" in text or (
             "custom" in text.lower() and "class" in text.lower()):
         cls = _class_name_in(text)

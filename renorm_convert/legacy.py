@@ -10,6 +10,7 @@ name no other code) and save like any Keras 3 layer.
 
 import importlib
 import json
+import re
 import sys
 
 import h5py
@@ -207,7 +208,8 @@ def load_h5(path, custom_objects=None, safe_mode=True):
         objects = {"TFOpLambda": TFOpLambda,
                    "SlicingOpLambda": SlicingOpLambda, **objects}
     _fix_keras2_configs(config, custom_objects)
-    as_code = {layer["config"].get("name") for layer in _layer_configs(config)
+    as_code = {layer["config"].get("name"): layer["config"].get("module")
+               for layer in _layer_configs(config)
                if layer.get("class_name") == "Lambda"
                and layer["config"].get("function_type") == "lambda"}
     if not safe_mode:
@@ -252,12 +254,20 @@ def _lambda_functions(config):
     return functions
 
 
+# The file name a Keras 2 Lambda's code carries once loaded: the module
+# whose globals it runs with (the code's own file name is that of the
+# machine that saved it, and means nothing here).
+_LAMBDA_FILE = "<Keras 2 Lambda of module {}>"
+_LAMBDA_FILE_RE = re.compile(r"^<Keras 2 Lambda of module (.*)>$")
+
+
 def _keep_lambda_code(model, as_code):
     """Lambda layers whose function Keras 2 saved as code: Keras 3 saves a
     named function by its name only, and a `.keras` file written from this
     model could not find it again ("Could not locate function 'helper'").
     Named "<lambda>", their functions are saved as code, as Keras 2 did
-    (loading such a file needs safe mode off, as this one did)."""
+    (loading such a file needs safe mode off, as this one did), and the
+    code names the module whose globals it needs (`lambda_globals`)."""
     if not as_code:
         return
     for layer in internals.flatten_layers(model):
@@ -265,6 +275,24 @@ def _keep_lambda_code(model, as_code):
         if isinstance(layer, keras.layers.Lambda) and layer.name in as_code \
                 and callable(function) and hasattr(function, "__code__"):
             # The code's own name too: a copy made from the code keeps it.
-            function.__code__ = function.__code__.replace(
-                co_name="<lambda>", co_qualname="<lambda>")
+            module = as_code[layer.name]
+            changes = {"co_name": "<lambda>", "co_qualname": "<lambda>"}
+            if module:
+                changes["co_filename"] = _LAMBDA_FILE.format(module)
+            function.__code__ = function.__code__.replace(**changes)
             function.__name__ = function.__qualname__ = "<lambda>"
+
+
+def lambda_globals(code):
+    """The globals a Lambda's code loaded from a `.keras` file runs with:
+    those of the module it came from, where that module can be imported
+    here (a Keras 2 Lambda's module, kept by `_keep_lambda_code`, or the
+    loaded module whose file the code was compiled from); None otherwise
+    (Keras's own)."""
+    match = _LAMBDA_FILE_RE.match(code.co_filename)
+    if match:
+        return _module_globals(match.group(1))
+    for module in list(sys.modules.values()):
+        if getattr(module, "__file__", None) == code.co_filename:
+            return vars(module)
+    return None

@@ -408,3 +408,14 @@ def test_keras2_h5_from_model_zoo_libraries(tmp_path):
     report = rc.export_onnx(converted, tmp_path / "zoo.onnx")
     assert report.folded == 2
     assert max_rel_diff(expected, _onnx(tmp_path / "zoo.onnx", x)) <= 1e-5
+    # The converted model as a .keras file (convert's output, the input of
+    # finetune and export) loads again: the Lambda's code runs with its
+    # module's globals, which Keras 3 alone does not give it.
+    converted.save(tmp_path / "zoo.keras")
+    with pytest.raises(Exception, match="Lambda"):  # NameError within
+        keras.models.load_model(tmp_path / "zoo.keras", safe_mode=False)
+    again = load(tmp_path / "zoo.keras", safe_mode=False)
+    assert max_rel_diff(expected, again(x, training=False)) <= 1e-6
+    assert max_rel_diff(expected, rc.fold(again)(x)) <= 1e-5
+    with pytest.raises(rc.RenormConvertError, match="Lambda"):
+        load(tmp_path / "zoo.keras")

@@ -270,3 +270,71 @@ def test_kill_point_signals_at_its_nth_passage(monkeypatch):
         assert caught == [signal.SIGUSR1]
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def _scaled_mean(t):
+    """A helper of this module that a Keras 3 Lambda calls."""
+    return keras.ops.mean(t, axis=-1, keepdims=True) * _SCALE
+
+
+_SCALE = 0.5
+
+
+def test_keras3_lambda_calling_its_module_helper_reloads(tmp_path):
+    """Keras 3 saves a lambda as code and recreates it with Keras's own
+    globals; `load` gives it those of the module it was compiled in."""
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.Lambda(lambda t: t * _scaled_mean(t), name="gate")(x)
+    model = keras.Model(inputs, x)
+    randomize_statistics(model, seed=3)
+    converted = rc.convert(model)
+    x = np.random.default_rng(1).normal(size=(2, 6, 6, 3)).astype("float32")
+    expected = numpy(model(x, training=False))
+    converted.save(tmp_path / "c.keras")
+    with pytest.raises(Exception, match="Lambda"):  # NameError within
+        keras.models.load_model(tmp_path / "c.keras", safe_mode=False)
+    loaded = io.load(tmp_path / "c.keras", safe_mode=False)
+    assert isinstance(loaded.get_layer("bn"), rc.BatchRenormalization)
+    np.testing.assert_allclose(numpy(loaded(x, training=False)), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+
+LIBRARY = """
+import keras
+
+
+def halve(t):
+    return t * 0.5
+
+
+def model():
+    inputs = keras.Input((4,))
+    return keras.Model(inputs, keras.layers.Lambda(
+        lambda t: halve(t), name="halve")(inputs))
+"""
+
+
+def test_a_lambda_of_a_library_module_reloads_while_it_is_importable(
+        tmp_path):
+    """A Lambda written in a library's module, calling that module's
+    helper: it loads while the module can be imported, and otherwise is
+    refused in one line that says what to do (not Keras's guess about
+    output shapes)."""
+    (tmp_path / "zoo_library.py").write_text(LIBRARY)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import zoo_library
+
+        zoo_library.model().save(tmp_path / "m.keras")
+        x = np.ones((2, 4), "float32")
+        loaded = io.load(tmp_path / "m.keras", safe_mode=False)
+        np.testing.assert_allclose(numpy(loaded(x)), 0.5 * x)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("zoo_library", None)
+    with pytest.raises(io.UsageError,
+                       match="Lambda layer's code fails.*importable"):
+        io.load(tmp_path / "m.keras", safe_mode=False)

@@ -65,6 +65,13 @@ def _module_attr(module, attr):
     return check
 
 
+def _check_lambda_calls_func_load(_):
+    source = inspect.getsource(
+        importlib.import_module("keras.src.layers.core.lambda_layer"))
+    assert "python_utils.func_load(" in source, (
+        "Lambda no longer calls python_utils.func_load through its module")
+
+
 def _class_attr(owner, attr):
     def check(_):
         cls = owner()
@@ -222,6 +229,10 @@ HOOKS = [
      _module_attr("keras.src.saving.serialization_lib", "SafeModeScope")),
     ("utils.python_utils.func_load",
      _module_attr("keras.src.utils.python_utils", "func_load")),
+    # lambda_code_globals replaces the module's attribute: Lambda must call
+    # it through its module for that to take effect.
+    ("layers.core.lambda_layer calls python_utils.func_load",
+     _check_lambda_calls_func_load),
     ("legacy.saving_utils.model_from_config",
      _module_attr("keras.src.legacy.saving.saving_utils",
                   "model_from_config")),
