@@ -137,32 +137,49 @@ def adopt_call_signature(wrapper, layer):
         for arg in wrapper._call_context_args}
 
 
+def _copy_value(value, memo):
+    """A deep copy of `value`; a value that cannot be copied (a lock, an
+    open file, a module) and is no Keras object is shared with the
+    original instead, as it holds no weights."""
+    try:
+        return copy.deepcopy(value, memo)
+    except (TypeError, copy.Error):
+        from keras.src.saving.keras_saveable import KerasSaveable
+        from keras.src.utils import tracking
+
+        if isinstance(value, (KerasSaveable, tracking.TrackedList,
+                              tracking.TrackedDict, tracking.TrackedSet)):
+            raise
+        memo[id(value)] = value
+        return value
+
+
 def _copy_object(obj, memo):
     cls = type(obj)
     new = cls.__new__(cls)
     memo[id(obj)] = new
     for key, value in obj.__dict__.items():
-        new.__dict__[key] = copy.deepcopy(value, memo)
+        new.__dict__[key] = _copy_value(value, memo)
     return new
 
 
 def _copy_tracked_list(obj, memo):
     new = _copy_object(obj, memo)
-    list.extend(new, [copy.deepcopy(v, memo) for v in obj])
+    list.extend(new, [_copy_value(v, memo) for v in obj])
     return new
 
 
 def _copy_tracked_dict(obj, memo):
     new = _copy_object(obj, memo)
     for key, value in obj.items():
-        dict.__setitem__(new, key, copy.deepcopy(value, memo))
+        dict.__setitem__(new, key, _copy_value(value, memo))
     return new
 
 
 def _copy_tracked_set(obj, memo):
     new = _copy_object(obj, memo)
     for value in obj:
-        set.add(new, copy.deepcopy(value, memo))
+        set.add(new, _copy_value(value, memo))
     return new
 
 
@@ -177,7 +194,9 @@ def live_copy(layer):
     `build()` from arguments the config leaves out) or whose Python code
     cannot be found again (a loaded Lambda). Keras's tracked containers
     refuse additions once a layer is built, so they are refilled directly.
-    The `__deepcopy__` hooks exist only during this call.
+    Attributes that cannot be copied and hold no weights (a lock) are
+    shared with the original. The `__deepcopy__` hooks exist only during
+    this call.
     """
     from keras.src.saving.keras_saveable import KerasSaveable
     from keras.src.utils import tracking

@@ -4,6 +4,8 @@ and a block called with a list of tensors next to other keyword arguments.
 convert, revert and fold must keep their outputs without relying on
 `get_config()` describing them; export too where TensorFlow is."""
 
+import threading
+
 import keras
 import numpy as np
 import pytest
@@ -123,6 +125,33 @@ def test_training_the_converted_model_leaves_the_original():
     converted.fit(x, np.zeros((8, 4), "float32"), epochs=1, verbose=0)
     np.testing.assert_array_equal(numpy(model(x, training=False)), expected)
     assert max_rel_diff(expected, converted(x, training=False)) > 1e-4
+
+
+class LockedPyramid(Pyramid):
+    """The pyramid with a lock guarding a cache, as some library layers
+    keep: a lock cannot be copied (nor pickled)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._cache_lock = threading.Lock()
+
+
+def test_a_layer_holding_a_lock_is_copied_sharing_only_the_lock():
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    model = keras.Model(inputs, LockedPyramid(levels=3, name="pyramid")(x))
+    randomize_statistics(model, seed=8)
+    x = _inputs(model)
+    expected = model(x, training=False)
+    converted = rc.convert(model)
+    assert max_rel_diff(expected, converted(x, training=False)) <= 1e-6
+    assert max_rel_diff(expected, rc.fold(converted)(x)) <= 1e-5
+    old = model.get_layer("pyramid")
+    new = converted.get_layer("pyramid")
+    new = getattr(new, "layer", new)
+    assert new._cache_lock is old._cache_lock
+    assert new.convs[0].kernel is not old.convs[0].kernel
+    assert isinstance(new.bns[0], rc.BatchRenormalization)
 
 
 def test_fused_block_saves_and_loads(tmp_path):
