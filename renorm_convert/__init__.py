@@ -39,7 +39,7 @@ _API = {
     "FoldPlan": "folding",
     "ChannelAffine": "folding",
     "export_onnx": "export",
-    "quantize_onnx": "export",
+    "quantize_onnx": "quantization",
     "ExportReport": "export",
     "ExportError": "export",
     "fine_tune": "finetune",

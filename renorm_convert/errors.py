@@ -85,6 +85,10 @@ def _rebuild(cls, detail, argument, value, fix, quote):
     return error
 
 
+class ExportError(RenormConvertError):
+    """The model cannot be exported; the message says why and what to do."""
+
+
 class BackendError(RenormConvertError):
     """A feature that this Keras backend, or a missing package, cannot give
     (e.g. ONNX export without TensorFlow)."""
