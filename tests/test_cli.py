@@ -256,6 +256,29 @@ def test_finetune_command(tmp_path, capsys):
     assert gradients
 
 
+def test_finetune_in_float16_scales_the_loss(tmp_path, capsys):
+    """--mixed-precision float16: the layers compute in float16, the saved
+    variables stay float32, and the run trains (loss scaling on)."""
+    model = rc.convert(keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3),
+        keras.layers.BatchNormalization(), keras.layers.Flatten(),
+        keras.layers.Dense(10, activation="softmax")]))
+    path = tmp_path / "m.keras"
+    model.save(path)
+    out = tmp_path / "half.keras"
+    code, stdout, err = _run(capsys, "finetune", path, "-o", out, "--data",
+                             "digits", "--train-size", "256", "--val-size",
+                             "64", "--mixed-precision", "float16",
+                             "--quiet-progress")
+    assert code == 0, err
+    assert "computing in float16" in err and "loss scaling on" in err
+    tuned = keras.models.load_model(out)
+    assert all(v.dtype == "float32" for v in tuned.variables)
+    assert rc.renorm_layers(tuned)[0].compute_dtype == "float16"
+    before = numpy(model.layers[0].kernel)
+    assert not np.allclose(numpy(tuned.layers[0].kernel), before)
+
+
 def test_custom_objects_module_registers_layers(tmp_path, capsys, monkeypatch):
     (tmp_path / "my_layers.py").write_text(
         "import keras\n\n"

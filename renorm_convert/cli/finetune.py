@@ -169,6 +169,10 @@ def run(args):
         model = rc.freeze_all_but_normalization(model, inplace=True)
     if args.mixed_precision:
         model = rc.recast(model, f"mixed_{args.mixed_precision}")
+        progress(f"mixed precision: computing in {args.mixed_precision}, "
+                 "weights and normalization statistics in float32"
+                 + (", loss scaling on" if args.mixed_precision == "float16"
+                    else ""))
     _print_settings(model, normalization_settings(model))
     batches = split.training_batches(model, args.batch_size,
                                      non_iid_classes=args.non_iid,
