@@ -224,13 +224,19 @@ def test_finetune_bad_inputs(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_finetune_command(tmp_path, capsys):
+def _digits_classifier(tmp_path):
+    """A converted 10-class classifier of 8x8 images, saved: (model, path)."""
     model = rc.convert(keras.Sequential([
         keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3),
         keras.layers.BatchNormalization(), keras.layers.Flatten(),
         keras.layers.Dense(10, activation="softmax")]))
     path = tmp_path / "m.keras"
     model.save(path)
+    return model, path
+
+
+def test_finetune_command(tmp_path, capsys):
+    _, path = _digits_classifier(tmp_path)
     out = tmp_path / "tuned.keras"
     code, stdout, err = _run(capsys, "finetune", path, "-o", out, "--data",
                              "digits", "--epochs", "2", "--microbatch", "4",
@@ -259,12 +265,7 @@ def test_finetune_command(tmp_path, capsys):
 def test_finetune_in_float16_scales_the_loss(tmp_path, capsys):
     """--mixed-precision float16: the layers compute in float16, the saved
     variables stay float32, and the run trains (loss scaling on)."""
-    model = rc.convert(keras.Sequential([
-        keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3),
-        keras.layers.BatchNormalization(), keras.layers.Flatten(),
-        keras.layers.Dense(10, activation="softmax")]))
-    path = tmp_path / "m.keras"
-    model.save(path)
+    model, path = _digits_classifier(tmp_path)
     out = tmp_path / "half.keras"
     code, stdout, err = _run(capsys, "finetune", path, "-o", out, "--data",
                              "digits", "--train-size", "256", "--val-size",
