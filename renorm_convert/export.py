@@ -10,6 +10,7 @@ per normalization. Folding in Keras first (`fold`) leaves nothing to lower.
 
 import collections
 import dataclasses
+import logging
 import os
 
 import keras
@@ -23,8 +24,11 @@ from renorm_convert.errors import ExportError
 from renorm_convert.evaluation import logits as keras_logits
 from renorm_convert.evaluation import to_numpy
 from renorm_convert.folding import fold, fold_plan
+from renorm_convert.graph import iter_layers
 from renorm_convert.io import kill_point, replace_atomically
 from renorm_convert.quantization import quantize_int8
+
+_log = logging.getLogger("renorm_convert")
 
 
 @dataclasses.dataclass
@@ -370,6 +374,7 @@ def export_onnx(model, path, *, opset=None, verify=True,
     if precision == "float16" and tolerance == VERIFY_TOLERANCE:
         tolerance = FLOAT16_TOLERANCE
     xs, verified_on = _verification_inputs(model, verify, batch_size)
+    model = _in_float32(model)
     plan = fold_plan(model)
     folded = fold(model, plan)
     onnx_model = to_onnx(folded, opset=opset, batch_size=batch_size)
@@ -463,6 +468,24 @@ def export_onnx(model, path, *, opset=None, verify=True,
 
     replace_atomically(path, write_and_verify)
     return report
+
+
+def _in_float32(model):
+    """`model` computing in float32. A model trained in mixed precision
+    keeps float32 weights but computes in float16 / bfloat16, whose
+    rounding (1e-3 of the outputs and more) is above what verification
+    accepts and is not what a float32 ONNX file computes; its export is
+    the float32 model (`precision="float16"` then writes float16)."""
+    policies = {layer.dtype_policy.name for layer in iter_layers(model)
+                if not isinstance(layer, keras.layers.InputLayer)}
+    below = sorted(p for p in policies if p != "float32")
+    if not below:
+        return model
+    from renorm_convert.conversion import recast
+
+    _log.info(f"the model computes in {', '.join(below)}; exporting it "
+              "computing in float32 (its weights are float32)")
+    return recast(model, "float32")
 
 
 def _max_diff(a, b):

@@ -277,6 +277,27 @@ def test_export_of_unconvertible_op_says_which_and_leaves_no_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_model_trained_in_mixed_precision_exports_in_float32(tmp_path,
+                                                              caplog):
+    """Fine-tuned with --mixed-precision, a model computes in float16 but
+    keeps float32 weights: its export is the float32 model, verified
+    against it (float16's rounding, about 1e-3, would fail verification)."""
+    model = rc.convert(_conv_net())
+    randomize_statistics(model, seed=12)
+    mixed = rc.recast(model, "mixed_float16")
+    x = np.random.default_rng(0).normal(size=(8, 16, 16, 3)).astype(
+        "float32")
+    with caplog.at_level("INFO", logger="renorm_convert"):
+        report = rc.export_onnx(mixed, tmp_path / "m.onnx", verify=x)
+    assert "computes in mixed_float16" in caplog.text
+    assert report.relative_diff <= 1e-5
+    expected = numpy(model(x, training=False))
+    assert max_rel_diff(expected, run_onnx(str(tmp_path / "m.onnx"),
+                                           [x])[0]) <= 1e-5
+    # The model given is not changed.
+    assert mixed.get_layer(index=1).compute_dtype == "float16"
+
+
 def test_export_to_missing_directory_leaves_nothing(tmp_path):
     model = _conv_net()
     with pytest.raises(OSError):
