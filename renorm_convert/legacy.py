@@ -10,6 +10,7 @@ name no other code) and save like any Keras 3 layer.
 
 import importlib
 import json
+import os
 import re
 import sys
 
@@ -287,12 +288,34 @@ def lambda_globals(code):
     """The globals a Lambda's code loaded from a `.keras` file runs with:
     those of the module it came from, where that module can be imported
     here (a Keras 2 Lambda's module, kept by `_keep_lambda_code`, or the
-    loaded module whose file the code was compiled from); None otherwise
-    (Keras's own)."""
+    module whose file the code was compiled from, found on `sys.path`);
+    None otherwise (Keras's own)."""
     match = _LAMBDA_FILE_RE.match(code.co_filename)
     if match:
         return _module_globals(match.group(1))
+    filename = os.path.abspath(code.co_filename)
     for module in list(sys.modules.values()):
-        if getattr(module, "__file__", None) == code.co_filename:
+        if getattr(module, "__file__", None) == filename:
             return vars(module)
+    name = _module_name_of(filename)
+    globals_ = _module_globals(name) if name else None
+    if globals_ is not None and globals_.get("__file__") == filename:
+        return globals_
+    return None
+
+
+def _module_name_of(filename):
+    """The dotted name under which `filename` (a `.py` file) is imported
+    from a `sys.path` entry, or None."""
+    stem, ext = os.path.splitext(filename)
+    if ext != ".py" or not os.path.exists(filename):
+        return None
+    for entry in sys.path:
+        root = os.path.abspath(entry or os.curdir) + os.sep
+        if stem.startswith(root):
+            parts = stem[len(root):].split(os.sep)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            if parts and all(part.isidentifier() for part in parts):
+                return ".".join(parts)
     return None

@@ -320,7 +320,8 @@ def model():
 def test_a_lambda_of_a_library_module_reloads_while_it_is_importable(
         tmp_path):
     """A Lambda written in a library's module, calling that module's
-    helper: it loads while the module can be imported, and otherwise is
+    helper: it loads while the module can be imported (imported already or
+    not), and otherwise is
     refused in one line that says what to do (not Keras's guess about
     output shapes)."""
     (tmp_path / "zoo_library.py").write_text(LIBRARY)
@@ -332,6 +333,12 @@ def test_a_lambda_of_a_library_module_reloads_while_it_is_importable(
         x = np.ones((2, 4), "float32")
         loaded = io.load(tmp_path / "m.keras", safe_mode=False)
         np.testing.assert_allclose(numpy(loaded(x)), 0.5 * x)
+        # Importable but not imported yet (a new process): found on
+        # sys.path from the code's file name.
+        sys.modules.pop("zoo_library")
+        loaded = io.load(tmp_path / "m.keras", safe_mode=False)
+        np.testing.assert_allclose(numpy(loaded(x)), 0.5 * x)
+        assert "zoo_library" in sys.modules
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("zoo_library", None)
