@@ -404,6 +404,22 @@ def test_refusals_come_before_the_backend_in_one_line(tmp_path, argv, match):
     assert lines[0].startswith(f"renorm-convert {argv[0]}: error: ")
 
 
+def test_a_reader_that_stops_early_is_no_error(tmp_path):
+    # `renorm-convert inspect MODEL | head -1`: the pipe closes before the
+    # table is written; the command ends quietly (141, as Unix tools do).
+    script = ("import sys\nfrom renorm_convert.cli import main\n"
+              "sys.stderr.write(f'exit {main(sys.argv[1:])}\\n')\n")
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, "inspect", MODEL],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path)
+    process.stdout.close()
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    assert err.splitlines()[-1] == "exit 141", err
+    assert "error" not in err and "Broken pipe" not in err, err
+
+
 def test_an_error_after_the_backend_loads_is_one_line_too(tmp_path):
     # Labels are read once the backend is up: TensorFlow's native start-up
     # lines must not come with the refusal.

@@ -198,6 +198,15 @@ def main(argv=None):
               "written were not written (temporary files removed)",
               file=sys.stderr)
         return 143 if isinstance(e, _Terminated) else 130
+    except BrokenPipeError:
+        # Whoever read our output stopped (`| head`): end quietly, as Unix
+        # tools do, with nothing left for Python to flush at exit.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
     except OSError as e:
         print(f"renorm-convert {command}: error: {one_line(e, command)}",
               file=sys.stderr)
