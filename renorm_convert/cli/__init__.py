@@ -6,7 +6,8 @@ d_max schedule on any Keras backend, and export it to ONNX with the
 normalization folded away.
 
 Exit status: 0 success, 2 bad input or usage (one line says what and how to
-fix it), 1 internal error.
+fix it), 1 internal error; 130 / 143 interrupted / terminated, 141 when the
+reader of the output stopped early (`| head`).
 """
 
 import importlib
