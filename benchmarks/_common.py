@@ -25,8 +25,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 import numpy as np  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODELS_DIR = os.path.join(ROOT, "models")
-# The reference models models/build.py trains (Fashion-MNIST, 28x28x1).
+MODELS_DIR = os.path.join(ROOT, "renorm_convert", "reference")
+# The reference models models/build.py trains into the package (Fashion-MNIST, 28x28x1).
 REFERENCE_MODELS = ("inception_fmnist", "resnet_fmnist")
 THREADS_HELP = "TF intra- and inter-op threads (0: TF default)"
 
@@ -156,7 +156,7 @@ def count_bn(model):
 
 
 def load_reference(name):
-    """A reference model from models/ (see models/README.md)."""
+    """A reference model from renorm_convert/reference/ (models/README.md)."""
     import keras
 
     return keras.models.load_model(os.path.join(MODELS_DIR, f"{name}.keras"))

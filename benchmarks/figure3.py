@@ -11,7 +11,7 @@ difference (mean, min, max), the accuracy of both arms in training mode
 (i.i.d. test batches normalized by their own statistics: the paper's
 mechanism), and the wall time of the whole cell.
 
-Architectures (``renorm_convert.reproduce.MODELS``), shallowest first:
+Architectures (``renorm_convert.train.reproduce.MODELS``), shallowest first:
 ``cnn-plain`` (three blocks of one convolution, global pooling),
 ``cnn`` (two blocks of two convolutions, batch-normalized dense head),
 ``cnn-deep`` (three blocks of two convolutions, batch-normalized dense head).
@@ -52,7 +52,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     common.set_threads(args.threads)
-    from renorm_convert import reproduce
+    from renorm_convert.train import reproduce
 
     os.makedirs(args.out, exist_ok=True)
     rows = []

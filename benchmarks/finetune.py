@@ -4,7 +4,7 @@ original BatchNormalization model.
 What is measured
 ----------------
 Images per second of Keras ``fit`` on the two reference models shipped in
-``models/`` (``inception_fmnist.keras``: 19 BN layers; ``resnet_fmnist.keras``:
+``renorm_convert/reference/`` (``inception_fmnist.keras``: 19 BN layers; ``resnet_fmnist.keras``:
 9 BN layers; both 28x28x1 inputs, softmax heads), trained on real
 Fashion-MNIST images (``data.load_fashion_mnist().subset(train=N)``, N =
 ``--batches`` x ``--batch-size``). Variants per model:

@@ -17,7 +17,7 @@ device (its NumPy logs make every call synchronous):
 The model (``--model``): ``resnet50`` (keras.applications.ResNet50,
 ``weights=None``, 10 classes, 53 normalization layers) at ``--size`` (default
 128: a small resolution keeps the GPU step short, the normalization layers'
-share of it large), or ``reference`` (models/resnet_fmnist.keras, 28x28x1,
+share of it large), or ``reference`` (renorm_convert/reference/resnet_fmnist.keras, 28x28x1,
 9 layers), or ``tiny`` (the ResNet-style model of train_step.py, 32x32).
 Every variant is compiled with ``optimizer="sgd"``, the model's loss and
 ``jit_compile=--jit`` (default "auto": Keras's choice, XLA on TensorFlow's
@@ -243,7 +243,7 @@ def main(argv=None):
 
     import keras
 
-    from renorm_convert import _backend
+    from renorm_convert._internal import backend as _backend
 
     backend = keras.backend.backend()
     names = _backend.device_names()

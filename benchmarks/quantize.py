@@ -1,7 +1,7 @@
 """int8 against float ONNX of the reference models: latency in onnxruntime on
 the CPU, and accuracy on the 10,000 Fashion-MNIST test images.
 
-For each reference model in ``models/`` (converted with ``rc.convert``; the
+For each reference model in ``renorm_convert/reference/`` (converted with ``rc.convert``; the
 shipped weights are trained on Fashion-MNIST):
 
   float   rc.export_onnx(model, path)
@@ -21,7 +21,7 @@ the ratio within a round (the machine's slow phases fall on both files of a
 round alike).
 
 ``--baseline`` adds a third file, "plain int8": onnxruntime's static
-quantization with the same settings but without `renorm_convert.int8_layout`
+quantization with the same settings but without `renorm_convert.onnx.int8_layout`
 (no widening of narrow Convs, no shared Concat scales), as `export --int8`
 made it before; timed in the same rounds, it shows what the layout rule
 gains.
@@ -121,7 +121,7 @@ def profile(files, x, args, work):
 def export_plain_int8(model, path, calibration):
     """`export_onnx(quantize="int8")` with `int8_layout` switched off."""
     import renorm_convert as rc
-    from renorm_convert import int8_layout
+    from renorm_convert.onnx import int8_layout
 
     saved = int8_layout.widened_payload, int8_layout.share_concat_scales
     int8_layout.widened_payload = lambda payload, sample: payload

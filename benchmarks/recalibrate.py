@@ -2,7 +2,7 @@
 left them and recalibrated (`rc.recalibrate`, exact averages of the batch
 moments over training batches with the final weights).
 
-For each reference model in ``models/``, as it is (batch norm) and
+For each reference model in ``renorm_convert/reference/``, as it is (batch norm) and
 converted (batch renorm), and each normalization momentum (0.99, Keras's
 default, and 0.9): ``fine_tune``
 for ``--epochs`` on ``--train-size`` Fashion-MNIST training images (Adam

@@ -1,4 +1,5 @@
-"""Trains the small reference models on Fashion-MNIST and saves them here.
+"""Trains the small reference models on Fashion-MNIST and saves them into
+the package (renorm_convert/reference/), which ships them.
 
 Pretrained ImageNet weights cannot be downloaded where this project is built
 and tested, so it trains its own "pretrained" batch-norm models on real data
@@ -7,7 +8,7 @@ branches joined by concatenation, BatchNormalization after every convolution)
 and a small residual network. Deterministic under the seed; a few minutes on
 2 CPU cores.
 
-    python models/build.py            # both models, into models/
+    python models/build.py            # both, into renorm_convert/reference/
     python models/build.py --epochs 1 --out /tmp/models
 """
 
@@ -137,7 +138,9 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", default="fashion-mnist")
-    parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument("--out", default=os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        "renorm_convert", "reference"))
     parser.add_argument("--only", choices=sorted(BUILDERS))
     args = parser.parse_args(argv)
     tf.config.experimental.enable_op_determinism()

@@ -20,45 +20,52 @@ __version__ = "0.2.0"
 _API = {
     "BatchRenormalization": "layers",
     "renorm_layers": "layers",
-    "RenormSchedule": "schedule",
-    "model_graph": "graph",
-    "iter_layers": "graph",
-    "GraphError": "graph",
-    "convert": "conversion",
-    "revert": "conversion",
-    "copy_model": "conversion",
-    "recast": "conversion",
-    "ConversionError": "conversion",
-    "ConversionReport": "conversion",
-    "replace_head": "surgery",
-    "freeze_all_but_normalization": "surgery",
-    "unfreeze": "surgery",
-    "configure": "surgery",
-    "fold": "folding",
-    "fold_plan": "folding",
-    "FoldPlan": "folding",
-    "ChannelAffine": "folding",
-    "export_onnx": "export",
-    "quantize_onnx": "quantization",
-    "ExportReport": "export",
-    "ExportError": "export",
-    "fine_tune": "finetune",
-    "FineTuneResult": "finetune",
-    "FineTuneError": "finetune",
-    "NonFiniteLoss": "finetune",
-    "recalibrate": "recalibration",
+    "RenormSchedule": "train.schedule",
+    "model_graph": "transform.graph",
+    "iter_layers": "transform.graph",
+    "GraphError": "transform.graph",
+    "convert": "transform.conversion",
+    "revert": "transform.conversion",
+    "copy_model": "transform.conversion",
+    "recast": "transform.conversion",
+    "ConversionError": "transform.conversion",
+    "ConversionReport": "transform.conversion",
+    "replace_head": "transform.surgery",
+    "freeze_all_but_normalization": "transform.surgery",
+    "unfreeze": "transform.surgery",
+    "configure": "transform.surgery",
+    "fold": "transform.folding",
+    "fold_plan": "transform.folding",
+    "FoldPlan": "transform.folding",
+    "ChannelAffine": "transform.folding",
+    "export_onnx": "onnx.export",
+    "quantize_onnx": "onnx.quantization",
+    "ExportReport": "onnx.export",
+    "ExportError": "onnx.export",
+    "fine_tune": "train.finetune",
+    "FineTuneResult": "train.finetune",
+    "FineTuneError": "train.finetune",
+    "NonFiniteLoss": "train.finetune",
+    "recalibrate": "transform.recalibration",
     "accuracy": "evaluation",
     "top1": "evaluation",
     "load": "io",
     "RenormConvertError": "errors",
     "BackendError": "errors",
 }
-# Submodules reachable as attributes (`rc.data.load_source(...)`).
-_MODULES = ("callbacks", "checkpoint", "data", "distribute", "evaluation",
-            "folding", "graph", "io", "reporting", "reproduce", "schedule",
-            "surgery")
+# Modules reachable as attributes (`rc.data.load_source(...)`), by name.
+_MODULES = {
+    "data": "data", "io": "io", "evaluation": "evaluation",
+    "transform": "transform", "train": "train", "onnx": "onnx",
+    "reference": "reference",
+    "callbacks": "train.callbacks", "checkpoint": "train.checkpoint",
+    "distribute": "train.distribute", "reporting": "train.reporting",
+    "reproduce": "train.reproduce", "schedule": "train.schedule",
+    "folding": "transform.folding", "graph": "transform.graph",
+    "surgery": "transform.surgery",
+}
 # Modules whose import registers the classes saved files name.
-_REGISTERING = ("layers", "schedule", "blocks", "folding", "legacy")
+_REGISTERING = ("layers", "train.schedule", "transform.blocks", "transform.folding", "io.keras2")
 
 __all__ = sorted(_API) + ["data", "callbacks"]
 
@@ -71,8 +78,9 @@ def __getattr__(name):
         globals()[name] = value
         return value
     if name in _MODULES:
-        module = importlib.import_module(f"{__name__}.{name}")
-        register()
+        module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+        if "keras" in sys.modules:  # a light module (data) loads no Keras
+            register()
         return module
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

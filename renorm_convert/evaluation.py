@@ -5,7 +5,7 @@ verify) and every accuracy the tool reports."""
 import keras
 import numpy as np
 
-from renorm_convert import _keras_internals as internals
+from renorm_convert._internal import keras_hooks as internals
 from renorm_convert.data import class_ids, model_image_shape
 
 _PROBABILITIES = ("softmax", "sigmoid")
@@ -61,7 +61,7 @@ def top1(model, batches, training=False):
 def accuracy(model, split, batch_size=256, count=None):
     """Top-1 accuracy of `model` on the validation part of `split` (its
     first `count` examples when given), images prepared as for training."""
-    from renorm_convert.batches import EvaluationBatches
+    from renorm_convert.data.batches import EvaluationBatches
 
     shape = model_image_shape(model)
     return top1(model, EvaluationBatches(

@@ -23,9 +23,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from renorm_convert import _keras_internals as internals
+from renorm_convert._internal import keras_hooks as internals
 from renorm_convert.errors import RenormConvertError
-from renorm_convert.weights import build_with_values, values_by_name
+from renorm_convert.transform.weights import build_with_values, values_by_name
 
 PACKAGE = "renorm_convert"
 

@@ -115,7 +115,7 @@ note "GPU (nvidia-smi): $GPU_NAME"
 for backend in $BACKENDS; do
     KERAS_BACKEND=$backend timeout -k 5 60 "$PYTHON" - <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import keras
-from renorm_convert import _backend
+from renorm_convert._internal import backend as _backend
 name = keras.backend.backend()
 if name == "jax":
     import jax

@@ -20,7 +20,7 @@ checkpoint_dir = sys.argv[3] if len(sys.argv) > 3 else None
 import keras  # noqa: E402
 
 # The job is joined (and the devices listed) before JAX makes any array.
-from renorm_convert import distribute  # noqa: E402
+from renorm_convert.train import distribute  # noqa: E402
 
 distribution = distribute.data_parallel()
 
@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 import distribute_run  # noqa: E402
 
-from renorm_convert.batches import TrainingBatches  # noqa: E402
+from renorm_convert.data.batches import TrainingBatches  # noqa: E402
 
 # Which examples this process fed at each step of the run.
 read = {}

@@ -369,8 +369,8 @@ from renorm_convert.cli import main
 code = main(sys.argv[1:])
 print(code, "keras" in sys.modules)
 """
-MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models",
-                     "inception_fmnist.keras")
+MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                     "renorm_convert", "reference", "inception_fmnist.keras")
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -8,7 +8,7 @@ import renorm_convert as rc
 from helpers import (flipped_model, numpy, max_rel_diff, nested_model,
                      randomize_statistics, sample_inputs, weight_order,
                      weights_snapshot)
-from renorm_convert.conversion import copy_model, recast
+from renorm_convert.transform.conversion import copy_model, recast
 
 TOL = 1e-5
 

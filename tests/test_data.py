@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from renorm_convert import data
-from renorm_convert.batches import (ArrayBatches, EvaluationBatches,
+from renorm_convert.data.batches import (ArrayBatches, EvaluationBatches,
                                     TrainingBatches)
 from helpers import numpy
 

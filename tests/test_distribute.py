@@ -117,7 +117,8 @@ def test_two_processes_of_one_job_agree_with_one_process(runs):
     import keras
 
     import distribute_run
-    from renorm_convert import checkpoint, data
+    from renorm_convert import data
+    from renorm_convert.train import checkpoint
 
     root = runs["root"]
     outs = [root / f"process{i}.npz" for i in range(2)]
@@ -182,7 +183,7 @@ def test_data_parallel_strategy_and_a_job_joined_too_late(monkeypatch):
     import jax
     import keras
 
-    from renorm_convert import distribute
+    from renorm_convert.train import distribute
 
     # In this process: one device, no job.
     strategy = distribute.make_strategy("data-parallel")

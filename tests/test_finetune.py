@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 import renorm_convert as rc
-from renorm_convert import callbacks, data
-from renorm_convert.batches import TrainingBatches
+from renorm_convert import data
+from renorm_convert.train import callbacks
+from renorm_convert.data.batches import TrainingBatches
 from helpers import numpy
 
 BACKEND = keras.backend.backend()

@@ -5,7 +5,7 @@ mixed precision keeping the statistics in float32; the clipping bounds and
 the schedule changing under a compiled step without a retrace.
 
 Every test here is marked `gpu` and skips where the backend sees no GPU
-(`renorm_convert._backend.has_gpu()`). Their logic runs on a CPU too, at
+(`renorm_convert._internal.backend.has_gpu()`). Their logic runs on a CPU too, at
 small sizes, with RENORM_CONVERT_GPU_TESTS_ON_CPU=1 (the GPU-versus-CPU
 comparisons then compare the CPU with itself):
 
@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 import renorm_convert as rc
-from renorm_convert import _backend
+from renorm_convert._internal import backend as _backend
 from helpers import compiled_training_call, numpy, weights_snapshot
 from test_layers import (D_MAX, R_MAX, _inputs, _np_microbatch, _pair,
                          _peer, _random_state)
@@ -297,7 +297,7 @@ def test_schedule_changes_bounds_every_step_without_retracing(jit):
 
 def _reference_model():
     return keras.models.load_model(
-        os.path.join(ROOT, "models", "resnet_fmnist.keras"))
+        os.path.join(ROOT, "renorm_convert", "reference", "resnet_fmnist.keras"))
 
 
 def _images(n, seed=0):

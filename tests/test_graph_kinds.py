@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import renorm_convert as rc
 from helpers import max_rel_diff, randomize_statistics, sample_inputs
-from renorm_convert.export import run_onnx
+from renorm_convert.onnx.export import run_onnx
 from renorm_convert.io import load
 
 
@@ -183,7 +183,7 @@ def test_one_layer_with_several_outputs_gets_unique_names(tmp_path):
 
 
 def test_unique_names():
-    from renorm_convert.export import unique_names
+    from renorm_convert.onnx.export import unique_names
 
     assert unique_names(["a", "a", "b", "a_1", "a"]) == [
         "a", "a_2", "b", "a_1", "a_3"]

@@ -24,7 +24,7 @@ import pytest
 import tensorflow as tf
 
 import renorm_convert as rc
-from renorm_convert.surgery import strided_pointwise_subsampled
+from renorm_convert.transform.surgery import strided_pointwise_subsampled
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

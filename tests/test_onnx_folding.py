@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from renorm_convert.onnx_folding import (count_affine_after_linear,
+from renorm_convert.onnx.folding import (count_affine_after_linear,
                                          count_affine_before_linear,
                                          fold_affine)
 
@@ -587,7 +587,7 @@ def _fused_mbconv_model():
 @pytest.mark.tensorflow
 def test_export_folds_normalization_inside_a_library_block(tmp_path):
     import renorm_convert as rc
-    from renorm_convert.export import run_onnx
+    from renorm_convert.onnx.export import run_onnx
 
     model = _fused_mbconv_model()
     path = tmp_path / "fused.onnx"

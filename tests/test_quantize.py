@@ -1,5 +1,5 @@
 """int8 and float16 ONNX of the trained reference models, on real images, and
-the widening of narrow Convs for int8 (`renorm_convert.int8_layout`).
+the widening of narrow Convs for int8 (`renorm_convert.onnx.int8_layout`).
 
 Latency is benchmarks/quantize.py's job (paired, interleaved rounds); the
 tests here check what the speed rests on: the structure of the int8 graph
@@ -16,7 +16,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import renorm_convert as rc
 from renorm_convert import data
-from renorm_convert.int8_layout import (CHANNEL_ALIGNMENT,
+from renorm_convert.onnx.export import FLOAT16_TOLERANCE
+from renorm_convert.onnx.int8_layout import (CHANNEL_ALIGNMENT,
                                         MIN_OUTPUT_CHANNELS,
                                         share_concat_scales, widen_for_int8)
 
@@ -27,7 +28,7 @@ def _reference(name, val=500):
     if not os.path.isdir(data.FASHION_MNIST_DIR) and not os.environ.get("CI"):
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     model = rc.convert(keras.models.load_model(
-        os.path.join(ROOT, "models", f"{name}.keras")))
+        os.path.join(ROOT, "renorm_convert", "reference", f"{name}.keras")))
     split = data.load_fashion_mnist().subset(train=256, val=val, seed=0)
     shape = data.model_image_shape(model)
     return (model, np.asarray(data.adapt(split.x_train, shape)),
@@ -162,7 +163,7 @@ def test_float16_within_its_tolerance(trained, tmp_path):
     # Inputs and outputs stay float32.
     assert saved.graph.input[0].type.tensor_type.elem_type == \
         onnx.TensorProto.FLOAT
-    assert report.tolerance == rc.export.FLOAT16_TOLERANCE
+    assert report.tolerance == FLOAT16_TOLERANCE
     assert report.logits_relative_diff <= report.tolerance
     assert report.top1_agreement >= 0.95
 
@@ -297,7 +298,7 @@ def test_widen_leaves_wide_graph_outputs_and_shared_weights():
 def test_quantize_int8_falls_back_when_widening_changes_outputs(
         monkeypatch):
     """A widening that does not reproduce the float outputs is dropped."""
-    from renorm_convert import int8_layout
+    from renorm_convert.onnx import int8_layout
 
     rng = np.random.default_rng(2)
     model = _branchy(rng)

@@ -52,7 +52,7 @@ def test_readme_shows_the_two_setup_commands():
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    os.symlink(os.path.join(ROOT, "models"), tmp_path / "models")
+    os.symlink(os.path.join(ROOT, "renorm_convert"), tmp_path / "renorm_convert")
     os.mkdir(tmp_path / "runs")
     monkeypatch.chdir(tmp_path)
     return tmp_path

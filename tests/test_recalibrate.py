@@ -7,7 +7,7 @@ import pytest
 
 import renorm_convert as rc
 from renorm_convert import data
-from renorm_convert.recalibration import RecalibrationError
+from renorm_convert.transform.recalibration import RecalibrationError
 from helpers import numpy, randomize_statistics
 
 

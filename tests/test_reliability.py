@@ -18,8 +18,8 @@ import pytest
 
 import renorm_convert as rc
 from helpers import numpy
-from renorm_convert.batches import TrainingBatches
-from renorm_convert.checkpoint import CheckpointError
+from renorm_convert.data.batches import TrainingBatches
+from renorm_convert.train.checkpoint import CheckpointError
 from renorm_convert.cli import main
 
 
@@ -324,7 +324,7 @@ def test_killed_after_training_resumes_past_a_damaged_checkpoint(
 @pytest.mark.slow
 @pytest.mark.tensorflow
 def test_killed_during_export_verification_leaves_nothing(work, tmp_path):
-    from renorm_convert.export import run_onnx
+    from renorm_convert.onnx.export import run_onnx
 
     out = tmp_path / "m.onnx"
     killed = _cli("export", work / "model.keras", "-o", out,
@@ -380,7 +380,7 @@ def test_sigterm_during_the_final_save_cleans_up(tmp_path):
 
 @pytest.mark.tensorflow
 def test_export_check_failing_leaves_nothing(work, tmp_path, monkeypatch):
-    from renorm_convert import export
+    from renorm_convert.onnx import export
 
     def broken(path, inputs, optimize=True):
         raise RuntimeError(f"cannot load {path}")
@@ -583,7 +583,7 @@ def test_nan_in_epoch_two_keeps_epoch_one_and_its_checkpoint(tmp_path):
 
 
 def test_checkpoints_keep_the_previous_and_skip_damaged_ones(tmp_path):
-    from renorm_convert import checkpoint
+    from renorm_convert.train import checkpoint
 
     model = _tiny_model()
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
@@ -615,7 +615,7 @@ def test_checkpoints_keep_the_previous_and_skip_damaged_ones(tmp_path):
 
 HOLD = """
 import sys
-from renorm_convert import checkpoint
+from renorm_convert.train import checkpoint
 directory = checkpoint.claim(sys.argv[1])
 with checkpoint.hold(directory):
     print("held", flush=True)

@@ -12,8 +12,8 @@ from helpers import numpy
 
 RUN = """
 import json, sys
-from renorm_convert import reproduce
-from renorm_convert.determinism import deterministic
+from renorm_convert.train import reproduce
+from renorm_convert.train.determinism import deterministic
 config = reproduce.Config("non-iid", steps=40, seeds=1, eval_every=20,
                           eval_size=300, data="digits", batch_size=20)
 with deterministic():
@@ -44,7 +44,7 @@ def test_two_runs_in_separate_processes_are_identical():
 
 
 def _synthetic_result(data="fashion-mnist"):
-    from renorm_convert import reproduce
+    from renorm_convert.train import reproduce
 
     config = reproduce.Config("non-iid", steps=300, seeds=2, eval_every=100,
                               data=data)
@@ -64,7 +64,8 @@ def _synthetic_result(data="fashion-mnist"):
 def test_plot_is_a_png_with_title_inside_labels_and_paper_lines(data, tmp_path):
     import matplotlib.pyplot as plt
 
-    from renorm_convert import reporting, reproduce
+    from renorm_convert.train import reporting
+    from renorm_convert.train import reproduce
 
     result = _synthetic_result(data)
     written = reporting.write_experiment(result, str(tmp_path / "non_iid"))
@@ -101,7 +102,7 @@ def test_training_mode_accuracy_uses_batch_statistics_and_restores_them():
     import numpy as np
 
     import renorm_convert as rc
-    from renorm_convert.reproduce import training_mode_accuracy
+    from renorm_convert.train.reproduce import training_mode_accuracy
 
     model = rc.convert(keras.Sequential([
         keras.Input((4,)), keras.layers.Dense(3),
@@ -140,8 +141,9 @@ def test_both_arms_train_through_fine_tune(monkeypatch):
     fine_tune with the bounds held at 1 / 0 (no schedule), batch renorm is
     fine_tune with the schedule; what fine_tune returns is what is
     reported."""
-    from renorm_convert import finetune, reproduce
-    from renorm_convert.batches import TrainingBatches
+    from renorm_convert.train import finetune
+    from renorm_convert.train import reproduce
+    from renorm_convert.data.batches import TrainingBatches
 
     calls = []
 

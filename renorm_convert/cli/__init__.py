@@ -139,7 +139,7 @@ def _load_backend():
     """Keras and its backend (call it inside `filtered_stderr`)."""
     import importlib.util
 
-    from renorm_convert import _limits
+    from renorm_convert._internal import limits as _limits
     from renorm_convert.errors import BackendError
 
     backend = _limits.keras_backend()
@@ -180,7 +180,7 @@ def main(argv=None):
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    from renorm_convert._logs import filtered_stderr
+    from renorm_convert._internal.logs import filtered_stderr
 
     try:
         # TensorFlow's native start-up lines are dropped from stderr

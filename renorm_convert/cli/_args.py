@@ -55,7 +55,7 @@ def number(minimum=None, maximum=None, *, above=None, below=None):
 
 
 def opset(text):
-    from renorm_convert._limits import MAX_OPSET, MIN_OPSET  # no backend
+    from renorm_convert._internal.limits import MAX_OPSET, MIN_OPSET  # no backend
 
     value = integer(MIN_OPSET)(text)
     if value > MAX_OPSET:

@@ -3,7 +3,6 @@ loading the model, registering custom layers, measuring parity."""
 
 import importlib
 import inspect
-import os
 
 from renorm_convert.cli import progress
 from renorm_convert.cli._paths import PathError
@@ -52,7 +51,7 @@ def parity(reference, other):
     import keras
     import numpy as np
 
-    from renorm_convert.export import sample_inputs
+    from renorm_convert.onnx.export import sample_inputs
     from renorm_convert.evaluation import to_numpy
 
     xs = sample_inputs(reference, batch=4)
@@ -73,7 +72,7 @@ def check_model_path(path):
 
 
 def default_model_path():
-    """The embedded reference model (models/inception_fmnist.keras)."""
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(os.path.dirname(here), "models",
-                        "inception_fmnist.keras")
+    """The embedded reference model, shipped inside the package."""
+    from renorm_convert import reference
+
+    return reference.path("inception_fmnist")

@@ -45,8 +45,9 @@ def check(args):
         for name in FILES if os.path.isdir(args.out)],
         [("model", path), ("data", source_path(args.data))])
     if not os.path.exists(path):
-        raise PathError(f"{path}: the reference model is missing; build it "
-                        "with `python models/build.py` or pass --model FILE.")
+        raise PathError(f"{path}: the reference model is missing from this "
+                        "installation; reinstall renorm_convert, or pass "
+                        "--model FILE.")
     check_source(args.data)
 
 
@@ -54,7 +55,7 @@ def run(args):
     import keras
 
     import renorm_convert as rc
-    from renorm_convert import callbacks as cb
+    from renorm_convert.train import callbacks as cb
     from renorm_convert.evaluation import accuracy
     from renorm_convert.io import save_atomically
 

@@ -57,7 +57,7 @@ def add_arguments(p):
 
 def check(args):
     import renorm_convert.data as data_lib
-    from renorm_convert._limits import keras_backend
+    from renorm_convert._internal.limits import keras_backend
     from renorm_convert.errors import BackendError
 
     if args.recalibrate and not args.data:
@@ -84,7 +84,7 @@ def check(args):
 def run(args):
     import renorm_convert as rc
     from renorm_convert import data as data_lib
-    from renorm_convert.export import VERIFY_TOLERANCE, FLOAT16_TOLERANCE
+    from renorm_convert.onnx.export import VERIFY_TOLERANCE, FLOAT16_TOLERANCE
 
     from renorm_convert.layers import is_normalization
 

@@ -90,7 +90,7 @@ def add_arguments(p):
 
 
 def history_prefix(args):
-    from renorm_convert.reporting import history_prefix as strip
+    from renorm_convert.train.reporting import history_prefix as strip
 
     return strip(args.history or
                  os.path.splitext(args.output)[0] + ".history")
@@ -101,10 +101,10 @@ def check(args):
     before any work, and what else can be told without a backend: a mistake
     costs nothing, and a trained model is never lost to a path that was
     wrong from the start."""
-    import renorm_convert.checkpoint as checkpoint
-    from renorm_convert._limits import check_strategy_name, keras_backend
+    import renorm_convert.train.checkpoint as checkpoint
+    from renorm_convert._internal.limits import check_strategy_name, keras_backend
     from renorm_convert.data import check_source, source_path
-    from renorm_convert.reporting import history_files
+    from renorm_convert.train.reporting import history_files
 
     check_output(args.output, [args.model], (".keras",))
     flag = "--history" if args.history else "-o (history)"
@@ -145,11 +145,12 @@ def run(args):
     import keras
 
     import renorm_convert as rc
-    from renorm_convert import callbacks as cb
-    from renorm_convert import checkpoint, distribute
+    from renorm_convert.train import callbacks as cb
+    from renorm_convert.train import checkpoint
+    from renorm_convert.train import distribute
     from renorm_convert.data import check_batching, load_source
     from renorm_convert.io import save_atomically
-    from renorm_convert.surgery import KEEP, normalization_settings
+    from renorm_convert.transform.surgery import KEEP, normalization_settings
 
     keras.utils.set_random_seed(args.seed)
     # A multi-worker strategy must exist before TensorFlow's first op.

@@ -22,7 +22,7 @@ def check(args):
 
 def run(args):
     import renorm_convert as rc
-    from renorm_convert.folding import fold_plan
+    from renorm_convert.transform.folding import fold_plan
 
     model = load_model(args)
     plan = fold_plan(model)

@@ -17,14 +17,14 @@ HELP = "the paper's Figure 2 / 3 at small scale"
 
 
 def _per_experiment(name):
-    from renorm_convert._limits import REPRODUCE_DEFAULTS  # no backend
+    from renorm_convert._internal.limits import REPRODUCE_DEFAULTS  # no backend
 
     return ", ".join(f"{value[name]} for {experiment}"
                      for experiment, value in REPRODUCE_DEFAULTS.items())
 
 
 def add_arguments(p):
-    from renorm_convert._limits import REPRODUCE_MODELS  # no backend
+    from renorm_convert._internal.limits import REPRODUCE_MODELS  # no backend
 
     p.add_argument("experiment", choices=["microbatch", "non-iid"],
                    help="Figure 2 (microbatches) or Figure 3 (non-i.i.d. "
@@ -56,7 +56,7 @@ def add_arguments(p):
 
 
 def _config(args):
-    from renorm_convert import reproduce
+    from renorm_convert.train import reproduce
 
     return reproduce.Config(
         experiment=args.experiment, steps=args.steps, seeds=args.seeds,
@@ -66,7 +66,7 @@ def _config(args):
 
 
 def check(args):
-    from renorm_convert._limits import REPRODUCE_DEFAULTS
+    from renorm_convert._internal.limits import REPRODUCE_DEFAULTS
     from renorm_convert.data import check_source, source_path
 
     steps = args.steps or REPRODUCE_DEFAULTS[args.experiment]["steps"]
@@ -84,10 +84,10 @@ def check(args):
 
 
 def run(args):
-    from renorm_convert import reproduce
+    from renorm_convert.train import reproduce
     from renorm_convert.data import check_batching, load_source
-    from renorm_convert.determinism import deterministic
-    from renorm_convert.reporting import write_experiment
+    from renorm_convert.train.determinism import deterministic
+    from renorm_convert.train.reporting import write_experiment
 
     config = _config(args)
     split = load_source(args.data)

@@ -7,7 +7,7 @@
 * `NanGuard`: stops at the first non-finite loss and puts back the last good
   weights and optimizer state;
 * `Checkpoint`: a resumable checkpoint at the end of every epoch
-  (`renorm_convert.checkpoint` says what is on disk);
+  (`renorm_convert.train.checkpoint` says what is on disk);
 * `GradientReport`: mean |gradient| of normalization parameters against the
   other weights, on one batch, before training;
 * `RunRecords`: the run's history (CSV per epoch and per step, JSON) and
@@ -25,10 +25,10 @@ import math
 import keras
 import numpy as np
 
-from renorm_convert import _backend
-from renorm_convert import checkpoint as checkpoint_lib
-from renorm_convert import distribute
-from renorm_convert import _keras_internals as internals
+from renorm_convert._internal import backend as _backend
+from renorm_convert.train import checkpoint as checkpoint_lib
+from renorm_convert.train import distribute
+from renorm_convert._internal import keras_hooks as internals
 from renorm_convert.evaluation import top1
 from renorm_convert.io import write_atomically
 from renorm_convert.layers import is_normalization
@@ -318,7 +318,7 @@ class RunRecords(keras.callbacks.Callback):
     def write(self, epochs, steps):
         """Writes the records of a run whose per-epoch history is `epochs`
         ({metric: [per epoch]}) and per-step log `steps`."""
-        from renorm_convert.reporting import plot_history, write_history
+        from renorm_convert.train.reporting import plot_history, write_history
 
         if not distribute.is_chief():
             return

@@ -7,7 +7,7 @@ surgery (`replace_head`, `freeze_all_but_normalization`, `configure`,
 `PyDataset` or `tf.data`); `compile` gets the optimizer, the loss that fits
 the labels and `jit_compile`; `fit` gets the data, the epochs and the
 callbacks: the schedule (`RenormSchedule`), the per-step log, the NaN guard
-and checkpoints (`renorm_convert.callbacks`), and the caller's own.
+and checkpoints (`renorm_convert.train.callbacks`), and the caller's own.
 """
 
 import dataclasses
@@ -18,19 +18,19 @@ import os
 import keras
 import numpy as np
 
-from renorm_convert import _backend
-from renorm_convert import checkpoint as checkpoint_lib
-from renorm_convert import distribute
-from renorm_convert.batches import ArrayBatches, TrainingBatches
-from renorm_convert.callbacks import Checkpoint, NanGuard, StepLog
-from renorm_convert.conversion import copy_model
+from renorm_convert._internal import backend as _backend
+from renorm_convert.train import checkpoint as checkpoint_lib
+from renorm_convert.train import distribute
+from renorm_convert.data.batches import ArrayBatches, TrainingBatches
+from renorm_convert.train.callbacks import Checkpoint, NanGuard, StepLog
+from renorm_convert.transform.conversion import copy_model
 from renorm_convert.data import Split, class_ids, is_dense
 from renorm_convert.errors import RenormConvertError
 from renorm_convert.evaluation import outputs_probabilities
 from renorm_convert.io import kill_point
 from renorm_convert.layers import renorm_layers
-from renorm_convert.schedule import RenormSchedule
-from renorm_convert.surgery import num_outputs, strided_pointwise_subsampled
+from renorm_convert.train.schedule import RenormSchedule
+from renorm_convert.transform.surgery import num_outputs, strided_pointwise_subsampled
 
 _log = logging.getLogger("renorm_convert")
 
@@ -63,7 +63,7 @@ class FineTuneResult:
         resumed_from: (epoch, step) of the checkpoint the run resumed
             from, or None.
         checkpoint_dir: Where its checkpoints are (kept: remove them with
-            `renorm_convert.checkpoint.remove` once the model is saved).
+            `renorm_convert.train.checkpoint.remove` once the model is saved).
     """
 
     model: object
@@ -228,7 +228,7 @@ def fine_tune(model, train, *, validation=None, epochs=1,
             the newest undamaged one. The directory must be new, empty or
             one of ours, and not held by another run; only our own files in
             it are ever written or deleted. It is kept after training:
-            `renorm_convert.checkpoint.remove(checkpoint_dir)` once the
+            `renorm_convert.train.checkpoint.remove(checkpoint_dir)` once the
             trained model is saved.
         jit_compile: As in `compile`: "auto" (Keras's choice for the
             backend and device), True or False.

@@ -1,7 +1,7 @@
 """Every private Keras / TensorFlow / tf2onnx hook the package uses is still
-there (renorm_convert/_keras_internals.py); each test id names one hook.
+there (renorm_convert/_internal/keras_hooks.py); each test id names one hook.
 
-After installing a newer Keras, `pytest tests/test_keras_internals.py
+After installing a newer Keras, `pytest tests/test_keras_hooks.py
 tests/test_layers.py` says which hook moved. The TensorFlow and tf2onnx
 hooks are checked where TensorFlow is installed.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import renorm_convert as rc
-from renorm_convert import _keras_internals as internals
+from renorm_convert._internal import keras_hooks as internals
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -149,7 +149,7 @@ def _check_tracking_attributes(objects):
            if not internals.is_tracking_attribute(name)]
     assert own == ["inner"], (
         f"unrecognized attributes holding sublayers: {own}; Keras renamed "
-        "its tracking attributes (_keras_internals.is_tracking_attribute)")
+        "its tracking attributes (keras_hooks.is_tracking_attribute)")
 
 
 def _check_own_variables(objects):
@@ -374,9 +374,9 @@ def test_call_signature_is_adopted():
 
 
 def test_module_imports_nothing_heavy():
-    """layers, folding and conversion import `_keras_internals`; it must
+    """layers, folding and conversion import `_internal.keras_hooks`; it must
     not pull TensorFlow, Keras, tf2onnx or onnxruntime in by itself."""
-    path = os.path.join(ROOT, "renorm_convert", "_keras_internals.py")
+    path = os.path.join(ROOT, "renorm_convert", "_internal", "keras_hooks.py")
     code = (
         "import importlib.util, sys\n"
         f"spec = importlib.util.spec_from_file_location('ki', {path!r})\n"
@@ -401,15 +401,15 @@ _PRIVATE = re.compile(
 
 
 def test_private_api_only_behind_one_door():
-    """No module but _keras_internals touches the private API listed here."""
+    """No module outside renorm_convert/_internal/ touches the private API
+    listed here."""
     package = os.path.join(ROOT, "renorm_convert")
     found = []
     names = sorted(os.path.relpath(os.path.join(d, f), package)
                    for d, _, files in os.walk(package) for f in files)
     assert "cli/__init__.py" in names
     for name in names:
-        if not name.endswith(".py") or name in (
-                "_keras_internals.py", "_tf_internals.py") or (
+        if not name.endswith(".py") or name.startswith("_internal/") or (
                 name in _NOT_YET):
             continue
         for number, line in enumerate(open(os.path.join(package, name)), 1):

@@ -1,7 +1,7 @@
 """The private TensorFlow and tf2onnx hooks (and Keras's TensorFlow
 backend's), each with why: ONNX export, deterministic TensorFlow kernels.
 
-Part of the one door to private API (`_keras_internals` re-exports these
+Part of the one door to private API (`_internal.keras_hooks` re-exports these
 names, so callers use that module). Nothing heavy is imported at module
 level: every import happens inside the function that needs it, so this
 module loads on every backend.

@@ -7,7 +7,7 @@ steps and reaches d_max = 5 after 25k steps and r_max = 3 after 40k steps.
 
 import keras
 
-from renorm_convert import _keras_internals as internals
+from renorm_convert._internal import keras_hooks as internals
 from renorm_convert.errors import RenormConvertError
 from renorm_convert.layers import check_d_max, check_r_max, renorm_layers
 

@@ -1,7 +1,7 @@
 """Every use of private Keras / TensorFlow / tf2onnx API, each with why.
 
 The rest of the package calls only the functions here (and public API):
-when a new version moves one of these hooks, `tests/test_keras_internals.py`
+when a new version moves one of these hooks, `tests/test_keras_hooks.py`
 fails naming it, and this is the one file to change.
 
 Nothing heavy is imported at module level: `layers` imports this module, and
@@ -426,7 +426,7 @@ def outputs_structure(model):
 # Protected methods of `keras.layers.BatchNormalization` (Keras >= 3.14) that
 # `BatchRenormalization` overrides or calls: name -> what it does there. The
 # override only takes effect while Keras's `call` still calls it by that name;
-# tests/test_keras_internals.py checks each exists and that the override runs.
+# tests/test_keras_hooks.py checks each exists and that the override runs.
 BATCHNORM_HOOKS = {
     "_renorm_correction_and_moments":
         "r, d and the moments of a batch; overridden to clip r and d by "
@@ -589,9 +589,9 @@ def set_symbolic_build(model, function):
     model._maybe_symbolic_build = function
 
 
-# --- TensorFlow and tf2onnx: in _tf_internals, reached through here ---
+# --- TensorFlow and tf2onnx: in tf_hooks, reached through here ---
 
-from renorm_convert._tf_internals import (  # noqa: E402,F401
+from renorm_convert._internal.tf_hooks import (  # noqa: E402,F401
     disable_tf_op_determinism, grouped_conv_as_plain_op,
     patch_tf2onnx_for_numpy2, tf2onnx_from_function, tf2onnx_optimizers_fixed,
     tf_op_determinism_enabled)

@@ -8,7 +8,7 @@ attribute that holds them and move each layer's own variables by name. Every
 refusal is a `WeightsError` naming the layer and the variable.
 
 `convert`, `fold` and the layer's own `from_batchnorm` all move weights
-through this module; it imports nothing of ours but `_keras_internals` and
+through this module; it imports nothing of ours but `_internal.keras_hooks` and
 `errors`.
 """
 
@@ -17,7 +17,7 @@ import re
 import keras
 import numpy as np
 
-from renorm_convert import _keras_internals as internals
+from renorm_convert._internal import keras_hooks as internals
 from renorm_convert.errors import RenormConvertError
 
 

@@ -40,7 +40,7 @@ __all__ = ["fold_affine", "count_affine_after_linear",
            "count_affine_before_linear"]
 
 
-from renorm_convert._onnx_graph import (_FLOATS, _attr,  # noqa: E402
+from renorm_convert.onnx.graph import (_FLOATS, _attr,  # noqa: E402
                                         _Graph, _set_attr)
 
 

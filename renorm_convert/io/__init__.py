@@ -55,7 +55,8 @@ def load(path, *, safe_mode=True, custom_objects=None):
     import keras
 
     import renorm_convert
-    from renorm_convert import _keras_internals as internals, legacy
+    from renorm_convert._internal import keras_hooks as internals
+    from renorm_convert.io import keras2 as legacy
 
     renorm_convert.register()
     path = str(path)

@@ -5,7 +5,7 @@ import contextlib
 
 import keras
 
-from renorm_convert import _keras_internals as internals
+from renorm_convert._internal import keras_hooks as internals
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ import keras
 import networkx as nx
 from keras import tree
 
-from renorm_convert import _keras_internals as internals
+from renorm_convert._internal import keras_hooks as internals
 from renorm_convert.errors import RenormConvertError
 
 

@@ -6,7 +6,7 @@ Functional and Sequential models (nested ones too) are rebuilt with
 `keras.models.clone_model(..., recursive=True)`, which keeps the graph, shared
 layers and input / output names; the weights, which clone_model does not copy,
 are moved by name (`weights`). A layer whose config does not recreate it
-is copied as it is in memory instead (`_keras_internals.live_copy`).
+is copied as it is in memory instead (`keras_hooks.live_copy`).
 Subclassed models and custom layers that own
 BatchNormalization sublayers are copied and their tracked sublayers swapped
 in place, as PyTorch's `convert_sync_batchnorm` does.
@@ -17,13 +17,13 @@ import re
 
 import keras
 
-from renorm_convert import _keras_internals as internals
-from renorm_convert.blocks import (SwappedBlock, is_block,
+from renorm_convert._internal import keras_hooks as internals
+from renorm_convert.transform.blocks import (SwappedBlock, is_block,
                                    normalization_sublayers, unwrapped)
 from renorm_convert.errors import RenormConvertError
-from renorm_convert.graph import is_graph_model, iter_layers
+from renorm_convert.transform.graph import is_graph_model, iter_layers
 from renorm_convert.layers import BatchRenormalization
-from renorm_convert.weights import (WeightsError, clone_layer,
+from renorm_convert.transform.weights import (WeightsError, clone_layer,
                                     clone_prebuilt, clone_with_weights,
                                     copy_weights, mirror, put, sublayer_items)
 

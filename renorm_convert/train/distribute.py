@@ -19,8 +19,8 @@ import sys
 
 import keras
 
-from renorm_convert import _keras_internals as internals
-from renorm_convert._limits import (  # noqa: F401  (public here)
+from renorm_convert._internal import keras_hooks as internals
+from renorm_convert._internal.limits import (  # noqa: F401  (public here)
     STRATEGIES, StrategyError, check_strategy_name)
 
 def _is_tf_strategy(strategy):
@@ -84,7 +84,7 @@ def data_parallel():
             except RuntimeError as e:
                 raise StrategyError(
                     f"cannot join the JAX job now ({e}): call "
-                    "renorm_convert.distribute.data_parallel() at the start "
+                    "renorm_convert.train.distribute.data_parallel() at the start "
                     "of the program, before any JAX array is made (a model "
                     "built or loaded), and pass what it returns as {arg}.",
                     "strategy", "the distribution", quote=False) from None

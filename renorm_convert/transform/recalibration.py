@@ -5,8 +5,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from renorm_convert import _keras_internals as internals
-from renorm_convert.conversion import copy_model
+from renorm_convert._internal import keras_hooks as internals
+from renorm_convert.transform.conversion import copy_model
 from renorm_convert.data import Split, model_image_shape
 from renorm_convert.errors import RenormConvertError
 from renorm_convert.evaluation import to_numpy
@@ -138,7 +138,7 @@ def _input_batches(model, data, batch_size):
     """Model-input batches from an array, list of arrays, Split or an
     iterable of batches."""
     if isinstance(data, Split):
-        from renorm_convert.batches import TrainingBatches
+        from renorm_convert.data.batches import TrainingBatches
 
         batches = TrainingBatches(data, model_image_shape(model), batch_size)
         for i in range(batches.num_batches):

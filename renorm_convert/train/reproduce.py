@@ -16,11 +16,11 @@ import keras
 import numpy as np
 
 from renorm_convert import data as data_lib
-from renorm_convert._limits import REPRODUCE_DEFAULTS, REPRODUCE_MODELS
-from renorm_convert.conversion import convert
+from renorm_convert._internal.limits import REPRODUCE_DEFAULTS, REPRODUCE_MODELS
+from renorm_convert.transform.conversion import convert
 from renorm_convert.errors import RenormConvertError
 from renorm_convert.evaluation import top1
-from renorm_convert.finetune import fine_tune
+from renorm_convert.train.finetune import fine_tune
 from renorm_convert.layers import renorm_layers
 
 # The paper's numbers (ImageNet, Inception-v2 style network), for reference.
@@ -156,7 +156,7 @@ def run(config, progress=None):
     "config": ..., "paper": ...}. `progress`, if given, is called with a
     line of text after every arm of every seed. Each seed's arms start from
     `keras.utils.set_random_seed(seed)`; run it inside
-    `renorm_convert.determinism.deterministic()` for results that repeat
+    `renorm_convert.train.determinism.deterministic()` for results that repeat
     exactly."""
     for name in ("steps", "seeds", "eval_every", "batch_size", "eval_size"):
         if getattr(config, name) < 1:

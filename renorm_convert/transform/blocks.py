@@ -11,10 +11,10 @@ import inspect
 
 import keras
 
-from renorm_convert import _keras_internals as internals
-from renorm_convert.graph import is_graph_model
+from renorm_convert._internal import keras_hooks as internals
+from renorm_convert.transform.graph import is_graph_model
 from renorm_convert.layers import BatchRenormalization, is_normalization
-from renorm_convert.weights import put, sublayer_items, sublayer_paths
+from renorm_convert.transform.weights import put, sublayer_items, sublayer_paths
 
 
 def unwrapped(layer):

@@ -16,17 +16,17 @@ import os
 import keras
 import numpy as np
 
-from renorm_convert import _backend
-from renorm_convert import _keras_internals as internals
-from renorm_convert._limits import MAX_OPSET, MIN_OPSET
+from renorm_convert._internal import backend as _backend
+from renorm_convert._internal import keras_hooks as internals
+from renorm_convert._internal.limits import MAX_OPSET, MIN_OPSET
 from renorm_convert.data import class_ids
 from renorm_convert.errors import ExportError
 from renorm_convert.evaluation import logits as keras_logits
 from renorm_convert.evaluation import to_numpy
-from renorm_convert.folding import fold, fold_plan
-from renorm_convert.graph import iter_layers
+from renorm_convert.transform.folding import fold, fold_plan
+from renorm_convert.transform.graph import iter_layers
 from renorm_convert.io import kill_point, replace_atomically
-from renorm_convert.quantization import quantize_int8
+from renorm_convert.onnx.quantization import quantize_int8
 
 _log = logging.getLogger("renorm_convert")
 
@@ -381,7 +381,7 @@ def export_onnx(model, path, *, opset=None, verify=True,
     # What Keras could not fold (normalization a custom layer's own code
     # joins to its Conv), in the ONNX graph; before verification, so the
     # parity check covers it.
-    from renorm_convert.onnx_folding import fold_affine
+    from renorm_convert.onnx.folding import fold_affine
 
     onnx_model, folded_onnx = fold_affine(onnx_model)
     report = ExportReport(
@@ -481,7 +481,7 @@ def _in_float32(model):
     below = sorted(p for p in policies if p != "float32")
     if not below:
         return model
-    from renorm_convert.conversion import recast
+    from renorm_convert.transform.conversion import recast
 
     _log.info(f"the model computes in {', '.join(below)}; exporting it "
               "computing in float32 (its weights are float32)")

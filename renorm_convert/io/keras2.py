@@ -17,7 +17,7 @@ import sys
 import h5py
 import keras
 
-from renorm_convert import _keras_internals as internals
+from renorm_convert._internal import keras_hooks as internals
 from renorm_convert.errors import BackendError
 
 TF_OP_CLASSES = ("TFOpLambda", "SlicingOpLambda")

@@ -10,7 +10,7 @@ Sources (`load_source` spec):
     DIR                  a directory of images, one sub-directory per class
 
 Everything here is NumPy (the command line checks sources before any
-backend loads); `renorm_convert.batches` turns a Split into the
+backend loads); `renorm_convert.data.batches` turns a Split into the
 `keras.utils.PyDataset`s that `fit` takes on every backend.
 """
 
@@ -163,7 +163,7 @@ class Split:
     def training_batches(self, model, batch_size=32, *, non_iid_classes=None,
                          seed=0, steps_per_epoch=None):
         """`batches.TrainingBatches` of the training part for `model`."""
-        from renorm_convert.batches import TrainingBatches
+        from renorm_convert.data.batches import TrainingBatches
 
         return TrainingBatches(self, model_image_shape(model), batch_size,
                                non_iid_classes=non_iid_classes, seed=seed,
@@ -172,7 +172,7 @@ class Split:
     def evaluation_batches(self, model, batch_size=256, count=None):
         """`batches.EvaluationBatches` of the (first `count`) validation
         examples."""
-        from renorm_convert.batches import EvaluationBatches
+        from renorm_convert.data.batches import EvaluationBatches
 
         return EvaluationBatches(self.x_val[:count], self.y_val[:count],
                                  model_image_shape(model), batch_size,

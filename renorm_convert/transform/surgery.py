@@ -9,8 +9,8 @@ import contextlib
 
 import keras
 
-from renorm_convert import _keras_internals as internals
-from renorm_convert.conversion import ConversionError, copy_model
+from renorm_convert._internal import keras_hooks as internals
+from renorm_convert.transform.conversion import ConversionError, copy_model
 from renorm_convert.layers import (BatchRenormalization, check_d_max,
                                    check_microbatch_size, check_momentum,
                                    check_r_max, is_normalization)

@@ -12,12 +12,12 @@ import dataclasses
 import keras
 import numpy as np
 
-from renorm_convert import _keras_internals as internals
-from renorm_convert.blocks import is_block, normalization_sublayers, unwrapped
-from renorm_convert.graph import (consumers, is_graph_model, model_graph,
+from renorm_convert._internal import keras_hooks as internals
+from renorm_convert.transform.blocks import is_block, normalization_sublayers, unwrapped
+from renorm_convert.transform.graph import (consumers, is_graph_model, model_graph,
                                   rebuild)
 from renorm_convert.layers import is_normalization
-from renorm_convert.weights import (assign_by_name, build_like, clone_layer,
+from renorm_convert.transform.weights import (assign_by_name, build_like, clone_layer,
                                     clone_prebuilt, put, sublayer_items,
                                     values_by_name)
 

@@ -1,0 +1,1 @@
+"""ONNX export: per-backend conversion, graph passes, verification, int8 / float16."""

@@ -1,0 +1,1 @@
+"""Fine-tuning: the schedule, callbacks, checkpoints, strategies, records, the paper's experiments."""
