@@ -1,7 +1,25 @@
 """Model builders and checks shared by the test modules."""
 
+import os
+
 import keras
 import numpy as np
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def subprocess_env(drop=(), **extra):
+    """The environment a test's child process runs in: this one, quiet,
+    with the tests folder importable, without the variables named in
+    `drop` (or starting with one ending in "_"), plus `extra`."""
+    env = {k: v for k, v in os.environ.items()
+           if not any(k == d or (d.endswith("_") and k.startswith(d))
+                      for d in drop)}
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONPATH"] = os.pathsep.join(
+        [TESTS] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    env.update(extra)
+    return env
 
 
 def randomize_statistics(model, seed=0):

@@ -13,6 +13,8 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import subprocess_env
+
 pytestmark = pytest.mark.skipif(
     os.environ.get("KERAS_BACKEND", "tensorflow") != "jax",
     reason="keras.distribution runs on the JAX backend (KERAS_BACKEND=jax)")
@@ -50,11 +52,8 @@ def runs(tmp_path_factory):
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("KERAS_DISTRIBUTION_") and k != "XLA_FLAGS"}
-    env.update(KERAS_BACKEND="jax", PYTHONPATH=os.pathsep.join(
-        [HERE] + [p for p in [os.environ.get("PYTHONPATH")] if p]), **extra)
-    return env
+    return subprocess_env(drop=("KERAS_DISTRIBUTION_", "XLA_FLAGS"),
+                          KERAS_BACKEND="jax", **extra)
 
 
 def _assert_matches_reference(runs, got):

@@ -2,7 +2,6 @@
 and atomic writes; on every backend."""
 
 import os
-import signal
 import subprocess
 import sys
 import zipfile
@@ -250,26 +249,6 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     assert sorted(os.listdir(tmp_path)) == sorted(
         [names["alive"], names["other"], names["model"]])
     assert io.remove_stale_temporaries(tmp_path / "missing") == []
-
-
-def test_kill_point_signals_at_its_nth_passage(monkeypatch):
-    caught = []
-    previous = signal.signal(signal.SIGUSR1,
-                             lambda signum, frame: caught.append(signum))
-    try:
-        monkeypatch.setattr(io, "_passages", {})
-        monkeypatch.setenv("RENORM_CONVERT_TEST_KILL_AT", "before-rename:2")
-        monkeypatch.setenv("RENORM_CONVERT_TEST_KILL_SIGNAL", "SIGUSR1")
-        io.kill_point("after-training")
-        io.kill_point("before-rename")
-        assert caught == []
-        io.kill_point("before-rename")
-        assert caught == [signal.SIGUSR1]
-        monkeypatch.delenv("RENORM_CONVERT_TEST_KILL_AT")
-        io.kill_point("before-rename")
-        assert caught == [signal.SIGUSR1]
-    finally:
-        signal.signal(signal.SIGUSR1, previous)
 
 
 def _scaled_mean(t):

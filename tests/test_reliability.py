@@ -1,9 +1,10 @@
 """Nothing lost, on every backend: bad input refused up front without a
 trace on disk; runs killed (SIGKILL) at chosen moments finish, when rerun,
 as if never interrupted; a NaN loss keeps the last good state; a checkpoint
-directory is held by one run at a time. The kills come from
-RENORM_CONVERT_TEST_KILL_AT, a hook at fixed points of the code, not from
-timing. Only the ONNX export parts need TensorFlow."""
+directory is held by one run at a time. The kills strike at chosen calls
+into Keras, onnxruntime and the OS (tests/faults.py wraps them from the
+outside), not at random times. Only the ONNX export parts need
+TensorFlow."""
 
 import hashlib
 import os
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 import renorm_convert as rc
-from helpers import numpy
+from helpers import numpy, subprocess_env
 from renorm_convert.data.batches import TrainingBatches
 from renorm_convert.train.checkpoint import CheckpointError
 from renorm_convert.cli import main
@@ -220,24 +221,19 @@ def test_convert_revert_export_demo_refuse_bad_input(work, capsys, tmp_path):
 
 # --- kills ------------------------------------------------------------------------
 
-def _env(**extra):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    for name in ("RENORM_CONVERT_TEST_KILL_AT",
-                 "RENORM_CONVERT_TEST_KILL_SIGNAL"):
-        env.pop(name, None)
-    env.update(extra)
-    return env
+FAULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      "faults.py")
 
 
 def _cli(*argv, kill_at=None, kill_signal="SIGKILL", cwd=None):
-    extra = {}
+    """The command line in a new process; `kill_at` names the moment
+    (tests/faults.py) at which it is sent `kill_signal`."""
+    command = [sys.executable, "-m", "renorm_convert.cli"]
     if kill_at:
-        extra = {"RENORM_CONVERT_TEST_KILL_AT": kill_at,
-                 "RENORM_CONVERT_TEST_KILL_SIGNAL": kill_signal}
+        command = [sys.executable, FAULTS, kill_at, kill_signal, "--"]
     return subprocess.run(
-        [sys.executable, "-m", "renorm_convert.cli"] + [str(a) for a in argv],
-        capture_output=True, text=True, env=_env(**extra), timeout=300,
-        cwd=cwd)
+        command + [str(a) for a in argv], capture_output=True, text=True,
+        env=subprocess_env(), timeout=300, cwd=cwd)
 
 
 def _finetune_args(work, out, *extra):
@@ -631,7 +627,7 @@ def _holder(directory, how="wait"):
     how="die", one that took it and was killed holding it."""
     child = subprocess.Popen([sys.executable, "-c", HOLD, str(directory), how],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True, env=_env())
+                             text=True, env=subprocess_env())
     assert child.stdout.readline().strip() == "held"
     if how == "die":
         assert child.wait(timeout=60) == -signal.SIGKILL

@@ -225,7 +225,6 @@ def replace_atomically(path, write, suffix=None):
     os.close(fd)
     try:
         write(tmp)
-        kill_point("before-rename")
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, _umask_mode())  # mkstemp makes it private

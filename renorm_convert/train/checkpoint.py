@@ -29,7 +29,7 @@ import socket
 import time
 
 import renorm_convert.io as _io
-from renorm_convert.io import UsageError, kill_point, write_atomically
+from renorm_convert.io import UsageError, write_atomically
 
 MARKER = ".renorm-convert-checkpoint"
 LOCK = ".renorm-convert-lock"
@@ -236,7 +236,6 @@ def write(directory, model, *, epoch, step, history, steps, extra=None):
 
     def save(tmp):
         model.save_weights(tmp)
-        kill_point("checkpoint-write")
         record["size"] = os.path.getsize(tmp)
         record["sha256"] = _sha256(tmp)
 

@@ -27,7 +27,6 @@ from renorm_convert.transform.conversion import copy_model
 from renorm_convert.data import Split, class_ids, is_dense
 from renorm_convert.errors import RenormConvertError
 from renorm_convert.evaluation import outputs_probabilities
-from renorm_convert.io import kill_point
 from renorm_convert.layers import renorm_layers
 from renorm_convert.train.schedule import RenormSchedule
 from renorm_convert.transform.surgery import num_outputs, strided_pointwise_subsampled
@@ -364,7 +363,6 @@ def _fit(model, train_data, val_data, steps, epochs, schedule, callbacks,
                                 shuffle=False).history
         else:  # every epoch was done before an interruption
             history = {}
-    kill_point("after-training")
     merged = {k: list(v) for k, v in (resume.history if resume else
                                       {}).items()}
     for key, values in history.items():
