@@ -74,7 +74,9 @@ class _Graph:
         self.outputs = {o.name for o in graph.output}
         self.new_initializers = {}
         self.touched = set()  # constants that folds may have orphaned
-        self.removed = set()  # ids of the nodes taken out
+        # The nodes taken out, by id (held, so that no new node gets the
+        # id of one taken out).
+        self.removed = {}
         self._cache = {}
         self.shapes = _shapes(model) if shapes else {}
         self.reindex()
@@ -137,16 +139,16 @@ class _Graph:
             return None
         return self.consumers[name][0]
 
-    def fresh_name(self, base):
+    def fresh_name(self, base, suffix="folded"):
         taken = self.names()
-        name, i = f"{base}_folded", 1
+        name, i = f"{base}_{suffix}", 1
         while name in taken:
-            name, i = f"{base}_folded_{i}", i + 1
+            name, i = f"{base}_{suffix}_{i}", i + 1
         self._cache[name] = None  # taken from now on
         return name
 
-    def add_constant(self, base, value):
-        name = self.fresh_name(base)
+    def add_constant(self, base, value, suffix="folded"):
+        name = self.fresh_name(base, suffix)
         self.new_initializers[name] = value
         self._cache[name] = value
         return name
@@ -174,7 +176,7 @@ class _Graph:
         out = node.output[0]
         self.touched.update(n for n in node.input if n and n != data)
         del self.nodes[self.index(node)]
-        self.removed.add(id(node))
+        self.removed[id(node)] = node
         if out in self.outputs:
             # The graph output keeps its name: the producer of `data` (read
             # by nothing else) writes it.
@@ -187,6 +189,35 @@ class _Graph:
         else:
             self.replace_uses(out, data)
         self.reindex()
+
+    def remove(self, node):
+        """Takes out `node`, whose outputs nothing reads any more."""
+        self.touched.update(n for n in node.input if n)
+        del self.nodes[self.index(node)]
+        self.removed[id(node)] = node
+        self.reindex()
+
+    def bypass(self, node, data):
+        """Removes `node`, whose one output equals its input `data`: what
+        read the output reads `data`. Where the output is a graph output,
+        the producer of `data` writes it under the output's name instead;
+        False (nothing changed) where that cannot be (`data` is a graph
+        input, an initializer or a graph output itself)."""
+        out = node.output[0]
+        if out not in self.outputs:
+            self.replace_uses(out, data)
+            self.remove(node)
+            return True
+        producer = self.producer.get(data)
+        if producer is None or data in self.outputs:
+            return False
+        for i, name in enumerate(producer.output):
+            if name == data:
+                producer.output[i] = out
+        self.replace_uses(data, out)
+        self.shapes.setdefault(out, self.shapes.get(data))
+        self.remove(node)
+        return True
 
     def finish(self):
         """Writes the nodes and new constants back into the model, without
