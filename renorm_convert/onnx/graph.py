@@ -74,6 +74,7 @@ class _Graph:
         self.outputs = {o.name for o in graph.output}
         self.new_initializers = {}
         self.touched = set()  # constants that folds may have orphaned
+        self.stale = set()  # values whose shape changed: their info goes
         # The nodes taken out, by id (held, so that no new node gets the
         # id of one taken out).
         self.removed = {}
@@ -242,7 +243,8 @@ class _Graph:
         graph.initializer.extend(initializers)
         alive = {n for node in keep for n in node.output} | self.graph_inputs \
             | {t.name for t in initializers} | self.outputs
-        infos = [v for v in graph.value_info if v.name in alive]
+        infos = [v for v in graph.value_info
+                 if v.name in alive and v.name not in self.stale]
         del graph.value_info[:]
         graph.value_info.extend(infos)
 

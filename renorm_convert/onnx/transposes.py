@@ -69,36 +69,39 @@ def _opset(model):
 
 
 class _Push:
-    """How one op is rewritten to read the untransposed values: its new
-    inputs, its attribute changes, and the perm of the Transpose that
-    follows it (None: none is needed)."""
+    """How one op of a region is rewritten to read untransposed values: its
+    new inputs, its attribute changes, and the perm its output is stored
+    in afterwards, relative to now (the region's perm: it stays in the
+    region; None: as it is now; another: a Transpose of that perm must
+    follow it)."""
 
     def __init__(self, node, inputs, attributes, out_perm, freed):
         self.node, self.inputs = node, inputs
         self.attributes, self.out_perm = attributes, out_perm
-        self.freed = freed  # Transposes (other than the one pushed) read here
+        self.freed = freed  # Transposes with the region's perm read here
 
 
-def _data_inputs(g, node, y, perm):
+def _data_inputs(g, node, region, perm):
     """The new inputs of an elementwise / Concat `node` whose data inputs
-    are all Transposes with `perm` (or constants, transposed here), or
-    None. (new inputs list, the other Transposes read)."""
+    are all values of the region, Transposes with `perm`, or constants
+    (transposed here); None where one is not. (inputs, Transposes read)."""
     rank, inverse = len(perm), _inverse(perm)
     inputs, freed = [], []
     for name in node.input:
         producer = g.producer.get(name)
-        if name == y or (producer is not None and producer.op_type ==
-                         "Transpose" and _perm(producer) == perm):
-            source = producer.input[0] if name != y else None
-            inputs.append(("value", source))
-            if name != y:
-                freed.append(producer)
+        if name in region:
+            inputs.append(("region", name))
+            continue
+        if producer is not None and producer.op_type == "Transpose" and (
+                _perm(producer) == perm):
+            inputs.append(("value", producer.input[0]))
+            freed.append(producer)
             continue
         value = g.const(name)
         if value is None or value.ndim > rank:
             return None
         if value.size == 1:  # broadcasts the same along any axes
-            inputs.append(("keep", name))
+            inputs.append(("value", name))
             continue
         full = value.reshape((1,) * (rank - value.ndim) + value.shape)
         inputs.append(("const", np.ascontiguousarray(
@@ -106,7 +109,7 @@ def _data_inputs(g, node, y, perm):
     return inputs, freed
 
 
-def _reduce_push(g, node, perm, opset):
+def _reduce_push(g, node, perm):
     rank = len(perm)
     keepdims = int(_attr(node, "keepdims", 1))
     axes_input = len(node.input) > 1 and node.input[1]
@@ -118,12 +121,12 @@ def _reduce_push(g, node, perm, opset):
     else:
         axes = _attr(node, "axes")
         axes = None if axes is None else [int(a) for a in axes]
-    inputs = [("value", None)]
+    inputs = [("region", node.input[0])]
     if not axes:
         if int(_attr(node, "noop_with_empty_axes", 0)):
             return None
         # Every axis reduced: the result has only sizes of 1, in any order.
-        inputs += [("keep", n) for n in node.input[1:]]
+        inputs += [("value", n) for n in node.input[1:]]
         return inputs, {}, None
     axes = [a + rank if a < 0 else a for a in axes]
     new_axes = sorted(perm[a] for a in axes)
@@ -147,8 +150,8 @@ def _pad_push(g, node, perm, opset):
         pads = _attr(node, "pads")
         if pads is None:
             return None
-        new = _permuted_pads(list(pads), perm)
-        return [("value", None)], {"pads": new}, perm
+        return ([("region", node.input[0])],
+                {"pads": _permuted_pads(list(pads), perm)}, perm)
     if len(node.input) > 3 and node.input[3]:  # axes: not handled
         return None
     pads = g.const(node.input[1]) if len(node.input) > 1 else None
@@ -156,8 +159,8 @@ def _pad_push(g, node, perm, opset):
         return None
     new = np.asarray(_permuted_pads(pads.reshape(-1).tolist(), perm),
                      pads.dtype)
-    inputs = [("value", None), ("const", new)]
-    inputs += [("keep", n) for n in node.input[2:]]
+    inputs = [("region", node.input[0]), ("const", new)]
+    inputs += [("value", n) for n in node.input[2:]]
     return inputs, {}, perm
 
 
@@ -169,46 +172,35 @@ def _permuted_pads(pads, perm):
     return new
 
 
-def _push(g, node, y, perm, opset):
-    """How `node`, reading the Transpose output `y` (of `perm`), would read
-    the value before the Transpose instead; None where it cannot."""
+def _push(g, node, region, perm, opset):
+    """How `node`, reading values of the region (stored transposed by
+    `perm`), would read them untransposed; None where it cannot."""
     if node.domain not in ("", "ai.onnx") or len(node.output) != 1:
         return None
     op, rank = node.op_type, len(perm)
-    freed = []
-    if op in _UNARY:
-        if list(node.input).index(y) != 0 or y in node.input[1:]:
-            return None
-        if op == "PRelu":  # its slope broadcasts like a second operand
-            found = _data_inputs(g, node, y, perm)
-            if found is None:
-                return None
-            inputs, freed = found
-        else:
-            inputs = [("value", None)] + [("keep", n)
-                                          for n in node.input[1:]]
-        attributes, out_perm = {}, perm
-    elif op in _BROADCAST or op == "Concat":
-        found = _data_inputs(g, node, y, perm)
+    first_only = node.input[0] in region and not any(
+        n in region for n in node.input[1:])
+    freed, attributes, out_perm = [], {}, perm
+    if op in _BROADCAST or op in ("Concat", "PRelu"):
+        found = _data_inputs(g, node, region, perm)
         if found is None:
             return None
         inputs, freed = found
-        attributes, out_perm = {}, perm
         if op == "Concat":
             axis = int(_attr(node, "axis"))
             attributes["axis"] = perm[axis + rank if axis < 0 else axis]
-    elif op in _AXIS and opset >= 13:
-        if list(node.input) != [y]:
-            return None
+    elif not first_only:
+        return None
+    elif op in _UNARY:
+        inputs = [("region", node.input[0])] + [("value", n)
+                                                for n in node.input[1:]]
+    elif op in _AXIS and opset >= 13 and len(node.input) == 1:
         axis = int(_attr(node, "axis", -1))
-        inputs = [("value", None)]
-        attributes, out_perm = {"axis": perm[axis + rank if axis < 0
-                                             else axis]}, perm
+        inputs = [("region", node.input[0])]
+        attributes["axis"] = perm[axis + rank if axis < 0 else axis]
     elif op in _REDUCE or op == "Pad":
-        if node.input[0] != y or y in node.input[1:]:
-            return None
-        found = (_reduce_push if op in _REDUCE else _pad_push)(
-            g, node, perm, opset)
+        found = (_reduce_push(g, node, perm) if op in _REDUCE
+                 else _pad_push(g, node, perm, opset))
         if found is None:
             return None
         inputs, attributes, out_perm = found
@@ -217,13 +209,114 @@ def _push(g, node, y, perm, opset):
     return _Push(node, inputs, attributes, out_perm, freed)
 
 
-def _apply(g, push, source):
-    """Rewrites `push.node` to read untransposed values, with a Transpose
-    of `push.out_perm` after it writing its old output."""
+def _grow(g, y, perm, opset):
+    """The region below the Transpose output `y`: every op, in graph order,
+    that reads region values and can read them untransposed, and whose
+    output stays in the region's layout or leaves it. (values stored
+    transposed by `perm`, [push of each op])."""
+    order = {id(n): i for i, n in enumerate(g.nodes)}
+    region, pushes, seen = {y}, [], set()
+    pending = {id(r): r for r in g.consumers.get(y, ())}
+    while pending:
+        key = min(pending, key=order.__getitem__)
+        node = pending.pop(key)
+        if key in seen or node.op_type == "Transpose":
+            continue  # a Transpose below the region cancels or merges
+        seen.add(key)
+        push = _push(g, node, region, perm, opset)
+        if push is None:
+            continue
+        pushes.append(push)
+        if push.out_perm == perm:
+            region.add(node.output[0])
+            pending.update((id(r), r) for r in g.consumers.get(
+                node.output[0], ()))
+    return region, pushes
+
+
+def _outside_readers(g, value, inside):
+    return list({id(r): r for r in g.consumers.get(value, ())
+                 if id(r) not in inside}.values())
+
+
+def _meets(reader, perm):
+    """The perm a Transpose reading a region value would have reading it
+    untransposed; None if `reader` is not such a Transpose."""
+    second = _perm(reader) if reader.op_type == "Transpose" else None
+    if second is None or len(second) != len(perm):
+        return None
+    return [perm[i] for i in second]
+
+
+def _cost(g, region, pushes, perm):
+    """How many nodes the move would add (negative: remove)."""
+    inside = {id(p.node) for p in pushes}
+    change = -1  # the Transpose moved
+    for value in region:
+        needs = value in g.outputs or value in g.sub_refs
+        for reader in _outside_readers(g, value, inside):
+            combined = _meets(reader, perm)
+            if combined is None:
+                needs = True
+            elif _is_identity(combined):
+                change -= 1
+        change += needs
+    change += sum(p.out_perm not in (None, perm) for p in pushes)
+    freed = {id(t): t for p in pushes for t in p.freed}
+    change -= sum(t.output[0] not in g.outputs and all(
+        id(r) in inside for r in g.consumers.get(t.output[0], ()))
+        for t in freed.values())
+    return change
+
+
+def _new_transpose(g, after, source, out, perm):
+    node = helper.make_node("Transpose", [source], [out], perm=list(perm),
+                            name=g.fresh_name(out, "transpose"))
+    g.nodes.insert(g.index(after) + 1, node)
+    return node
+
+
+def _move(g, node, perm, region, pushes):
+    """Rewrites the region to compute untransposed values: Transposes
+    below it read those (merged, or gone where they cancel), and a
+    Transpose of `perm` writes each region value still read as it was."""
+    y, inside = node.output[0], {id(p.node) for p in pushes}
+    plain = {y: node.input[0]}
+    for push in pushes:
+        if push.out_perm == perm:
+            out = push.node.output[0]
+            plain[out] = g.fresh_name(out, "nchw")
+    cancelled = []
+    for value in region:
+        needs = value in g.outputs or value in g.sub_refs
+        for reader in _outside_readers(g, value, inside):
+            combined = _meets(reader, perm)
+            if combined is None:
+                needs = True
+                continue
+            reader.input[0] = plain[value]
+            _set_attr(reader, "perm", combined)
+            if _is_identity(combined):
+                cancelled.append(reader)
+        if needs and value != y:
+            producer = g.producer[value]
+            _new_transpose(g, producer, plain[value], value, perm)
+    for push in pushes:
+        _rewrite(g, push, plain, perm)
+    g.reindex()
+    for reader in cancelled:
+        if g.alive(reader):
+            g.bypass(reader, reader.input[0])
+    for t in [node] + [t for p in pushes for t in p.freed]:
+        if g.alive(t) and _unread(g, t.output[0]):
+            g.remove(t)
+
+
+def _rewrite(g, push, plain, perm):
     node = push.node
     for i, (kind, value) in enumerate(push.inputs):
-        if kind == "value":
-            node.input[i] = source if value is None else value
+        if kind == "region":
+            node.input[i] = plain[value]
         elif kind == "const":
             base = node.input[i] or node.name or node.op_type
             g.touched.add(node.input[i])
@@ -232,15 +325,12 @@ def _apply(g, push, source):
             node.input[i] = value
     for name, value in push.attributes.items():
         _set_attr(node, name, value)
-    if push.out_perm is not None:
-        out = node.output[0]
-        fresh = g.fresh_name(out, "nchw")
-        node.output[0] = fresh
-        transpose = helper.make_node("Transpose", [fresh], [out],
-                                     name=g.fresh_name(
-                                         node.name or out, "transpose"),
-                                     perm=list(push.out_perm))
-        g.nodes.insert(g.index(node) + 1, transpose)
+    out = node.output[0]
+    if push.out_perm == perm:
+        node.output[0] = plain[out]
+    elif push.out_perm is not None:
+        node.output[0] = g.fresh_name(out, "nchw")
+        _new_transpose(g, node, node.output[0], out, push.out_perm)
 
 
 def _unread(g, name):
@@ -253,12 +343,9 @@ def _cancel_following(g, node, perm):
     input (none where they cancel). Returns whether anything changed."""
     source, changed = node.input[0], False
     for reader in list(g.consumers.get(node.output[0], ())):
-        if reader.op_type != "Transpose" or not g.alive(reader):
+        combined = _meets(reader, perm)
+        if combined is None or not g.alive(reader):
             continue
-        second = _perm(reader)
-        if second is None or len(second) != len(perm):
-            continue
-        combined = [perm[i] for i in second]
         reader.input[0] = source
         _set_attr(reader, "perm", combined)
         g.reindex()
@@ -268,32 +355,38 @@ def _cancel_following(g, node, perm):
     return changed
 
 
+def _into_reshape(g, node, perm):
+    """A Transpose after a Reshape (its only reader) that moves only axes
+    of size 1 keeps the order of the values: the Reshape writes the
+    transposed shape itself (a squeeze-and-excitation block's (N, 1, 1, C)
+    to NCHW). Returns whether it did."""
+    data = node.input[0]
+    reshape = g.producer.get(data)
+    if reshape is None or reshape.op_type != "Reshape" or len(
+            reshape.input) < 2 or g.sole_consumer(data) is not node:
+        return False
+    shape = g.const(reshape.input[1])
+    if shape is None or shape.ndim != 1 or len(shape) != len(perm) or (
+            0 in shape.tolist()):
+        return False
+    moved = [axis for axis in perm if shape[axis] != 1]
+    if moved != sorted(moved):
+        return False
+    new_shape = np.asarray([shape[axis] for axis in perm], shape.dtype)
+    g.touched.add(reshape.input[1])
+    reshape.input[1] = g.add_constant(reshape.input[1], new_shape, "nchw")
+    g.stale.add(data)
+    return g.bypass(node, data)
+
+
 def _try_push(g, node, perm, opset):
-    """Moves the Transpose `node` below every op reading it, where each can
-    read the untransposed value and no node is added in all."""
     y = node.output[0]
     if y in g.outputs or y in g.sub_refs:
         return False
-    readers = list({id(r): r for r in g.consumers.get(y, ())}.values())
-    if not readers:
+    region, pushes = _grow(g, y, perm, opset)
+    if not pushes or _cost(g, region, pushes, perm) > 0:
         return False
-    pushes = [_push(g, reader, y, perm, opset) for reader in readers]
-    if any(p is None for p in pushes):
-        return False
-    added = sum(p.out_perm is not None for p in pushes)
-    reading = {id(r) for r in readers}
-    freed = {id(t): t for p in pushes for t in p.freed}
-    removed = 1 + sum(all(id(r) in reading for r in g.consumers.get(
-        t.output[0], ())) and t.output[0] not in g.outputs
-        for t in freed.values())
-    if added > removed:
-        return False
-    for push in pushes:
-        _apply(g, push, node.input[0])
-    g.reindex()
-    for t in [node] + list(freed.values()):
-        if g.alive(t) and _unread(g, t.output[0]):
-            g.remove(t)
+    _move(g, node, perm, region, pushes)
     return True
 
 
@@ -306,6 +399,8 @@ def _step(g, node, opset):
     changed = _cancel_following(g, node, perm)
     if _unread(g, node.output[0]):
         g.remove(node)
+        return True
+    if _into_reshape(g, node, perm):
         return True
     return _try_push(g, node, perm, opset) or changed
 
