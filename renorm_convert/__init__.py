@@ -16,42 +16,47 @@ import sys
 
 __version__ = "0.2.0"
 
-# Public name -> the module that defines it.
+# Public name -> the module that defines it, by stage. Transforms come in
+# pairs, a plan (what would change) beside the transform (a new model).
 _API = {
+    # the layer and its schedule
     "BatchRenormalization": "layers",
     "renorm_layers": "layers",
     "RenormSchedule": "train.schedule",
+    # the model as a graph, and the transforms (every backend)
     "model_graph": "transform.graph",
     "iter_layers": "transform.graph",
-    "GraphError": "transform.graph",
     "convert": "transform.conversion",
+    "convert_plan": "transform.conversion",
     "revert": "transform.conversion",
+    "revert_plan": "transform.conversion",
+    "ConversionPlan": "transform.conversion",
     "copy_model": "transform.conversion",
     "recast": "transform.conversion",
-    "ConversionError": "transform.conversion",
-    "ConversionReport": "transform.conversion",
+    "configure": "transform.surgery",
     "replace_head": "transform.surgery",
     "freeze_all_but_normalization": "transform.surgery",
     "unfreeze": "transform.surgery",
-    "configure": "transform.surgery",
     "fold": "transform.folding",
     "fold_plan": "transform.folding",
     "FoldPlan": "transform.folding",
     "ChannelAffine": "transform.folding",
-    "export_onnx": "onnx.export",
-    "quantize_onnx": "onnx.quantization",
-    "ExportReport": "onnx.export",
-    "ExportError": "onnx.export",
+    "recalibrate": "transform.recalibration",
+    # training and measuring
     "fine_tune": "train.finetune",
     "FineTuneResult": "train.finetune",
-    "FineTuneError": "train.finetune",
-    "NonFiniteLoss": "train.finetune",
-    "recalibrate": "transform.recalibration",
     "accuracy": "evaluation",
-    "top1": "evaluation",
+    # ONNX
+    "export_onnx": "onnx.export",
+    "ExportReport": "onnx.export",
+    "quantize_onnx": "onnx.quantization",
+    # files
     "load": "io",
+    # errors
     "RenormConvertError": "errors",
     "BackendError": "errors",
+    "ExportError": "errors",
+    "NonFiniteLoss": "errors",
 }
 # Modules reachable as attributes (`rc.data.load_source(...)`), by name.
 _MODULES = {
@@ -67,7 +72,7 @@ _MODULES = {
 # Modules whose import registers the classes saved files name.
 _REGISTERING = ("layers", "train.schedule", "transform.blocks", "transform.folding", "io.keras2")
 
-__all__ = sorted(_API) + ["data", "callbacks"]
+__all__ = sorted(_API) + sorted(_MODULES)
 
 
 def __getattr__(name):

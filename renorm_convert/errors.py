@@ -1,9 +1,12 @@
-"""One base for every refusal of bad input, carrying the argument at fault.
+"""One base for every refusal of bad input, carrying the argument at fault,
+and the few kinds a caller may want to tell apart.
 
 Library messages name Python arguments (`non_iid_classes=3: ...`); the
 command line renders the same error with its flags (`--non-iid 3: ...`)
 from the structure, never by rewriting the text.
 """
+
+import numbers
 
 
 def _value_text(value, quote):
@@ -91,7 +94,32 @@ class ExportError(RenormConvertError):
 
 class BackendError(RenormConvertError):
     """A feature that this Keras backend, or a missing package, cannot give
-    (e.g. ONNX export without TensorFlow)."""
+    (e.g. tf.distribute without TensorFlow)."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; `model` holds the last good weights
+    and optimizer state, `result` the run until then."""
+
+    def __init__(self, message, model, result):
+        super().__init__(message)
+        self.model = model
+        self.result = result
+
+
+def check_integer(value, argument, minimum=1, *, none=None):
+    """`value` as an int >= `minimum`. None is accepted (and returned) when
+    `none` says what it means ("for all batches"); anything else (a bool, a
+    float, a string) is refused, naming `argument`."""
+    if value is None and none is not None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or value < minimum:
+        alternative = f", or None {none}" if none is not None else ""
+        raise RenormConvertError(
+            f"{{arg}}: expected an integer >= {minimum}{alternative}.",
+            argument, value)
+    return int(value)
 
 
 NOTHING = _NOTHING

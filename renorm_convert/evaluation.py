@@ -6,7 +6,9 @@ import keras
 import numpy as np
 
 from renorm_convert._internal import keras_hooks as internals
-from renorm_convert.data import class_ids, model_image_shape
+from renorm_convert.data.batches import evaluation_batches
+from renorm_convert.data.labels import class_ids
+from renorm_convert.data.sources import Split
 
 _PROBABILITIES = ("softmax", "sigmoid")
 
@@ -44,11 +46,16 @@ def to_numpy(value):
         keras.ops.stop_gradient(value)))
 
 
-def top1(model, batches, training=False):
-    """Top-1 accuracy of `model` over (inputs, labels) batches (labels as
-    class ids or one-hot / soft rows); `training` as in a Keras call."""
+def accuracy(model, data, *, training=False, batch_size=256, count=None):
+    """Top-1 accuracy of `model` on `data`: the validation part of a
+    `data.Split` (its first `count` examples, images prepared as for
+    training, in batches of `batch_size`), or (inputs, labels) batches.
+    Labels are class ids or one-hot / soft rows; `training` as in a Keras
+    call (True: each batch normalized with its own statistics)."""
+    if isinstance(data, Split):
+        data = evaluation_batches(data, model, batch_size, count)
     correct = total = 0
-    for x, y in batches:
+    for x, y in data:
         # predict_on_batch runs Keras's compiled predict step (JAX would
         # otherwise run op by op); training mode needs a plain call.
         pred = to_numpy(model(x, training=True) if training
@@ -56,17 +63,6 @@ def top1(model, batches, training=False):
         correct += int((pred.argmax(-1) == class_ids(y)).sum())
         total += len(pred)
     return correct / max(total, 1)
-
-
-def accuracy(model, split, batch_size=256, count=None):
-    """Top-1 accuracy of `model` on the validation part of `split` (its
-    first `count` examples when given), images prepared as for training."""
-    from renorm_convert.data.batches import EvaluationBatches
-
-    shape = model_image_shape(model)
-    return top1(model, EvaluationBatches(
-        split.x_val[:count], split.y_val[:count], shape, batch_size,
-        split.value_range, split.scaling))
 
 
 def logits(model, xs):

@@ -29,7 +29,7 @@ BACKEND = os.environ.setdefault("KERAS_BACKEND", _default_backend())
 
 # Modules that are TensorFlow-only throughout: ONNX export (tf2onnx), the
 # oneDNN kernel workaround, tf.distribute workers, TensorFlow's GPU kernels.
-TENSORFLOW_ONLY = ["test_export.py", "test_graph_kinds.py",
+TENSORFLOW_ONLY = ["test_graph_kinds.py",
                    "test_onednn.py", "test_platform.py", "test_quantize.py",
                    "test_readme.py", "test_zoo.py", "multiworker_worker.py"]
 collect_ignore = [] if BACKEND == "tensorflow" else TENSORFLOW_ONLY

@@ -29,7 +29,7 @@ def model():
 def train(model, *, strategy=None, checkpoint_dir=None, microbatch=None):
     split = data.load_digits().subset(train=256, val=32, seed=0)
     model = rc.configure(model, momentum=0.9, microbatch_size=microbatch)
-    batches = split.training_batches(model, BATCH, non_iid_classes=2, seed=0,
+    batches = rc.data.training_batches(split, model, BATCH, non_iid_classes=2, seed=0,
                                      steps_per_epoch=STEPS)
     return rc.fine_tune(model, batches, epochs=EPOCHS, strategy=strategy,
                         checkpoint_dir=checkpoint_dir, verbose=0)

@@ -36,7 +36,7 @@ x = keras.layers.GlobalAveragePooling2D()(x)
 outputs = keras.layers.Dense(10, activation="softmax")(x)
 model = rc.configure(rc.convert(keras.Model(inputs, outputs)), momentum=0.9)
 split = data.load_digits().subset(train=256, val=64)
-result = rc.fine_tune(model, split.training_batches(model, 32),
+result = rc.fine_tune(model, rc.data.training_batches(split, model, 32),
                       validation=split, epochs=2, strategy=strategy,
                       verbose=0, checkpoint_dir=checkpoint_dir)
 trained = result.model

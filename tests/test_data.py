@@ -6,7 +6,9 @@ import keras
 import numpy as np
 import pytest
 
+import renorm_convert as rc
 from renorm_convert import data
+from renorm_convert.errors import RenormConvertError
 from renorm_convert.data.batches import (ArrayBatches, EvaluationBatches,
                                     TrainingBatches)
 from helpers import numpy
@@ -47,10 +49,10 @@ def test_fashion_mnist_is_the_real_dataset(fashion):
 
 
 def test_missing_fashion_mnist_says_how_to_install(tmp_path):
-    with pytest.raises(data.DataError, match="apt-get install "
+    with pytest.raises(RenormConvertError, match="apt-get install "
                        "dataset-fashion-mnist"):
         data.load_fashion_mnist(str(tmp_path))
-    with pytest.raises(data.DataError, match="no such directory"):
+    with pytest.raises(RenormConvertError, match="no such directory"):
         data.load_source(f"fashion-mnist:{tmp_path / 'nowhere'}")
 
 
@@ -115,22 +117,22 @@ def test_npz_with_one_hot_labels_keeps_rows(tmp_path):
 
 def test_npz_refusals_name_the_problem(tmp_path):
     np.savez(tmp_path / "noy.npz", x=np.zeros((4, 3, 3)))
-    with pytest.raises(data.DataError, match=r"needs arrays named `x` and "
+    with pytest.raises(RenormConvertError, match=r"needs arrays named `x` and "
                        r"`y`; it has \['x'\]"):
         data.load_npz(str(tmp_path / "noy.npz"))
     x = np.zeros((4, 3, 3))
     x[2, 1, 0] = np.nan
     np.savez(tmp_path / "nan.npz", x=x, y=np.arange(4))
-    with pytest.raises(data.DataError, match=r"index \(2, 1, 0\)"):
+    with pytest.raises(RenormConvertError, match=r"index \(2, 1, 0\)"):
         data.load_npz(str(tmp_path / "nan.npz"))
     np.savez(tmp_path / "few.npz", x=np.zeros((4, 3, 3)), y=np.arange(3))
-    with pytest.raises(data.DataError, match=r"got x \(4, 3, 3, 1\) and y "
+    with pytest.raises(RenormConvertError, match=r"got x \(4, 3, 3, 1\) and y "
                        r"\(3,\)"):
         data.load_npz(str(tmp_path / "few.npz"))
     (tmp_path / "text.npz").write_text("not an archive")
-    with pytest.raises(data.DataError, match="not a readable .npz file"):
+    with pytest.raises(RenormConvertError, match="not a readable .npz file"):
         data.load_npz(str(tmp_path / "text.npz"))
-    with pytest.raises(data.DataError, match="no such file"):
+    with pytest.raises(RenormConvertError, match="no such file"):
         data.load_source(str(tmp_path / "missing.npz"))
 
 
@@ -178,12 +180,12 @@ def test_unreadable_image_and_unknown_sources(tmp_path):
     for label in ("a", "b"):
         (tmp_path / label).mkdir()
     (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(data.DataError, match="broken.png: not a readable "
+    with pytest.raises(RenormConvertError, match="broken.png: not a readable "
                        "image"):
         data.load_source(str(tmp_path))
-    with pytest.raises(data.DataError, match="unknown data source"):
+    with pytest.raises(RenormConvertError, match="unknown data source"):
         data.load_source("imagenet")
-    with pytest.raises(data.DataError, match="no data source given"):
+    with pytest.raises(RenormConvertError, match="no data source given"):
         data.check_source(None)
     assert data.source_path("npz:/x/y.npz") == "/x/y.npz"
     assert data.source_path("digits") is None
@@ -210,19 +212,19 @@ def test_check_labels_takes_ids_one_hot_and_soft_rows():
 
 def test_check_labels_refuses_multi_hot_naming_the_row():
     multi_hot = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 1]], np.float32)
-    with pytest.raises(data.DataError, match=r"row 2 is not a probability "
+    with pytest.raises(RenormConvertError, match=r"row 2 is not a probability "
                        r"distribution \(sum 2\); multi-label"):
         data.check_labels("f.npz", "y", multi_hot)
     negative = np.array([[1.5, -0.5], [0.0, 1.0]])
-    with pytest.raises(data.DataError, match="row 0"):
+    with pytest.raises(RenormConvertError, match="row 0"):
         data.check_labels("f.npz", "y", negative)
-    with pytest.raises(data.DataError, match="not whole numbers"):
+    with pytest.raises(RenormConvertError, match="not whole numbers"):
         data.check_labels("f.npz", "y", np.array([0.5, 1.0]))
-    with pytest.raises(data.DataError, match=">= 0"):
+    with pytest.raises(RenormConvertError, match=">= 0"):
         data.check_labels("f.npz", "y", np.array([0, -1]))
-    with pytest.raises(data.DataError, match="<U1 values"):
+    with pytest.raises(RenormConvertError, match="<U1 values"):
         data.check_labels("f.npz", "y", np.array(["a", "b"]))
-    with pytest.raises(data.DataError, match=r"got \(2, 2, 2\)"):
+    with pytest.raises(RenormConvertError, match=r"got \(2, 2, 2\)"):
         data.check_labels("f.npz", "y", np.zeros((2, 2, 2)))
 
 
@@ -231,7 +233,7 @@ def test_multi_hot_npz_is_refused_on_loading(tmp_path):
     y[:, 0] = 1
     y[4, 2] = 1
     np.savez(tmp_path / "m.npz", x=np.zeros((10, 4, 4)), y=y)
-    with pytest.raises(data.DataError, match="row 4 .* multi-label targets "
+    with pytest.raises(RenormConvertError, match="row 4 .* multi-label targets "
                        "are not supported"):
         data.load_source(str(tmp_path / "m.npz"))
 
@@ -277,9 +279,9 @@ def test_adapt_matches_numpy_for_each_scaling():
         got = data.adapt(x, (12, 10, 3), value_range=16.0, scaling=scaling)
         np.testing.assert_allclose(got, np.repeat(expected, 3, axis=-1),
                                    rtol=1e-5, atol=1e-4)
-    with pytest.raises(data.DataError, match="scaling='bad': use one of"):
+    with pytest.raises(RenormConvertError, match="scaling='bad': use one of"):
         data.adapt(x, (8, 8, 1), scaling="bad")
-    with pytest.raises(data.DataError, match="2-channel images"):
+    with pytest.raises(RenormConvertError, match="2-channel images"):
         data.adapt(np.zeros((1, 4, 4, 2)), (4, 4, 3))
 
 
@@ -301,20 +303,20 @@ def test_inputs_for_prepares_images_as_training_does():
     np.testing.assert_allclose(train.mean(axis=(1, 2, 3)),
                                2 * x.mean(axis=(1, 2, 3)) - 1, atol=1e-5)
     assert split.scaling == "unit"  # with_scaling made a new Split
-    with pytest.raises(data.DataError, match="part='test'"):
+    with pytest.raises(RenormConvertError, match="part='test'"):
         split.inputs_for(model, part="test")
-    with pytest.raises(data.DataError, match="scaling='wide'"):
+    with pytest.raises(RenormConvertError, match="scaling='wide'"):
         split.with_scaling("wide")
 
 
 def test_model_image_shape_refuses_what_is_not_one_image_input():
     assert data.model_image_shape(image_model((9, 7, 2))) == (9, 7, 2)
     flat = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)])
-    with pytest.raises(data.DataError, match="does not take one image input"):
+    with pytest.raises(RenormConvertError, match="does not take one image input"):
         data.model_image_shape(flat)
     inputs = keras.Input((None, None, 3))
     free = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs))
-    with pytest.raises(data.DataError, match="unknown size"):
+    with pytest.raises(RenormConvertError, match="unknown size"):
         data.model_image_shape(free)
 
 
@@ -328,7 +330,7 @@ def test_subset_is_a_seeded_sorted_sample():
     np.testing.assert_array_equal(part.x_train[:, 0, 0, 0], expected)
     assert len(part.y_val) == 4 and len(split.subset(val=50).y_val) == 10
     for bad in ({"train": 0}, {"train": 2.5}, {"val": -1}, {"seed": -1}):
-        with pytest.raises(data.DataError, match=f"{next(iter(bad))}="):
+        with pytest.raises(RenormConvertError, match=f"{next(iter(bad))}="):
             split.subset(**bad)
 
 
@@ -375,7 +377,7 @@ def test_non_iid_batches_of_one_hot_labels_follow_their_classes():
 def test_training_batches_are_the_adapted_examples(fashion):
     split = fashion.subset(train=400, val=0, seed=2).with_scaling("symmetric")
     model = image_model((20, 20, 3), classes=10)
-    batches = split.training_batches(model, 32, non_iid_classes=4, seed=5)
+    batches = rc.data.training_batches(split, model, 32, non_iid_classes=4, seed=5)
     assert isinstance(batches, keras.utils.PyDataset)
     assert len(batches) == batches.num_batches == 400 // 32
     order = data.epoch_indices(split.y_train, 32, seed=5, epoch=0,
@@ -419,17 +421,17 @@ def test_steps_per_epoch_runs_the_data_on_and_shards_split_batches():
                                   whole[2][0])
     np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]),
                                   whole[2][1])
-    with pytest.raises(data.DataError, match="batch_size=20: must be a "
+    with pytest.raises(RenormConvertError, match="batch_size=20: must be a "
                        "multiple of the 3 processes"):
         whole.shard(0, 3)
-    with pytest.raises(data.DataError, match="steps_per_epoch=0"):
-        digits.training_batches(model, 20, steps_per_epoch=0)
+    with pytest.raises(RenormConvertError, match="steps_per_epoch=0"):
+        rc.data.training_batches(digits, model, 20, steps_per_epoch=0)
 
 
 def test_evaluation_batches_keep_order_and_the_last_partial_batch():
     digits = data.load_digits()
     model = image_model((8, 8, 1), classes=10)
-    batches = digits.evaluation_batches(model, batch_size=100, count=250)
+    batches = rc.data.evaluation_batches(digits, model, batch_size=100, count=250)
     assert isinstance(batches, EvaluationBatches) and len(batches) == 3
     sizes = [len(y) for _, y in batches]
     assert sizes == [100, 100, 50]
@@ -454,7 +456,7 @@ def test_array_batches_reshuffle_each_epoch_and_keep_pairs():
         batches[1][1], np.random.default_rng([2, 1]).permutation(50)[10:20])
     fixed = ArrayBatches(x, np.arange(50), 10, shuffle=False)
     np.testing.assert_array_equal(fixed[3][1], np.arange(30, 40))
-    with pytest.raises(data.DataError, match="49 labels for inputs of "
+    with pytest.raises(RenormConvertError, match="49 labels for inputs of "
                        r"\[50, 50\] examples"):
         ArrayBatches([x, other], np.arange(49), 10)
 
@@ -462,9 +464,9 @@ def test_array_batches_reshuffle_each_epoch_and_keep_pairs():
 def test_check_batching_names_the_argument_in_python_and_flags():
     from renorm_convert.cli import one_line
 
-    with pytest.raises(data.DataError, match="multiple"):
+    with pytest.raises(RenormConvertError, match="multiple"):
         data.check_batching(1000, 30, non_iid_classes=4)
-    with pytest.raises(data.DataError) as info:
+    with pytest.raises(RenormConvertError) as info:
         data.check_batching(1000, 32, non_iid_classes=3)
     text = str(info.value)
     assert text.startswith("non_iid_classes=3: the batch size 32 must be a "
@@ -472,24 +474,24 @@ def test_check_batching_names_the_argument_in_python_and_flags():
     assert one_line(info.value, "finetune").startswith("--non-iid 3: ")
     assert one_line(info.value, "reproduce").startswith(
         "--classes-per-batch 3: ")
-    with pytest.raises(data.DataError, match="non_iid_classes=4: the data "
+    with pytest.raises(RenormConvertError, match="non_iid_classes=4: the data "
                        "has only 3 classes"):
         data.check_batching(100, 32, non_iid_classes=4, num_classes=3)
-    with pytest.raises(data.DataError, match="batch_size=64: larger than the "
+    with pytest.raises(RenormConvertError, match="batch_size=64: larger than the "
                        "50 training examples"):
         data.check_batching(50, 64)
     for bad in (0, 2.0, True):
-        with pytest.raises(data.DataError, match="batch_size="):
+        with pytest.raises(RenormConvertError, match="batch_size="):
             data.check_batching(50, bad)
-    with pytest.raises(data.DataError, match="microbatch_size=33: must be "
+    with pytest.raises(RenormConvertError, match="microbatch_size=33: must be "
                        "between 1 and the batch size 32"):
         data.check_batching(50, 32, microbatch_size=33)
     data.check_batching(50, 32, non_iid_classes=4, num_classes=10,
                         microbatch_size=4)
     # Splits refuse the same settings when batching.
     split = data.load_digits().subset(train=64, val=0)
-    with pytest.raises(data.DataError, match="non_iid_classes=3"):
-        split.training_batches(image_model((8, 8, 1)), 32, non_iid_classes=3)
+    with pytest.raises(RenormConvertError, match="non_iid_classes=3"):
+        rc.data.training_batches(split, image_model((8, 8, 1)), 32, non_iid_classes=3)
 
 
 @pytest.mark.tensorflow

@@ -97,7 +97,7 @@ def test_fine_tune_runs_the_schedule_and_writes_the_records(digits,
     part = digits.subset(train=640, val=128, seed=1)
     model = rc.convert(digits_cnn())
     configured = rc.configure(model, microbatch_size=4, momentum=0.9)
-    batches = part.training_batches(configured, 32, seed=0)
+    batches = rc.data.training_batches(part, configured, 32, seed=0)
     records = callbacks.RunRecords(tmp_path / "h", plot=tmp_path / "c.png")
     result = rc.fine_tune(configured, batches, epochs=2, learning_rate=5e-3,
                           callbacks=[records], verbose=0)
@@ -174,7 +174,7 @@ def test_fine_tune_raises_accuracy_on_fashion_mnist(small):
                          momentum=0.9)
     before = numpy_accuracy(model, small)
     assert rc.accuracy(model, small) == pytest.approx(before, abs=1e-9)
-    result = rc.fine_tune(model, small.training_batches(model, 32), epochs=3,
+    result = rc.fine_tune(model, rc.data.training_batches(small, model, 32), epochs=3,
                           learning_rate=5e-3, verbose=0)
     after = numpy_accuracy(result.model, small)
     assert rc.accuracy(result.model, small) == pytest.approx(after, abs=1e-9)
@@ -198,7 +198,7 @@ def test_optimizer_and_learning_rate_make_the_first_step(digits, optimizer,
     """One step; the head's bias moves as the optimizer's update of the
     NumPy gradient says."""
     model = rc.convert(digits_cnn())
-    batches = digits.subset(val=0).training_batches(model, 32, seed=2)
+    batches = rc.data.training_batches(digits.subset(val=0), model, 32, seed=2)
     x, y = batches.batch_at(0)
     p = start_outputs(model, x)
     g = bias_gradient(p, y)
@@ -275,7 +275,7 @@ def test_microbatch_moments_are_numpys_per_group_moments(digits):
     bn.renorm_stddev.assign(np.array([0.25], "float32"))
     model = rc.configure(model, microbatch_size=4, momentum=0.8,
                          renorm_momentum=0.6, r_max=1.5, d_max=0.5)
-    batches = digits.training_batches(model, 16, seed=4)
+    batches = rc.data.training_batches(digits, model, 16, seed=4)
     batch, _ = batches.batch_at(0)
     eps = 1e-3
 
@@ -325,7 +325,7 @@ def test_one_hot_labels_train_as_class_ids_do(digits):
         part, y_train=np.eye(10, dtype=np.float32)[part.y_train],
         y_val=np.eye(10, dtype=np.float32)[part.y_val])
     model = rc.convert(digits_cnn())
-    runs = [rc.fine_tune(model, split.training_batches(model, 32, seed=5),
+    runs = [rc.fine_tune(model, rc.data.training_batches(split, model, 32, seed=5),
                          epochs=2, learning_rate=3e-3, verbose=0)
             for split in (part, hot)]
     assert isinstance(runs[0].model.loss,
@@ -348,7 +348,7 @@ def test_soft_labels_give_numpys_soft_cross_entropy(digits):
     soft[np.arange(64), part.y_train] = 0.55
     split = dataclasses.replace(part, y_train=soft)
     model = rc.convert(digits_cnn())
-    batches = split.training_batches(model, 32, seed=0)
+    batches = rc.data.training_batches(split, model, 32, seed=0)
     x, y = batches.batch_at(0)
     np.testing.assert_array_equal(y, soft[data.epoch_indices(
         soft, 32, seed=0, epoch=0)[:32]])
@@ -403,7 +403,7 @@ def test_resume_after_interruption_ends_at_the_same_step(digits, tmp_path,
                 raise KeyboardInterrupt("killed after one epoch")
 
     def run(**kwargs):
-        return rc.fine_tune(model, part.training_batches(model, 32, seed=4),
+        return rc.fine_tune(model, rc.data.training_batches(part, model, 32, seed=4),
                             epochs=2, verbose=0, **kwargs)
 
     ckpt = str(tmp_path / "ckpt")
@@ -438,7 +438,7 @@ def test_steps_per_epoch_runs_the_data_on_across_epochs(digits):
     epoch of 15 steps is: the same weights at the end."""
     part = digits.subset(train=320, val=64, seed=0)  # 10 batches a pass
     model = rc.convert(digits_cnn())
-    runs = [rc.fine_tune(model, part.training_batches(model, 32, seed=3),
+    runs = [rc.fine_tune(model, rc.data.training_batches(part, model, 32, seed=3),
                          epochs=e, steps_per_epoch=s, schedule=None,
                          verbose=0)
             for e, s in ((3, 5), (1, 15))]
@@ -449,7 +449,7 @@ def test_steps_per_epoch_runs_the_data_on_across_epochs(digits):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # 15 steps are more than one pass: the second pass really ran, so 10
     # steps end elsewhere.
-    ten = rc.fine_tune(model, part.training_batches(model, 32, seed=3),
+    ten = rc.fine_tune(model, rc.data.training_batches(part, model, 32, seed=3),
                        epochs=1, schedule=None, verbose=0)
     assert len(ten.steps) == 10
     assert not np.allclose(weights(ten.model)[0], weights(runs[1].model)[0])
@@ -463,7 +463,7 @@ def test_copy_false_trains_the_given_model(digits):
     assert kept.model is not model
     for v, b in zip(weights(model), before):
         np.testing.assert_array_equal(v, b)
-    owned = rc.fine_tune(model, part, epochs=1, verbose=0, copy=False)
+    owned = rc.fine_tune(model, part, epochs=1, verbose=0, inplace=True)
     assert owned.model is model
     assert not np.array_equal(weights(model)[0], before[0])
     # Same run, same result: the copy changes nothing but ownership.
@@ -493,17 +493,18 @@ def test_fine_tune_refuses_bad_arguments_naming_them(digits):
     model = rc.convert(digits_cnn())
     for kwargs, text in (
             ({"epochs": 0}, "epochs=0: expected an integer >= 1"),
-            ({"steps_per_epoch": 0}, "steps_per_epoch=0: expected a "
-                                     "positive integer"),
+            ({"steps_per_epoch": 0}, "steps_per_epoch=0: expected an "
+                                     "integer >= 1, or None for whole "
+                                     "passes"),
             ({"schedule": "paper"}, "schedule='paper': expected 'auto'"),
             ({"learning_rate": -1.0}, "learning_rate=-1.0: expected a "
                                       "positive number"),
             ({"optimizer": "nope"}, "optimizer='nope': use a Keras "
                                     "optimizer name")):
-        with pytest.raises(rc.FineTuneError) as info:
+        with pytest.raises(rc.RenormConvertError) as info:
             rc.fine_tune(model, digits, verbose=0, **kwargs)
         assert str(info.value).startswith(text), str(info.value)
-    with pytest.raises(rc.FineTuneError, match="got list"):
+    with pytest.raises(rc.RenormConvertError, match="got list"):
         rc.fine_tune(model, [1, 2, 3], verbose=0)
 
 
@@ -515,14 +516,14 @@ def test_labels_beyond_the_head_say_to_replace_it(digits):
 
     model = rc.convert(digits_cnn())
     four = rc.replace_head(model, 4)
-    with pytest.raises(rc.FineTuneError) as info:
+    with pytest.raises(rc.RenormConvertError) as info:
         rc.fine_tune(four, digits, epochs=1, verbose=0)
     assert str(info.value) == (
         "labels go up to 9 but the model has 4 outputs; give it a new head "
         "first (rc.replace_head(model, 10)).")
     assert "(--head 10)" in one_line(info.value, "finetune")
     hot = dataclasses.replace(digits, y_train=np.eye(10)[digits.y_train])
-    with pytest.raises(rc.FineTuneError, match=r"rows of 10 classes but the "
+    with pytest.raises(rc.RenormConvertError, match=r"rows of 10 classes but the "
                        r"model has 4 outputs.*replace_head\(model, 10\)"):
         rc.fine_tune(four, hot, epochs=1, verbose=0)
 
@@ -635,7 +636,7 @@ def test_replace_head_refuses_naming_what_it_found(ending, found):
         x = keras.layers.Conv2D(4, 1, groups=2, name="grouped")(x)
         outputs = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     model = keras.Model(inputs, outputs)
-    with pytest.raises(rc.ConversionError,
+    with pytest.raises(rc.RenormConvertError,
                        match="a head of 3 classes") as info:
         rc.replace_head(model, 3)
     assert found in str(info.value)
@@ -666,9 +667,9 @@ def test_validation_curve_starts_at_the_model_as_given(digits, tmp_path):
     split = digits.subset(train=320, val=300)
     first = dataclasses.replace(split, x_val=split.x_val[:200],
                                 y_val=split.y_val[:200])
-    batches = split.training_batches(model, 32)
+    batches = rc.data.training_batches(split, model, 32)
     curve = callbacks.ValidationCurve(
-        split.evaluation_batches(model, batch_size=100),
+        rc.data.evaluation_batches(split, model, batch_size=100),
         steps_per_epoch=len(batches), size=200)
     records = callbacks.RunRecords(plot=tmp_path / "p.png", curve=curve)
     result = rc.fine_tune(model, batches, epochs=2, callbacks=[curve, records],
@@ -704,7 +705,7 @@ def test_freeze_and_unfreeze_are_a_pair_of_transforms():
     for a, b in zip(weights(thawed), weights(model)):
         np.testing.assert_array_equal(a, b)
     plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    with pytest.raises(rc.ConversionError, match="no normalization layer"):
+    with pytest.raises(rc.RenormConvertError, match="no normalization layer"):
         rc.freeze_all_but_normalization(plain)
 
 
@@ -717,7 +718,7 @@ def test_tf_data_trains_as_our_batches_do(digits):
 
     part = digits.subset(train=128, val=0)
     model = rc.convert(digits_cnn())
-    ours = part.training_batches(model, 32, seed=1)
+    ours = rc.data.training_batches(part, model, 32, seed=1)
     dataset = tf.data.Dataset.from_tensor_slices(tuple(
         np.stack(a) for a in zip(*[ours.batch_at(i) for i in range(4)])))
     runs = [rc.fine_tune(model, train, epochs=1, schedule=None, verbose=0)

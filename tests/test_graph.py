@@ -68,5 +68,5 @@ def test_subclassed_model_has_no_graph():
         def call(self, x):
             return x
 
-    with pytest.raises(rc.GraphError, match="subclassed"):
+    with pytest.raises(rc.RenormConvertError, match="subclassed"):
         rc.model_graph(M())

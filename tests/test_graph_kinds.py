@@ -41,7 +41,8 @@ def _check_all(model, tmp_path, unfolded):
     randomize_statistics(model, seed=1)
     x = sample_inputs(model, batch=3)
     expected = model(x, training=False)
-    converted, conversion = rc.convert(model, report=True)
+    conversion = rc.convert_plan(model)
+    converted = rc.convert(model)
     assert max_rel_diff(expected, converted(x, training=False)) <= 1e-6
     assert max_rel_diff(expected, rc.revert(converted)(x)) <= 1e-6
     converted.save(tmp_path / "c.keras")
@@ -58,7 +59,7 @@ def _check_all(model, tmp_path, unfolded):
     folded = rc.fold(converted, plan)
     assert max_rel_diff(expected, folded(x)) <= 1e-5
     report = rc.export_onnx(converted, tmp_path / "c.onnx")
-    assert report.max_abs_diff / report.output_scale <= 1e-5
+    assert report.relative_diff <= 1e-5
     onnx_out = _onnx(tmp_path / "c.onnx", x)
     assert max_rel_diff(expected, onnx_out) <= 1e-5
     return converted, report, conversion
@@ -91,7 +92,7 @@ def test_hard_swish_export_keeps_layout_transposes_out(tmp_path):
     report = rc.export_onnx(model, tmp_path / "m.onnx")
     assert report.folded == 3
     assert report.op_counts.get("Transpose", 0) <= 1, report.op_counts
-    assert report.max_abs_diff / report.output_scale <= 1e-5
+    assert report.relative_diff <= 1e-5
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -125,7 +126,8 @@ def test_keras2_h5_with_tf_op_layers(tmp_path):
 
     loaded = load(path)
     assert max_rel_diff(expected, loaded(x)) <= 1e-6
-    converted, conversion = rc.convert(loaded, report=True)
+    conversion = rc.convert_plan(loaded)
+    converted = rc.convert(loaded)
     assert conversion.swapped == ["bn1", "bn2"]
     converted.save(tmp_path / "c.keras")
     reloaded = keras.models.load_model(tmp_path / "c.keras")
@@ -322,7 +324,8 @@ def test_functional_subclass_with_dict_outputs(tmp_path):
     x = sample_inputs(model, batch=3)
     expected = model(x, training=False)
     assert set(expected) == {"features", "pooled"}
-    converted, conversion = rc.convert(model, report=True)
+    conversion = rc.convert_plan(model)
+    converted = rc.convert(model)
     assert conversion.swapped == ["stem_bn"]
     for got in (converted(x, training=False), rc.revert(converted)(x),
                 rc.fold(converted)(x)):
@@ -398,7 +401,8 @@ def test_keras2_h5_from_model_zoo_libraries(tmp_path):
     loaded = load(path, safe_mode=False)
     assert type(loaded.get_layer("drop")) is keras.layers.Dropout
     assert max_rel_diff(expected, loaded(x)) <= 1e-6
-    converted, conversion = rc.convert(loaded, report=True)
+    conversion = rc.convert_plan(loaded)
+    converted = rc.convert(loaded)
     assert sorted(conversion.swapped) == ["dw_bn", "pw_bn"]
     assert max_rel_diff(expected, converted(x, training=False)) <= 1e-6
     assert max_rel_diff(expected, rc.revert(converted)(x)) <= 1e-6

@@ -46,18 +46,18 @@ class Unregistered(keras.layers.Layer):
 
 
 def test_paths_that_are_not_model_files(tmp_path):
-    with pytest.raises(io.UsageError, match="missing.keras: no such file"):
+    with pytest.raises(io.RenormConvertError, match="missing.keras: no such file"):
         rc.load(tmp_path / "missing.keras")
-    with pytest.raises(io.UsageError, match="is a directory; give a .keras"):
+    with pytest.raises(io.RenormConvertError, match="is a directory; give a .keras"):
         rc.load(tmp_path)
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
-    with pytest.raises(io.UsageError, match=r"not a Keras model file; "
+    with pytest.raises(io.RenormConvertError, match=r"not a Keras model file; "
                        r"expected a name ending in \.keras, \.h5, \.hdf5"):
         rc.load(notes)
     fake = tmp_path / "fake.keras"
     fake.write_text("hello")
-    with pytest.raises(io.UsageError, match="not a valid .keras file"):
+    with pytest.raises(io.RenormConvertError, match="not a valid .keras file"):
         rc.load(fake)
 
 
@@ -65,16 +65,16 @@ def test_a_text_file_named_h5_is_not_an_hdf5_file(tmp_path):
     for name in ("fake.h5", "FAKE.HDF5"):
         path = tmp_path / name
         path.write_text("model weights, honestly\n")
-        with pytest.raises(io.UsageError, match="not an HDF5 file") as info:
+        with pytest.raises(io.RenormConvertError, match="not an HDF5 file") as info:
             rc.load(path)
         assert str(info.value).startswith(f"{path}: ")
         # The same refusal without loading anything (the command line's
         # check before a backend loads).
-        with pytest.raises(io.UsageError, match="not an HDF5 file"):
+        with pytest.raises(io.RenormConvertError, match="not an HDF5 file"):
             io.check_model_file(path)
     empty = tmp_path / "empty.h5"
     empty.write_bytes(b"")
-    with pytest.raises(io.UsageError, match="not an HDF5 file"):
+    with pytest.raises(io.RenormConvertError, match="not an HDF5 file"):
         rc.load(empty)
 
 
@@ -88,7 +88,7 @@ def test_a_truncated_hdf5_file_says_truncated_or_corrupted(tmp_path):
         cut = tmp_path / f"cut{keep}.h5"
         cut.write_bytes(payload[:keep])
         io.check_model_file(cut)  # the signature is there
-        with pytest.raises(io.UsageError, match="cannot be read as a Keras "
+        with pytest.raises(io.RenormConvertError, match="cannot be read as a Keras "
                            r"model \(truncated or corrupted file") as info:
             rc.load(cut)
         assert str(info.value).startswith(f"{cut}: ")
@@ -106,14 +106,14 @@ def test_a_truncated_or_gutted_keras_file(tmp_path):
     model.save(whole)
     cut = tmp_path / "cut.keras"
     cut.write_bytes(whole.read_bytes()[:len(whole.read_bytes()) // 2])
-    with pytest.raises(io.UsageError, match="not a valid .keras file .* or "
+    with pytest.raises(io.RenormConvertError, match="not a valid .keras file .* or "
                        "is truncated"):
         rc.load(cut)
     # A zip archive that is not a Keras model.
     gutted = tmp_path / "gutted.keras"
     with zipfile.ZipFile(gutted, "w") as z:
         z.writestr("readme.txt", "nothing here")
-    with pytest.raises(io.UsageError, match=f"^{gutted}: cannot be "):
+    with pytest.raises(io.RenormConvertError, match=f"^{gutted}: cannot be "):
         rc.load(gutted)
 
 
@@ -141,7 +141,7 @@ def test_an_unregistered_class_says_how_to_pass_it(tmp_path):
         keras.layers.Dense(2)(inputs)))
     path = tmp_path / "custom.keras"
     model.save(path)
-    with pytest.raises(io.UsageError, match="uses the class 'Unregistered', "
+    with pytest.raises(io.RenormConvertError, match="uses the class 'Unregistered', "
                        "which is not registered. Pass custom_objects="):
         rc.load(path)
     loaded = rc.load(path, custom_objects={"Unregistered": Unregistered})
@@ -165,7 +165,7 @@ def test_lambda_is_refused_in_safe_mode_and_loads_unsafe(tmp_path):
         keras.layers.Dense(3)(inputs)))
     path = tmp_path / "lambda.keras"
     model.save(path)
-    with pytest.raises(io.UsageError, match="Lambda layer .* refused in safe "
+    with pytest.raises(io.RenormConvertError, match="Lambda layer .* refused in safe "
                        "mode. Load it with safe_mode=False"):
         rc.load(path)
     loaded = rc.load(path, safe_mode=False)
@@ -321,6 +321,6 @@ def test_a_lambda_of_a_library_module_reloads_while_it_is_importable(
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("zoo_library", None)
-    with pytest.raises(io.UsageError,
+    with pytest.raises(io.RenormConvertError,
                        match="Lambda layer's code fails.*importable"):
         io.load(tmp_path / "m.keras", safe_mode=False)

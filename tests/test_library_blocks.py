@@ -55,6 +55,125 @@ class Fuse(keras.layers.Layer):
         return self.bn(x + sum(skips)) * scale
 
 
+class PyramidPooling(keras.layers.Layer):
+    """Atrous spatial pyramid pooling as a segmentation library's DeepLabV3
+    writes it: one Sequential of Conv2D, BatchNormalization and ReLU per
+    dilation rate, a pooled branch and a projection, all made in `build()`.
+    With `record_rates=False` its config leaves the rates out, as some
+    libraries' configs leave arguments out: a copy made from the config
+    then has other branches."""
+
+    def __init__(self, dilation_rates=(2, 3), channels=4, record_rates=True,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.dilation_rates = tuple(dilation_rates)
+        self.channels = channels
+        self.record_rates = record_rates
+
+    def _branch(self, kernel, rate=1, pool=False):
+        return keras.Sequential(
+            ([keras.layers.GlobalAveragePooling2D(keepdims=True)] if pool
+             else []) + [
+                keras.layers.Conv2D(self.channels, kernel, padding="same",
+                                    dilation_rate=rate, use_bias=False),
+                keras.layers.BatchNormalization(),
+                keras.layers.Activation("relu")])
+
+    def build(self, shape):
+        self.branches = [self._branch(1)] + [
+            self._branch(3, rate) for rate in self.dilation_rates]
+        self.pool = self._branch(1, pool=True)
+        for branch in self.branches + [self.pool]:
+            branch.build(shape)
+        self.projection = self._branch(1)
+        self.projection.build(tuple(shape[:-1]) + (
+            (len(self.branches) + 1) * self.channels,))
+
+    def call(self, x, training=None):
+        outputs = [branch(x, training=training) for branch in self.branches]
+        pooled = self.pool(x, training=training)
+        outputs.append(keras.ops.broadcast_to(pooled,
+                                              keras.ops.shape(outputs[0])))
+        return self.projection(keras.ops.concatenate(outputs, axis=-1),
+                               training=training)
+
+    def get_config(self):
+        config = {**super().get_config(), "channels": self.channels,
+                  "record_rates": self.record_rates}
+        if self.record_rates:
+            config["dilation_rates"] = list(self.dilation_rates)
+        return config
+
+
+def segmentation_model(record_rates=True):
+    """A DeepLabV3-style head: a stem, the pyramid, a classifier; 6
+    normalization layers, 5 of them inside the pyramid's Sequentials."""
+    inputs = keras.Input((8, 8, 3), name="img")
+    x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = PyramidPooling(record_rates=record_rates, name="aspp")(x)
+    return keras.Model(inputs, keras.layers.Conv2D(3, 1, name="classes")(x))
+
+
+def _normalization(model):
+    return [layer for layer in rc.iter_layers(model)
+            if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+@pytest.mark.parametrize("record_rates", [True, False])
+def test_every_transform_reaches_every_normalization_layer(record_rates):
+    """convert swaps all six, inside the pyramid's Sequentials too; revert
+    swaps all six back, fold folds all six (the five in the pyramid into
+    their Conv2D) whether or not the config describes the pyramid."""
+    model = segmentation_model(record_rates)
+    randomize_statistics(model, seed=9)
+    x = _inputs(model)
+    expected = model(x, training=False)
+    plan = rc.convert_plan(model)
+    assert len(plan) == 6 and plan.swapped[0] == "stem_bn"
+    assert all(path.startswith("aspp/") for path in plan.swapped[1:])
+
+    converted = rc.convert(model)
+    assert rc.revert_plan(converted).swapped == plan.swapped
+    assert len(_normalization(converted)) == 6
+    assert all(isinstance(n, rc.BatchRenormalization)
+               for n in _normalization(converted))
+    assert max_rel_diff(expected, converted(x, training=False)) <= 1e-6
+
+    reverted = rc.revert(converted)
+    assert rc.renorm_layers(reverted) == []
+    assert rc.convert_plan(reverted).swapped == plan.swapped
+    assert max_rel_diff(expected, reverted(x, training=False)) <= 1e-6
+
+    fold_plan = rc.fold_plan(converted)
+    assert sorted(e.path for e in fold_plan) == sorted(plan.swapped)
+    assert sorted(fold_plan.folded) == sorted(plan.swapped)
+    folded = rc.fold(converted)
+    assert _normalization(folded) == []
+    assert not any(isinstance(layer, rc.ChannelAffine)
+                   for layer in rc.iter_layers(folded))
+    assert max_rel_diff(expected, folded(x)) <= 1e-5
+    for copy in (rc.copy_model(converted), rc.recast(converted, "float32")):
+        assert len(rc.renorm_layers(copy)) == 6
+        assert max_rel_diff(expected, copy(x, training=False)) <= 1e-6
+
+
+def test_pyramid_of_sequentials_saves_and_loads_converted(tmp_path):
+    """The converted pyramid (config intact, branches made in build())
+    round-trips through .keras with its renorm statistics."""
+    model = segmentation_model()
+    randomize_statistics(model, seed=10)
+    x = _inputs(model)
+    converted = rc.convert(model)
+    path = tmp_path / "aspp.keras"
+    converted.save(path)
+    loaded = keras.models.load_model(
+        path, custom_objects={"PyramidPooling": PyramidPooling})
+    assert len(rc.renorm_layers(loaded)) == 6
+    assert max_rel_diff(model(x, training=False),
+                        loaded(x, training=False)) <= 1e-6
+
+
 def library_model():
     inputs = keras.Input((8, 8, 3), name="img")
     x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
@@ -84,7 +203,8 @@ def test_convert_revert_fold_keep_outputs():
     randomize_statistics(model, seed=3)
     x = _inputs(model)
     expected = model(x, training=False)
-    converted, report = rc.convert(model, report=True)
+    report = rc.convert_plan(model)
+    converted = rc.convert(model)
     # 1 + 3 in the pyramid + 1 in the fusion block, all swapped.
     assert len(report) == 5
     assert sum(isinstance(l, rc.BatchRenormalization)

@@ -1,13 +1,16 @@
 """recalibrate: statistics re-estimated as exact averages of batch moments,
 against a NumPy reference."""
 
+import logging
+import re
+
 import keras
 import numpy as np
 import pytest
 
 import renorm_convert as rc
 from renorm_convert import data
-from renorm_convert.transform.recalibration import RecalibrationError
+from renorm_convert.errors import RenormConvertError
 from helpers import numpy, randomize_statistics
 
 
@@ -51,7 +54,7 @@ def numpy_reference(model, batches):
 
 @pytest.mark.parametrize("converted", [False, "frozen", "renorm",
                                        "microbatches"])
-def test_statistics_are_exact_averages_of_batch_moments(converted):
+def test_statistics_are_exact_averages_of_batch_moments(converted, caplog):
     model = mlp()
     randomize_statistics(model, seed=4)
     for layer in ("bn1",):
@@ -74,8 +77,9 @@ def test_statistics_are_exact_averages_of_batch_moments(converted):
             layer.renorm_stddev.assign(layer.renorm_stddev * 1.5)
     x = np.random.default_rng(0).normal(2.0, 3.0, (100, 6)).astype("float32")
     before = [numpy(v).copy() for v in model.weights]
-    new, used = rc.recalibrate(model, x, batch_size=32, batches=3,
-                               report=True)
+    with caplog.at_level(logging.INFO, logger="renorm_convert"):
+        new = rc.recalibrate(model, x, batch_size=32, batches=3)
+    used = int(re.search(r"on (\d+) batches", caplog.text).group(1))
     # The input is untouched.
     for v, b in zip(model.weights, before):
         np.testing.assert_array_equal(numpy(v), b)
@@ -116,11 +120,11 @@ def test_statistics_are_exact_averages_of_batch_moments(converted):
 
 def test_recalibrate_refuses_what_it_cannot_measure():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    with pytest.raises(RecalibrationError, match="no normalization"):
+    with pytest.raises(RenormConvertError, match="no normalization"):
         rc.recalibrate(model, np.zeros((4, 3), "float32"))
-    with pytest.raises(RecalibrationError, match="batches=0: expected"):
+    with pytest.raises(RenormConvertError, match="batches=0: expected"):
         rc.recalibrate(mlp(), np.zeros((4, 6), "float32"), batches=0)
-    with pytest.raises(RecalibrationError, match="holds no batch"):
+    with pytest.raises(RenormConvertError, match="holds no batch"):
         rc.recalibrate(mlp(), [])
 
 
@@ -132,13 +136,14 @@ def first_layer_bn_model():
         10, activation="softmax")(x)))
 
 
-def test_a_split_gives_its_training_images_in_training_order():
+def test_a_split_gives_its_training_images_in_training_order(caplog):
     """With a Split, the batches are the adapted training images in the
     order training reads them: NumPy's moments of those batches."""
     digits = data.load_digits()
     model = first_layer_bn_model()
-    new, used = rc.recalibrate(model, digits, batches=4, batch_size=50,
-                               report=True)
+    with caplog.at_level(logging.INFO, logger="renorm_convert"):
+        new = rc.recalibrate(model, digits, batches=4, batch_size=50)
+    used = int(re.search(r"on (\d+) batches", caplog.text).group(1))
     assert used == 4
     order = data.epoch_indices(digits.y_train, 50, seed=0, epoch=0)
     images = digits.x_train[order[:200]].astype(np.float64) / 16.0
@@ -151,7 +156,7 @@ def test_a_split_gives_its_training_images_in_training_order():
     # The same batches as arrays, as a PyDataset or as (x, y) pairs give
     # the same statistics.
     x = images.reshape(200, 8, 8, 1).astype("float32")
-    batches = digits.training_batches(model, 50)
+    batches = rc.data.training_batches(digits, model, 50)
     pairs = ((x[i:i + 50], np.zeros(50)) for i in range(0, 200, 50))
     for source, kwargs in ((x, {"batch_size": 50}), (batches, {}),
                            (pairs, {})):
@@ -182,7 +187,7 @@ def test_cli_finetune_recalibrates_on_its_training_batches(tmp_path, capsys):
         "--quiet-progress")])
     stdout, err = capsys.readouterr()
     assert code == 0, err
-    assert "recalibrated the normalization statistics on 3 batches" in stdout
+    assert "recalibrated the normalization statistics on 3 batches" in err
     tuned = keras.models.load_model(out)
     bn = tuned.get_layer("bn")
     # NumPy's moments of the convolution's outputs on the first 3 training

@@ -20,7 +20,7 @@ import pytest
 import renorm_convert as rc
 from helpers import numpy, subprocess_env
 from renorm_convert.data.batches import TrainingBatches
-from renorm_convert.train.checkpoint import CheckpointError
+from renorm_convert.train.checkpoint import RenormConvertError
 from renorm_convert.cli import main
 
 
@@ -450,15 +450,15 @@ def test_fine_tune_never_takes_a_directory_it_did_not_make(tmp_path):
     model = _tiny_model()
     split = _tiny_split(np.random.default_rng(0))
     record = _Record()
-    with pytest.raises(CheckpointError, match="not renorm-convert checkpoints"):
-        rc.fine_tune(model, split.training_batches(model, 16), epochs=1,
+    with pytest.raises(RenormConvertError, match="not renorm-convert checkpoints"):
+        rc.fine_tune(model, rc.data.training_batches(split, model, 16), epochs=1,
                      checkpoint_dir=folder, callbacks=[record], verbose=0)
     assert not record.began
     assert os.listdir(folder) == ["mine.txt"]
     file = tmp_path / "afile"
     file.write_text("x")
-    with pytest.raises(CheckpointError, match="is a file"):
-        rc.fine_tune(model, split.training_batches(model, 16), epochs=1,
+    with pytest.raises(RenormConvertError, match="is a file"):
+        rc.fine_tune(model, rc.data.training_batches(split, model, 16), epochs=1,
                      checkpoint_dir=file, callbacks=[record], verbose=0)
     assert not record.began and file.read_text() == "x"
 
@@ -468,7 +468,7 @@ def test_a_record_that_cannot_be_written_does_not_cost_the_model(tmp_path):
     split = _tiny_split(np.random.default_rng(0))
     plot = tmp_path / "gone" / "curves.png"
     records = rc.callbacks.RunRecords(tmp_path / "h", plot=plot)
-    result = rc.fine_tune(model, split.training_batches(model, 16), epochs=1,
+    result = rc.fine_tune(model, rc.data.training_batches(split, model, 16), epochs=1,
                           callbacks=[records], verbose=0)
     assert list(records.errors) == [str(plot)]
     assert str(plot) in records.errors[str(plot)]
@@ -489,7 +489,7 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path):
     split = _tiny_split(np.random.default_rng(0))
 
     def run(directory, *callbacks):
-        return rc.fine_tune(model, split.training_batches(model, 16),
+        return rc.fine_tune(model, rc.data.training_batches(split, model, 16),
                             epochs=3, checkpoint_dir=directory,
                             callbacks=list(callbacks), verbose=0)
 
@@ -514,8 +514,8 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path):
     for v, value in zip(model.weights, initial):
         np.testing.assert_array_equal(numpy(v), value, err_msg=v.path)
     # A run of the same directory with other settings is refused.
-    with pytest.raises(rc.FineTuneError, match="does not fit this run"):
-        rc.fine_tune(model, split.training_batches(model, 32), epochs=3,
+    with pytest.raises(rc.RenormConvertError, match="does not fit this run"):
+        rc.fine_tune(model, rc.data.training_batches(split, model, 32), epochs=3,
                      checkpoint_dir=tmp_path / "ckpt", verbose=0)
 
 
@@ -526,7 +526,7 @@ def test_nan_loss_with_adam_saves_no_nan_optimizer_state(tmp_path):
     rng = np.random.default_rng(0)
     split = _tiny_split(rng)
     with pytest.raises(rc.NonFiniteLoss, match="optimizer state") as info:
-        rc.fine_tune(model, split.training_batches(model, 16), epochs=2,
+        rc.fine_tune(model, rc.data.training_batches(split, model, 16), epochs=2,
                      optimizer="adam", learning_rate=1e30, verbose=0)
     kept = info.value.model
     for v in list(kept.weights) + list(kept.optimizer.variables):
@@ -554,7 +554,7 @@ def test_nan_in_epoch_two_keeps_epoch_one_and_its_checkpoint(tmp_path):
     keras.utils.set_random_seed(0)
     model = _tiny_model()
     split = _tiny_split(np.random.default_rng(0))
-    one = rc.fine_tune(model, split.training_batches(model, 16), epochs=1,
+    one = rc.fine_tune(model, rc.data.training_batches(split, model, 16), epochs=1,
                        schedule=None, verbose=0)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(rc.NonFiniteLoss, match="at step 5") as info:
@@ -570,7 +570,7 @@ def test_nan_in_epoch_two_keeps_epoch_one_and_its_checkpoint(tmp_path):
     assert sorted(n for n in os.listdir(ckpt) if n.startswith("epoch-")) == [
         "epoch-0001.json", "epoch-0001.weights.h5"]
     assert rc.checkpoint.live_holder(ckpt) is None  # released
-    again = rc.fine_tune(model, split.training_batches(model, 16), epochs=2,
+    again = rc.fine_tune(model, rc.data.training_batches(split, model, 16), epochs=2,
                          schedule=None, checkpoint_dir=ckpt, verbose=0)
     assert again.resumed_from == (1, 4) and _iterations(again.model) == 8
     assert all(np.isfinite(numpy(v)).all() for v in again.model.weights)
@@ -660,14 +660,14 @@ def test_a_held_checkpoint_directory_is_refused_before_training(
         model = _tiny_model()
         split = _tiny_split(np.random.default_rng(0))
         record = _Record()
-        with pytest.raises(CheckpointError, match=f"process {child.pid} "):
-            rc.fine_tune(model, split.training_batches(model, 16), epochs=1,
+        with pytest.raises(RenormConvertError, match=f"process {child.pid} "):
+            rc.fine_tune(model, rc.data.training_batches(split, model, 16), epochs=1,
                          checkpoint_dir=ckpt, callbacks=[record], verbose=0)
         assert not record.began
-        with pytest.raises(CheckpointError, match=f"process {child.pid} "):
+        with pytest.raises(RenormConvertError, match=f"process {child.pid} "):
             with rc.checkpoint.hold(str(ckpt)):
                 pass
-        with pytest.raises(CheckpointError, match=f"process {child.pid} "):
+        with pytest.raises(RenormConvertError, match=f"process {child.pid} "):
             rc.checkpoint.remove(ckpt)
         assert child.poll() is None
     finally:

@@ -112,7 +112,8 @@ def check(name, workdir, export=True):
     keras.models.clone_model(model)
     result["clone_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    converted, conversion = rc.convert(model, report=True)
+    conversion = rc.convert_plan(model)
+    converted = rc.convert(model)
     result["convert_s"] = time.perf_counter() - start
     result["converted"] = len(conversion)
     result["convert"] = rel_diff(reference, converted(x, training=False))

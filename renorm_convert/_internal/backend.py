@@ -2,6 +2,7 @@
 which backend runs, whether a GPU is there, gradients outside `fit`, and
 the one-line refusal of a TensorFlow-only feature elsewhere."""
 
+import contextlib
 import importlib.util
 
 import keras
@@ -68,17 +69,32 @@ def device_names():
     return []
 
 
+def optimizer_step(model):
+    """The optimizer's step count (its `iterations`) as a Python int."""
+    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+
+
+@contextlib.contextmanager
+def statistics_kept(model):
+    """Within the block `model` may run in training mode (which moves its
+    normalization statistics); every non-trainable variable is put back on
+    leaving, whatever happens."""
+    variables = list(model.non_trainable_variables)
+    saved = [keras.ops.convert_to_numpy(v) for v in variables]
+    try:
+        yield
+    finally:
+        for v, value in zip(variables, saved):
+            v.assign(value)
+
+
 def gradients(model, x, y, loss):
     """[(variable, gradient as NumPy or None)] of `loss(y, model(x,
     training=True))` for every trainable variable of `model`, on one batch,
     outside `fit`. The model's statistics are not changed."""
     variables = list(model.trainable_variables)
-    saved = [keras.ops.convert_to_numpy(v) for v in model.non_trainable_variables]
-    try:
+    with statistics_kept(model):
         grads = _GRADIENTS[name()](model, variables, x, y, loss)
-    finally:
-        for v, value in zip(model.non_trainable_variables, saved):
-            v.assign(value)
     return [(v, None if g is None else np.asarray(g))
             for v, g in zip(variables, grads)]
 

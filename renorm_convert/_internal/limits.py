@@ -58,9 +58,6 @@ STRATEGIES = {
 }
 
 
-class StrategyError(RenormConvertError):
-    """A strategy that cannot be created: the message says why and what to
-    do."""
 
 
 def check_strategy_name(name, backend):
@@ -68,12 +65,12 @@ def check_strategy_name(name, backend):
     if name is None:
         return
     if name not in STRATEGIES:
-        raise StrategyError("{arg}: use None or one of "
+        raise RenormConvertError("{arg}: use None or one of "
                             + ", ".join(STRATEGIES) + ".", "strategy", name)
     needed = STRATEGIES[name][0]
     if needed != backend:
         fits = [n for n, (b, _) in STRATEGIES.items() if b == backend]
-        raise StrategyError(
+        raise RenormConvertError(
             f"{{arg}} runs on Keras's {needed} backend, not {backend} "
             f"(KERAS_BACKEND={needed}); on {backend}: "
             + (", ".join(fits) if fits else "one device only") + ".",

@@ -5,7 +5,7 @@ import importlib
 import inspect
 
 from renorm_convert.cli import progress
-from renorm_convert.cli._paths import PathError
+from renorm_convert.cli._paths import RenormConvertError
 
 
 def import_custom_objects(modules):
@@ -18,7 +18,7 @@ def import_custom_objects(modules):
         try:
             module = importlib.import_module(name)
         except Exception as e:
-            raise PathError(
+            raise RenormConvertError(
                 f"--custom-objects {name}: cannot import it ({type(e).__name__}"
                 f": {e}). Give an importable module path (on PYTHONPATH)."
             ) from None

@@ -7,12 +7,10 @@ import os
 from renorm_convert.errors import RenormConvertError
 
 
-class PathError(RenormConvertError):
-    """A bad output path; the message names the flag."""
 
 
 def _usage(message):
-    return PathError(message)
+    return RenormConvertError(message)
 
 
 def check_output(output, inputs, suffixes):
@@ -81,7 +79,7 @@ def check_outputs(outputs, inputs=()):
         inputs: (what, path) pairs: model files, data files or folders.
 
     Raises:
-        PathError: an output is an input or holds one, two outputs collide,
+        RenormConvertError: an output is an input or holds one, two outputs collide,
             or a location is missing, of the wrong kind or not writable.
     """
     outputs = [(flag, str(path), kind) for flag, path, kind in outputs]

@@ -9,7 +9,7 @@ import time
 from renorm_convert.cli import _args, progress
 from renorm_convert.cli._args import EXIT_OK
 from renorm_convert.cli._common import check_model_path, load_model, parity
-from renorm_convert.cli._paths import PathError, check_output
+from renorm_convert.cli._paths import RenormConvertError, check_output
 
 HELP = "BatchNormalization -> BatchRenormalization"
 
@@ -46,9 +46,10 @@ def run(args):
     model = load_model(args)
     progress("converting")
     start = time.perf_counter()
-    converted, report = rc.convert(model, include=args.include,
-                                   exclude=args.exclude, report=True,
-                                   **layer_options(args))
+    report = rc.convert_plan(model, include=args.include,
+                             exclude=args.exclude)
+    converted = rc.convert(model, include=args.include, exclude=args.exclude,
+                           **layer_options(args))
     elapsed = time.perf_counter() - start
     if not report.swapped:
         already = len(rc.renorm_layers(model))
@@ -56,7 +57,7 @@ def run(args):
                 if already else "")
         selection = " matching --include/--exclude" if (
             args.include or args.exclude) else ""
-        raise PathError(f"{args.model}: no BatchNormalization layer"
+        raise RenormConvertError(f"{args.model}: no BatchNormalization layer"
                         f"{selection} to convert{hint}; nothing written.")
     diff, rel = parity(model, converted)
     save_atomically(converted, args.output)

@@ -12,7 +12,7 @@ import sys
 from renorm_convert.cli import _args, progress
 from renorm_convert.cli._args import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
 from renorm_convert.cli._common import check_model_path, load_model
-from renorm_convert.cli._paths import PathError, check_output, check_outputs
+from renorm_convert.cli._paths import RenormConvertError, check_output, check_outputs
 
 HELP = "fine-tune with the renorm schedule"
 
@@ -125,18 +125,18 @@ def check(args):
         checkpoint.check(args.checkpoint_dir)
     check_strategy_name(args.strategy, keras_backend())
     if args.non_iid and args.batch_size % args.non_iid:
-        raise PathError(
+        raise RenormConvertError(
             f"--non-iid {args.non_iid}: the batch size {args.batch_size} "
             "must be a multiple of it (batches of equally many examples of "
             "each class).")
     if args.microbatch and args.microbatch > args.batch_size:
-        raise PathError(f"--microbatch {args.microbatch}: must be between 1 "
+        raise RenormConvertError(f"--microbatch {args.microbatch}: must be between 1 "
                         f"and the batch size {args.batch_size}.")
     if args.tensorboard:
         import importlib.util
 
         if importlib.util.find_spec("tensorboard") is None:
-            raise PathError(
+            raise RenormConvertError(
                 "--tensorboard needs the tensorboard package: pip install "
                 "'renorm_convert[tensorboard]' (or tensorboard).")
 
@@ -175,10 +175,10 @@ def run(args):
                  + (", loss scaling on" if args.mixed_precision == "float16"
                     else ""))
     _print_settings(model, normalization_settings(model))
-    batches = split.training_batches(model, args.batch_size,
+    batches = rc.data.training_batches(split, model, args.batch_size,
                                      non_iid_classes=args.non_iid,
                                      seed=args.seed)
-    validation = split.evaluation_batches(model) if len(split.y_val) \
+    validation = rc.data.evaluation_batches(split, model) if len(split.y_val) \
         else None
     curve = (cb.ValidationCurve(validation, batches.num_batches,
                                 size=len(split.y_val))
@@ -218,7 +218,7 @@ def run(args):
             schedule=schedule, callbacks=extra,
             checkpoint_dir=args.checkpoint_dir,
             jit_compile=True if args.xla else "auto", strategy=strategy,
-            copy=False, verbose=2 if args.quiet_progress
+            inplace=True, verbose=2 if args.quiet_progress
             or not sys.stdout.isatty() else "auto")
     except rc.NonFiniteLoss as e:
         if chief:
@@ -231,12 +231,9 @@ def run(args):
         return EXIT_OK
     trained = result.model
     if args.recalibrate:
-        trained, used = rc.recalibrate(trained, split,
-                                       batches=args.recalibrate,
-                                       batch_size=args.batch_size,
-                                       report=True)
-        print(f"recalibrated the normalization statistics on {used} "
-              "batches of training data")
+        # The library says on how many batches (a progress line).
+        trained = rc.recalibrate(trained, split, batches=args.recalibrate,
+                                 batch_size=args.batch_size)
     save_atomically(trained, args.output)
     if result.checkpoint_dir:
         # Only now that the model is safely written: a run killed before

@@ -11,7 +11,7 @@ import os
 
 from renorm_convert.cli import _args, progress
 from renorm_convert.cli._args import EXIT_OK
-from renorm_convert.cli._paths import PathError, check_outputs
+from renorm_convert.cli._paths import RenormConvertError, check_outputs
 
 HELP = "the paper's Figure 2 / 3 at small scale"
 
@@ -71,11 +71,11 @@ def check(args):
 
     steps = args.steps or REPRODUCE_DEFAULTS[args.experiment]["steps"]
     if steps < args.eval_every:  # the default --steps too
-        raise PathError(f"--steps ({steps}) must be at least "
+        raise RenormConvertError(f"--steps ({steps}) must be at least "
                         f"--eval-every ({args.eval_every}).")
     if args.experiment == "non-iid" and \
             args.batch_size % args.classes_per_batch:
-        raise PathError(
+        raise RenormConvertError(
             f"--classes-per-batch {args.classes_per_batch}: the batch size "
             f"{args.batch_size} must be a multiple of it.")
     check_outputs([("--out", args.out, "logdir")],

@@ -5,7 +5,7 @@ without this package; write it to -o OUT.keras."""
 from renorm_convert.cli import _args
 from renorm_convert.cli._args import EXIT_OK
 from renorm_convert.cli._common import check_model_path, load_model, parity
-from renorm_convert.cli._paths import PathError, check_output
+from renorm_convert.cli._paths import RenormConvertError, check_output
 
 HELP = "BatchRenormalization -> BatchNormalization"
 
@@ -25,9 +25,10 @@ def run(args):
     from renorm_convert.io import save_atomically
 
     model = load_model(args)
-    reverted, report = rc.revert(model, report=True)
+    report = rc.revert_plan(model)
+    reverted = rc.revert(model)
     if not report.swapped:
-        raise PathError(f"{args.model}: no BatchRenormalization layer to "
+        raise RenormConvertError(f"{args.model}: no BatchRenormalization layer to "
                         "revert; nothing written.")
     diff, rel = parity(model, reverted)
     save_atomically(reverted, args.output)

@@ -2,12 +2,34 @@
 takes them on TensorFlow, JAX and PyTorch alike, in the same order under a
 seed. `TrainingBatches.as_tf_dataset()` gives the same batches as
 `tf.data`, for `tf.distribute` strategies.
+
+This is the one module of `renorm_convert.data` that imports Keras; it
+reads a `Split` (sources) and never the other way round.
 """
 
 import keras
 import numpy as np
 
-from renorm_convert.data import DataError, adapt, check_batching, epoch_indices
+from renorm_convert.data.images import adapt, model_image_shape
+from renorm_convert.data.sampling import check_batching, epoch_indices
+from renorm_convert.errors import RenormConvertError, check_integer
+
+
+def training_batches(split, model, batch_size=32, *, non_iid_classes=None,
+                     seed=0, steps_per_epoch=None):
+    """`TrainingBatches` of the training part of `split`, adapted to
+    `model`'s image input."""
+    return TrainingBatches(split, model_image_shape(model), batch_size,
+                           non_iid_classes=non_iid_classes, seed=seed,
+                           steps_per_epoch=steps_per_epoch)
+
+
+def evaluation_batches(split, model, batch_size=256, count=None):
+    """`EvaluationBatches` of the (first `count`) validation examples of
+    `split`, adapted to `model`'s image input."""
+    return EvaluationBatches(split.x_val[:count], split.y_val[:count],
+                             model_image_shape(model), batch_size,
+                             split.value_range, split.scaling)
 
 
 class TrainingBatches(keras.utils.PyDataset):
@@ -28,12 +50,8 @@ class TrainingBatches(keras.utils.PyDataset):
         super().__init__(workers=1, use_multiprocessing=False)
         check_batching(len(split.y_train), batch_size, non_iid_classes,
                        split.num_classes)
-        if steps_per_epoch is not None and (
-                isinstance(steps_per_epoch, bool) or not isinstance(
-                    steps_per_epoch, (int, np.integer)) or steps_per_epoch < 1):
-            raise DataError("{arg}: expected a positive integer, or None for "
-                            "whole passes.", "steps_per_epoch",
-                            steps_per_epoch)
+        steps_per_epoch = check_integer(steps_per_epoch, "steps_per_epoch",
+                                        none="for whole passes")
         self.split = split
         self.shape = tuple(shape)
         self.batch_size = int(batch_size)
@@ -49,7 +67,7 @@ class TrainingBatches(keras.utils.PyDataset):
         """The same batches, each cut to process `index`'s part of
         `count` equal parts (the batch size must divide)."""
         if self.batch_size % count:
-            raise DataError(f"{{arg}}: must be a multiple of the {count} "
+            raise RenormConvertError(f"{{arg}}: must be a multiple of the {count} "
                             "processes.", "batch_size", self.batch_size)
         return TrainingBatches(self.split, self.shape, self.batch_size,
                                non_iid_classes=self.non_iid_classes,
@@ -156,7 +174,7 @@ class ArrayBatches(keras.utils.PyDataset):
         self.y = np.asarray(y)
         self.several = isinstance(x, (list, tuple))
         if any(len(a) != len(self.y) for a in self.xs):
-            raise DataError(
+            raise RenormConvertError(
                 f"{{arg}}: {len(self.y)} labels for inputs of "
                 f"{[len(a) for a in self.xs]} examples.", "y",
                 f"array of {len(self.y)}", quote=False)

@@ -15,8 +15,6 @@ MODEL_SUFFIXES = (".keras", ".h5", ".hdf5")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
-class UsageError(RenormConvertError):
-    """Bad input from the user: the message says what and how to fix it."""
 
 
 def check_model_file(path):
@@ -24,18 +22,18 @@ def check_model_file(path):
     missing, a directory, another suffix, or contents of another kind."""
     path = str(path)
     if not os.path.exists(path):
-        raise UsageError(f"{path}: no such file.")
+        raise RenormConvertError(f"{path}: no such file.")
     if os.path.isdir(path):
-        raise UsageError(
+        raise RenormConvertError(
             f"{path}: is a directory; give a .keras or .h5 model file "
             "(a SavedModel directory can be re-saved with "
             "model.save('m.keras')).")
     if not path.lower().endswith(MODEL_SUFFIXES):
-        raise UsageError(
+        raise RenormConvertError(
             f"{path}: not a Keras model file; expected a name ending in "
             f"{', '.join(MODEL_SUFFIXES)}.")
     if path.lower().endswith(".keras") and not zipfile.is_zipfile(path):
-        raise UsageError(
+        raise RenormConvertError(
             f"{path}: not a valid .keras file (a .keras file is a zip "
             "archive; this one is not, or is truncated). Save the model "
             "again with model.save().")
@@ -43,14 +41,14 @@ def check_model_file(path):
         with open(path, "rb") as f:
             head = f.read(8)
         if head != _HDF5_SIGNATURE:
-            raise UsageError(
+            raise RenormConvertError(
                 f"{path}: not an HDF5 file (a Keras 2 .h5 model starts with "
                 "the HDF5 signature; this one does not). Give the model "
                 "file itself.")
 
 
 def load(path, *, safe_mode=True, custom_objects=None):
-    """Loads a `.keras` or Keras-2 `.h5` model, with a one-line UsageError
+    """Loads a `.keras` or Keras-2 `.h5` model, with a one-line RenormConvertError
     for every way the file can be wrong."""
     import keras
 
@@ -77,19 +75,19 @@ def load(path, *, safe_mode=True, custom_objects=None):
     except Exception as e:
         raise _explain_load_error(path, e) from None
     if not isinstance(model, keras.Model):
-        raise UsageError(f"{path}: holds a {type(model).__name__}, not a model.")
+        raise RenormConvertError(f"{path}: holds a {type(model).__name__}, not a model.")
     return model
 
 
 def _explain_load_error(path, error):
     text = " ".join(str(error).split())
     if "Lambda" in text and "safe_mode" in text:
-        return UsageError(
+        return RenormConvertError(
             f"{path}: has a Lambda layer whose Python code would run on "
             "loading; refused in safe mode. Load it with {fix} if you trust "
             "the file.", fix=("safe_mode", False))
     if "Lambda.call()" in text and "infer the shape" in text:
-        return UsageError(
+        return RenormConvertError(
             f"{path}: a Lambda layer's code fails when the model is rebuilt "
             "(usually a name of the module that defined it, which cannot be "
             "imported here); make that module importable (PYTHONPATH), or "
@@ -97,7 +95,7 @@ def _explain_load_error(path, error):
     if "Could not locate" in text or "Unknown layer" in text or (
             "custom" in text.lower() and "class" in text.lower()):
         cls = _class_name_in(text)
-        return UsageError(
+        return RenormConvertError(
             f"{path}: uses the class {cls}, which is not registered. Pass "
             "{fix} (a module that defines it, decorated with "
             "@keras.saving.register_keras_serializable()).",
@@ -107,10 +105,10 @@ def _explain_load_error(path, error):
                 w in text for w in ("truncated", "signature", "Unable to open",
                                     "Unable to synchronously open",
                                     "BadZipFile", "not a zip", "File is not"))):
-        return UsageError(
+        return RenormConvertError(
             f"{path}: cannot be read as a Keras model (truncated or corrupted "
             f"file: {text[:160]}).")
-    return UsageError(f"{path}: cannot be loaded as a Keras model "
+    return RenormConvertError(f"{path}: cannot be loaded as a Keras model "
                       f"({type(error).__name__}: {text[:200]}).")
 
 

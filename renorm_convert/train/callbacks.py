@@ -26,16 +26,13 @@ import keras
 import numpy as np
 
 from renorm_convert._internal import backend as _backend
+from renorm_convert._internal.backend import optimizer_step
 from renorm_convert.train import checkpoint as checkpoint_lib
 from renorm_convert.train import distribute
 from renorm_convert._internal import keras_hooks as internals
-from renorm_convert.evaluation import top1
+from renorm_convert.evaluation import accuracy
 from renorm_convert.io import write_atomically
 from renorm_convert.layers import is_normalization
-
-
-def _iterations(model):
-    return int(keras.ops.convert_to_numpy(model.optimizer.iterations))
 
 
 class StepLog(keras.callbacks.Callback):
@@ -55,7 +52,7 @@ class StepLog(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
         # Read here, where every backend's state is attached to the model.
-        self._epoch_start = _iterations(self.model)
+        self._epoch_start = optimizer_step(self.model)
 
     def on_train_batch_end(self, batch, logs=None):
         row = {"step": self._epoch_start + batch + 1, "epoch": self.epoch}
@@ -100,13 +97,13 @@ class ValidationCurve(keras.callbacks.Callback):
 
     def _record(self, step):
         self.points.append({"step": step,
-                            "val_accuracy": top1(self.model, self._batches)})
+                            "val_accuracy": accuracy(self.model, self._batches)})
 
     def on_train_begin(self, logs=None):
-        self._record(_iterations(self.model))
+        self._record(optimizer_step(self.model))
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = _iterations(self.model)
+        self._epoch_start = optimizer_step(self.model)
 
     def on_train_batch_end(self, batch, logs=None):
         step = self._epoch_start + batch + 1
@@ -143,7 +140,7 @@ class NanGuard(keras.callbacks.Callback):
         self._good = self._snapshot()
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._epoch_start = _iterations(self.model)
+        self._epoch_start = optimizer_step(self.model)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.tripped_at is None:
@@ -152,7 +149,7 @@ class NanGuard(keras.callbacks.Callback):
                 # A compiled step can report a finite loss from NaN weights
                 # (XLA's CPU min / max, as in the loss's clipping, drop NaN
                 # under JAX): the weights are checked too, once an epoch.
-                self.tripped_at = _iterations(self.model)
+                self.tripped_at = optimizer_step(self.model)
                 self.model.stop_training = True
                 for v, value in zip(self._variables(), self._good):
                     v.assign(value)
@@ -199,7 +196,7 @@ class Checkpoint(keras.callbacks.Callback):
             self._history.setdefault(key, []).append(float(value))
         model = self.model
         checkpoint_lib.write(self.directory, model, epoch=epoch + 1,
-                             step=_iterations(model), history=self._history,
+                             step=optimizer_step(model), history=self._history,
                              steps=self._steps_log.steps if self._steps_log
                              else [])
 

@@ -29,7 +29,7 @@ import socket
 import time
 
 import renorm_convert.io as _io
-from renorm_convert.io import UsageError, write_atomically
+from renorm_convert.io import RenormConvertError, write_atomically
 
 MARKER = ".renorm-convert-checkpoint"
 LOCK = ".renorm-convert-lock"
@@ -40,9 +40,6 @@ _OURS = re.compile(r"^(epoch-\d+\.(weights\.h5|json)|worker-\d+|"
 _META = re.compile(r"^epoch-(\d+)\.json$")
 
 
-class CheckpointError(UsageError):
-    """A checkpoint directory that is not ours, held by another run, or not
-    usable."""
 
 
 def _sha256(path):
@@ -58,7 +55,7 @@ def check(directory):
     holds anything we did not write."""
     directory = str(directory)
     if os.path.exists(directory) and not os.path.isdir(directory):
-        raise CheckpointError(
+        raise RenormConvertError(
             "is a file; give a directory (a new or empty one) for "
             "checkpoints.", "checkpoint_dir", directory, quote=False)
     if not os.path.isdir(directory):
@@ -67,7 +64,7 @@ def check(directory):
         foreign = sorted(n for n in os.listdir(directory)
                          if not _OURS.match(n))
         if foreign:
-            raise CheckpointError(
+            raise RenormConvertError(
                 "holds files that are not renorm-convert checkpoints "
                 f"({', '.join(foreign[:3])}"
                 f"{', ...' if len(foreign) > 3 else ''}); give a new or "
@@ -75,7 +72,7 @@ def check(directory):
                 "checkpoint_dir", directory, quote=False)
     holder = live_holder(directory)
     if holder is not None:
-        raise CheckpointError(_in_use(holder), "checkpoint_dir", directory,
+        raise RenormConvertError(_in_use(holder), "checkpoint_dir", directory,
                               quote=False)
 
 
@@ -139,7 +136,7 @@ def hold(directory, notes=None):
     except OSError:
         holder = _read_holder(path)
         os.close(fd)
-        raise CheckpointError(_in_use(holder), "checkpoint_dir",
+        raise RenormConvertError(_in_use(holder), "checkpoint_dir",
                               str(directory), quote=False) from None
     previous = _read_holder(path)
     if previous.get("pid") not in (None, os.getpid()) and notes is not None:
@@ -273,7 +270,7 @@ def remove(directory):
         return
     holder = live_holder(directory)
     if holder is not None:
-        raise CheckpointError(_in_use(holder), "checkpoint_dir", directory,
+        raise RenormConvertError(_in_use(holder), "checkpoint_dir", directory,
                               quote=False)
     for name in os.listdir(directory):
         path = os.path.join(directory, name)

@@ -21,7 +21,7 @@ import keras
 
 from renorm_convert._internal import keras_hooks as internals
 from renorm_convert._internal.limits import (  # noqa: F401  (public here)
-    STRATEGIES, StrategyError, check_strategy_name)
+    STRATEGIES, RenormConvertError, check_strategy_name)
 
 def _is_tf_strategy(strategy):
     tf = sys.modules.get("tensorflow")
@@ -41,7 +41,7 @@ def make_strategy(strategy):
             is_keras_distribution(strategy):
         return strategy
     if not isinstance(strategy, str):
-        raise StrategyError("{arg}: expected a name ("
+        raise RenormConvertError("{arg}: expected a name ("
                             + ", ".join(STRATEGIES) + "), a tf.distribute "
                             "strategy or a keras.distribution.Distribution.",
                             "strategy", type(strategy).__name__, quote=False)
@@ -53,13 +53,13 @@ def make_strategy(strategy):
     if strategy == "mirrored":
         return tf.distribute.MirroredStrategy()
     if not os.environ.get("TF_CONFIG"):
-        raise StrategyError(
+        raise RenormConvertError(
             "{arg} needs TF_CONFIG describing the cluster and this worker's "
             "index (see README).", "strategy", strategy)
     try:
         return tf.distribute.MultiWorkerMirroredStrategy()
     except RuntimeError as e:
-        raise StrategyError(
+        raise RenormConvertError(
             f"cannot start the multi-worker strategy now ({e}): create "
             "tf.distribute.MultiWorkerMirroredStrategy() at the start of "
             "the program, before any TensorFlow op, and pass it as {arg}.",
@@ -82,7 +82,7 @@ def data_parallel():
             try:
                 keras.distribution.initialize()
             except RuntimeError as e:
-                raise StrategyError(
+                raise RenormConvertError(
                     f"cannot join the JAX job now ({e}): call "
                     "renorm_convert.train.distribute.data_parallel() at the start "
                     "of the program, before any JAX array is made (a model "

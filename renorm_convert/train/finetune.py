@@ -10,10 +10,12 @@ callbacks: the schedule (`RenormSchedule`), the per-step log, the NaN guard
 and checkpoints (`renorm_convert.train.callbacks`), and the caller's own.
 """
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -21,11 +23,12 @@ import numpy as np
 from renorm_convert._internal import backend as _backend
 from renorm_convert.train import checkpoint as checkpoint_lib
 from renorm_convert.train import distribute
-from renorm_convert.data.batches import ArrayBatches, TrainingBatches
+from renorm_convert.data.batches import (ArrayBatches, TrainingBatches,
+                                         evaluation_batches, training_batches)
 from renorm_convert.train.callbacks import Checkpoint, NanGuard, StepLog
 from renorm_convert.transform.conversion import copy_model
 from renorm_convert.data import Split, class_ids, is_dense
-from renorm_convert.errors import RenormConvertError
+from renorm_convert.errors import NonFiniteLoss, RenormConvertError, check_integer
 from renorm_convert.evaluation import outputs_probabilities
 from renorm_convert.layers import renorm_layers
 from renorm_convert.train.schedule import RenormSchedule
@@ -34,18 +37,8 @@ from renorm_convert.transform.surgery import num_outputs, strided_pointwise_subs
 _log = logging.getLogger("renorm_convert")
 
 
-class FineTuneError(RenormConvertError):
-    """Bad fine-tuning arguments: the message says what and how to fix it."""
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; `model` holds the last good weights
-    and optimizer state, `result` the run until then."""
-
-    def __init__(self, message, model, result):
-        super().__init__(message)
-        self.model = model
-        self.result = result
 
 
 @dataclasses.dataclass
@@ -53,7 +46,7 @@ class FineTuneResult:
     """What `fine_tune` returns.
 
     Attributes:
-        model: The model trained (a copy of the input unless `copy=False`).
+        model: The model trained (a copy of the input unless `inplace=True`).
         history: {metric: [one value per epoch]} over the whole run (a
             resumed run includes the epochs before the checkpoint).
         steps: [{"step", "epoch", "loss", ..., "r_max", "d_max"}], one per
@@ -89,14 +82,14 @@ def _optimizer(name, learning_rate):
     elif (isinstance(learning_rate, bool) or not isinstance(
             learning_rate, (int, float, np.floating, np.integer))
           or not math.isfinite(learning_rate) or learning_rate <= 0):
-        raise FineTuneError(
+        raise RenormConvertError(
             "{arg}: expected a positive number or a "
             "keras.optimizers.schedules.LearningRateSchedule.",
             "learning_rate", learning_rate)
     try:
         optimizer = keras.optimizers.get(name)
     except ValueError:
-        raise FineTuneError(
+        raise RenormConvertError(
             "{arg}: use a Keras optimizer name such as rmsprop (the "
             "paper's), adam, sgd or adamw.", "optimizer", name) from None
     config = optimizer.get_config()
@@ -111,7 +104,7 @@ def _check_labels_fit(model, split):
     if is_dense(split.y_train):
         classes = int(np.shape(split.y_train)[1])
         if classes != outputs:
-            raise FineTuneError(
+            raise RenormConvertError(
                 f"the labels are rows of {classes} classes but the model has "
                 f"{outputs} outputs; give it a new head first ({{fix}}).",
                 fix=("head", classes, f"rc.replace_head(model, {classes})"))
@@ -120,7 +113,7 @@ def _check_labels_fit(model, split):
                   class_ids(split.y_val).max() if len(split.y_val) else 0))
     if top >= outputs:
         classes = max(split.num_classes, top + 1)
-        raise FineTuneError(
+        raise RenormConvertError(
             f"labels go up to {top} but the model has {outputs} outputs; "
             "give it a new head first ({fix}).",
             fix=("head", classes, f"rc.replace_head(model, {classes})"))
@@ -130,9 +123,9 @@ def _training_data(model, train, steps_per_epoch):
     """(batches, steps per epoch, labels are one-hot / soft rows)."""
     if isinstance(train, Split):
         if not len(train.y_train):
-            raise FineTuneError("the training data is empty.")
+            raise RenormConvertError("the training data is empty.")
         _check_labels_fit(model, train)
-        train = train.training_batches(model, steps_per_epoch=steps_per_epoch)
+        train = training_batches(train, model, steps_per_epoch=steps_per_epoch)
     if isinstance(train, TrainingBatches):
         _check_labels_fit(model, train.split)
         if steps_per_epoch is not None and \
@@ -148,7 +141,7 @@ def _training_data(model, train, steps_per_epoch):
     if isinstance(train, keras.utils.PyDataset):
         steps = train.num_batches
         if steps is None and steps_per_epoch is None:
-            raise FineTuneError(
+            raise RenormConvertError(
                 "train: the PyDataset is endless; give steps_per_epoch.")
         first = train[0]
         return (train, steps_per_epoch or steps,
@@ -162,13 +155,13 @@ def _training_data(model, train, steps_per_epoch):
             return train.repeat(), steps_per_epoch, dense
         steps = int(train.cardinality().numpy())
         if steps < 1:
-            raise FineTuneError(
+            raise RenormConvertError(
                 "train: the dataset must have a known, finite number of "
                 "batches, or give steps_per_epoch.")
         return train, steps, dense
-    raise FineTuneError(
+    raise RenormConvertError(
         "train must be a renorm_convert.data.Split, batches of it "
-        "(split.training_batches(model)), an (x, y) pair of arrays, a "
+        "(training_batches(split, model)), an (x, y) pair of arrays, a "
         f"keras.utils.PyDataset or a tf.data.Dataset; got "
         f"{type(train).__name__}.")
 
@@ -178,10 +171,10 @@ def _validation_data(model, train, validation):
         split = train if isinstance(train, Split) else getattr(
             train, "split", None)
         if isinstance(split, Split) and len(split.y_val):
-            return split.evaluation_batches(model)
+            return evaluation_batches(split, model)
         return None
     if isinstance(validation, Split):
-        return validation.evaluation_batches(model) if len(
+        return evaluation_batches(validation, model) if len(
             validation.y_val) else None
     return validation
 
@@ -196,15 +189,16 @@ def _loss(model, dense):
 def fine_tune(model, train, *, validation=None, epochs=1,
               steps_per_epoch=None, optimizer="adam", learning_rate=1e-3,
               schedule="auto", callbacks=(), checkpoint_dir=None,
-              jit_compile="auto", strategy=None, copy=True, verbose="auto"):
+              jit_compile="auto", strategy=None, inplace=False, copy=None,
+              verbose="auto"):
     """Fine-tunes a (converted) model; returns a `FineTuneResult`.
 
     Args:
         model: A Keras model, usually from `convert` (then `configure`,
             `replace_head`, `recast` as the run needs). It is not modified
-            unless `copy=False`.
+            unless `inplace=True`.
         train: A `data.Split` (batches of 32 of its training part; its
-            validation part validates), `split.training_batches(model,
+            validation part validates), `training_batches(split, model,
             batch_size, non_iid_classes=, seed=)`, an (x, y) pair of arrays
             as the model takes them, a `keras.utils.PyDataset` or a
             `tf.data.Dataset` of (inputs, labels) batches. Labels are class
@@ -234,8 +228,10 @@ def fine_tune(model, train, *, validation=None, epochs=1,
         strategy: None, a name from `distribute.STRATEGIES` ("mirrored",
             "multi-worker" on TensorFlow, "data-parallel" on JAX), a
             `tf.distribute.Strategy` or a `keras.distribution.Distribution`.
-        copy: False trains `model` itself, for callers that own it (no
-            copy of the weights is made unless a strategy needs one).
+        inplace: True trains `model` itself, for callers that own it (no
+            copy of the weights is made unless a strategy needs one), as
+            every transform's `inplace` does.
+        copy: Deprecated: `copy=False` is `inplace=True`.
         verbose: As in `fit`.
 
     Returns:
@@ -245,133 +241,81 @@ def fine_tune(model, train, *, validation=None, epochs=1,
         NonFiniteLoss: the loss became NaN / inf; the exception holds the
             model with the last good weights and optimizer state.
     """
-    if isinstance(epochs, bool) or not isinstance(
-            epochs, (int, np.integer)) or epochs < 1:
-        raise FineTuneError("{arg}: expected an integer >= 1.", "epochs",
-                            epochs)
-    if steps_per_epoch is not None and (
-            isinstance(steps_per_epoch, bool)
-            or not isinstance(steps_per_epoch, (int, np.integer))
-            or steps_per_epoch < 1):
-        raise FineTuneError("{arg}: expected a positive integer, or None "
-                            "for whole passes.", "steps_per_epoch",
-                            steps_per_epoch)
+    epochs = check_integer(epochs, "epochs")
+    steps_per_epoch = check_integer(steps_per_epoch, "steps_per_epoch",
+                                    none="for whole passes")
     if schedule not in ("auto", None) and not isinstance(schedule,
                                                          RenormSchedule):
-        raise FineTuneError("{arg}: expected 'auto', None or a "
-                            "RenormSchedule.", "schedule", schedule)
+        raise RenormConvertError("{arg}: expected 'auto', None or a "
+                                 "RenormSchedule.", "schedule", schedule)
+    if copy is not None:
+        warnings.warn("fine_tune(copy=...) is deprecated: use inplace=",
+                      DeprecationWarning, stacklevel=2)
+        inplace = not copy
     distribute.use_gpu_memory_growth()
     strategy = distribute.make_strategy(strategy)
     with distribute.scope(strategy):
-        if copy or strategy is not None:
+        if not inplace or strategy is not None:
             # Under a strategy the variables must be created in its scope.
             model = copy_model(model)
         train_data, steps, dense = _training_data(model, train,
                                                   steps_per_epoch)
-        val_data = _validation_data(model, train, validation)
         model.compile(optimizer=_optimizer(optimizer, learning_rate),
                       loss=_loss(model, dense), metrics=["accuracy"],
                       jit_compile=jit_compile)
+    run = _Run(model=model, train=train_data,
+               validation=_validation_data(model, train, validation),
+               steps=steps, epochs=epochs, schedule=schedule,
+               callbacks=list(callbacks), strategy=strategy, verbose=verbose)
     if checkpoint_dir is None:
-        return _fit(model, train_data, val_data, steps, epochs, schedule,
-                    callbacks, None, strategy, verbose)
-    multi_worker = distribute.is_multi_worker(strategy)
+        return _fit(run)
+    run.multi_worker = distribute.is_multi_worker(strategy)
     if not distribute.is_chief():
         # Workers must not write over the chief's checkpoints.
         checkpoint_dir = os.path.join(
             checkpoint_dir, f"worker-{distribute.worker_index()}")
-    directory = checkpoint_lib.claim(checkpoint_dir)
+    run.directory = checkpoint_lib.claim(checkpoint_dir)
     notes = []
-    with checkpoint_lib.hold(directory, notes):
+    with checkpoint_lib.hold(run.directory, notes):
         for note in notes:
             _log.info(note)
-        return _fit(model, train_data, val_data, steps, epochs, schedule,
-                    callbacks, directory, strategy, verbose,
-                    multi_worker=multi_worker)
+        return _fit(run)
 
 
-def _fit(model, train_data, val_data, steps, epochs, schedule, callbacks,
-         directory, strategy, verbose, multi_worker=False):
-    resume = None
-    if directory is not None:
-        notes = []
-        with distribute.scope(strategy):
-            resume = Checkpoint.restore(model, directory, notes)
-        for note in notes:
-            _log.info(note)
-        if resume is not None:
-            if resume.epoch > epochs or resume.step != resume.epoch * steps:
-                raise FineTuneError(
-                    f"holds a checkpoint of epoch {resume.epoch} (step "
-                    f"{resume.step}) that does not fit this run ({epochs} "
-                    f"epochs of {steps} steps); use the same settings, or "
-                    "another directory.", "checkpoint_dir", directory,
-                    quote=False)
-            _log.info(f"resuming from epoch {resume.epoch}, step "
-                      f"{resume.step} (checkpoint in {directory})")
+@dataclasses.dataclass
+class _Run:
+    """One fine-tuning run as `fine_tune` resolved it: the compiled model,
+    the batches `fit` reads (`train`, `validation`), `steps` per epoch, the
+    schedule and callbacks, and where its checkpoints go."""
+
+    model: object
+    train: object
+    validation: object
+    steps: int
+    epochs: int
+    schedule: object
+    callbacks: list
+    strategy: object
+    verbose: object
+    directory: str = None
+    multi_worker: bool = False
+
+
+def _fit(run):
+    resume = _resume(run)
     done = resume.epoch if resume is not None else 0
-    if isinstance(train_data, TrainingBatches) and \
-            distribute.is_keras_distribution(strategy) and \
-            distribute.process_count() > 1:
-        # Keras makes each global batch of every process's own part.
-        train_data = train_data.shard(distribute.process_index(),
-                                      distribute.process_count())
-        strategy.auto_shard_dataset = False  # done: Keras would refuse it
-    if isinstance(train_data, (TrainingBatches, ArrayBatches)):
-        train_data.epoch = done
-    elif done and hasattr(train_data, "skip"):
-        train_data = train_data.skip(done * steps)
-    if distribute.is_tf_strategy(strategy):
-        if isinstance(train_data, TrainingBatches):
-            train_data = train_data.as_tf_dataset(epochs)
-    if schedule == "auto":
-        schedule = RenormSchedule.for_run(max(steps * epochs, 1))
-    step_log, guard = StepLog(), NanGuard()
-    every = [step_log, guard]
-    if schedule is not None and renorm_layers(model):
-        every.insert(0, schedule)
-    if isinstance(train_data, (TrainingBatches, ArrayBatches)):
-        every.insert(0, _StartAt(train_data, done))
-    if directory is not None:
-        every.append(Checkpoint(directory, steps_log=step_log,
-                                history_so_far=resume.history if resume
-                                else {},
-                                skip=lambda: guard.tripped_at is not None))
-    every += list(callbacks)
-    if resume is not None:
-        for callback in every:
-            if hasattr(callback, "resumed"):
-                callback.resumed(resume.history, resume.steps)
-    if multi_worker:
-        sample = next(iter(train_data))
-        distribute.patch_for_multi_worker(model, strategy, sample)
-    workaround = (strided_pointwise_subsampled(model)
-                  if _backend.name() == "tensorflow" and not _backend.has_gpu()
-                  else _nothing())
-    # Keras's JAX trainer reads the distribution when fit runs: fit in its
-    # scope, or the batches are not split across the devices.
-    where = distribute.scope(strategy) if distribute.is_keras_distribution(
-        strategy) else _nothing()
-    with workaround, where:
-        if done < epochs:
-            whole = isinstance(train_data, keras.utils.PyDataset) and \
-                train_data.num_batches == steps
-            history = model.fit(train_data, validation_data=val_data,
-                                epochs=epochs, initial_epoch=done,
-                                steps_per_epoch=None if whole else steps,
-                                callbacks=every, verbose=verbose,
-                                shuffle=False).history
-        else:  # every epoch was done before an interruption
-            history = {}
+    _position_data(run, done)
+    every, step_log, guard = _callbacks(run, resume, done)
+    history = _train(run, every, done)
     merged = {k: list(v) for k, v in (resume.history if resume else
                                       {}).items()}
     for key, values in history.items():
         merged.setdefault(key, []).extend(values)
     result = FineTuneResult(
-        model=model, history=merged, steps=step_log.steps,
-        steps_per_epoch=steps,
+        model=run.model, history=merged, steps=step_log.steps,
+        steps_per_epoch=run.steps,
         resumed_from=(resume.epoch, resume.step) if resume else None,
-        checkpoint_dir=directory)
+        checkpoint_dir=run.directory)
     if guard.tripped_at is not None:
         kept = (f"the weights and optimizer state after epoch "
                 f"{guard.good_epoch}" if guard.good_epoch else
@@ -379,8 +323,102 @@ def _fit(model, train_data, val_data, steps, epochs, schedule, callbacks,
         raise NonFiniteLoss(
             f"the loss became NaN or infinite at step {guard.tripped_at}; "
             f"training stopped and the model keeps {kept}. Lower the learning "
-            "rate, or lengthen the schedule's warm-up.", model, result)
+            "rate, or lengthen the schedule's warm-up.", run.model, result)
     return result
+
+
+def _resume(run):
+    """The checkpoint the run resumes from (loaded into the model), or
+    None; refuses one that does not fit the run."""
+    if run.directory is None:
+        return None
+    notes = []
+    with distribute.scope(run.strategy):
+        resume = Checkpoint.restore(run.model, run.directory, notes)
+    for note in notes:
+        _log.info(note)
+    if resume is None:
+        return None
+    if resume.epoch > run.epochs or resume.step != resume.epoch * run.steps:
+        raise RenormConvertError(
+            f"holds a checkpoint of epoch {resume.epoch} (step "
+            f"{resume.step}) that does not fit this run ({run.epochs} "
+            f"epochs of {run.steps} steps); use the same settings, or "
+            "another directory.", "checkpoint_dir", run.directory,
+            quote=False)
+    _log.info(f"resuming from epoch {resume.epoch}, step {resume.step} "
+              f"(checkpoint in {run.directory})")
+    return resume
+
+
+def _position_data(run, done):
+    """Puts the run's batches where epoch `done` begins, in the form its
+    strategy reads (a process's part of each batch, tf.data)."""
+    data, strategy = run.train, run.strategy
+    if isinstance(data, TrainingBatches) and \
+            distribute.is_keras_distribution(strategy) and \
+            distribute.process_count() > 1:
+        # Keras makes each global batch of every process's own part.
+        data = data.shard(distribute.process_index(),
+                          distribute.process_count())
+        strategy.auto_shard_dataset = False  # done: Keras would refuse it
+    if isinstance(data, (TrainingBatches, ArrayBatches)):
+        data.epoch = done
+    elif done and hasattr(data, "skip"):
+        data = data.skip(done * run.steps)
+    if distribute.is_tf_strategy(strategy) and isinstance(data,
+                                                          TrainingBatches):
+        data = data.as_tf_dataset(run.epochs)
+    run.train = data
+
+
+def _callbacks(run, resume, done):
+    """(every callback of the run in order, its StepLog, its NanGuard)."""
+    schedule = run.schedule
+    if schedule == "auto":
+        schedule = RenormSchedule.for_run(max(run.steps * run.epochs, 1))
+    step_log, guard = StepLog(), NanGuard()
+    every = [step_log, guard]
+    if schedule is not None and renorm_layers(run.model):
+        every.insert(0, schedule)
+    if isinstance(run.train, (TrainingBatches, ArrayBatches)):
+        every.insert(0, _StartAt(run.train, done))
+    if run.directory is not None:
+        every.append(Checkpoint(run.directory, steps_log=step_log,
+                                history_so_far=resume.history if resume
+                                else {},
+                                skip=lambda: guard.tripped_at is not None))
+    every += run.callbacks
+    if resume is not None:
+        for callback in every:
+            if hasattr(callback, "resumed"):
+                callback.resumed(resume.history, resume.steps)
+    return every, step_log, guard
+
+
+def _train(run, every, done):
+    """`fit` from epoch `done`; the history of the epochs it ran."""
+    model, strategy = run.model, run.strategy
+    if run.multi_worker:
+        sample = next(iter(run.train))
+        distribute.patch_for_multi_worker(model, strategy, sample)
+    workaround = (strided_pointwise_subsampled(model)
+                  if _backend.name() == "tensorflow" and not _backend.has_gpu()
+                  else contextlib.nullcontext())
+    # Keras's JAX trainer reads the distribution when fit runs: fit in its
+    # scope, or the batches are not split across the devices.
+    where = distribute.scope(strategy) if distribute.is_keras_distribution(
+        strategy) else contextlib.nullcontext()
+    if done >= run.epochs:  # every epoch was done before an interruption
+        return {}
+    whole = isinstance(run.train, keras.utils.PyDataset) and \
+        run.train.num_batches == run.steps
+    with workaround, where:
+        return model.fit(run.train, validation_data=run.validation,
+                         epochs=run.epochs, initial_epoch=done,
+                         steps_per_epoch=None if whole else run.steps,
+                         callbacks=every, verbose=run.verbose,
+                         shuffle=False).history
 
 
 class _StartAt(keras.callbacks.Callback):
@@ -395,11 +433,3 @@ class _StartAt(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._batches.epoch = self._epoch
-
-
-class _nothing:
-    def __enter__(self):
-        return 0
-
-    def __exit__(self, *exc):
-        return False

@@ -16,10 +16,12 @@ import keras
 import numpy as np
 
 from renorm_convert import data as data_lib
+from renorm_convert.data.batches import evaluation_batches, training_batches
 from renorm_convert._internal.limits import REPRODUCE_DEFAULTS, REPRODUCE_MODELS
 from renorm_convert.transform.conversion import convert
 from renorm_convert.errors import RenormConvertError
-from renorm_convert.evaluation import top1
+from renorm_convert._internal.backend import optimizer_step, statistics_kept
+from renorm_convert.evaluation import accuracy
 from renorm_convert.train.finetune import fine_tune
 from renorm_convert.layers import renorm_layers
 
@@ -103,13 +105,8 @@ def training_mode_accuracy(model, dataset):
     training: the paper's mechanism is that batch norm trained on
     non-i.i.d. batches works this way and fails with its moving averages.
     The model's statistics are put back afterwards."""
-    saved = [keras.ops.convert_to_numpy(v)
-             for v in model.non_trainable_variables]
-    try:
-        return top1(model, dataset, training=True)
-    finally:
-        for v, value in zip(model.non_trainable_variables, saved):
-            v.assign(value)
+    with statistics_kept(model):
+        return accuracy(model, dataset, training=True)
 
 
 class _Curve(keras.callbacks.Callback):
@@ -125,7 +122,7 @@ class _Curve(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         model = self.model
         self.points.append((
-            int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+            optimizer_step(model),
             float(logs["val_accuracy"]),
             training_mode_accuracy(model, self._eval_ds)))
 
@@ -138,7 +135,7 @@ def _train(model, split, config, renorm, seed, eval_ds):
     learning_rate = keras.optimizers.schedules.PiecewiseConstantDecay(
         [int(0.75 * config.steps)],
         [config.learning_rate, config.learning_rate * 0.1])
-    batches = split.training_batches(
+    batches = training_batches(split, 
         model, config.batch_size,
         non_iid_classes=(config.classes_per_batch
                          if config.experiment == "non-iid" else None),
@@ -147,7 +144,7 @@ def _train(model, split, config, renorm, seed, eval_ds):
               epochs=config.steps // config.eval_every, optimizer="adam",
               learning_rate=learning_rate,
               schedule="auto" if renorm else None,
-              callbacks=[curve], verbose=0, copy=False)
+              callbacks=[curve], verbose=0, inplace=True)
     return curve.points
 
 
@@ -177,7 +174,7 @@ def run(config, progress=None):
     for seed in range(config.seeds):
         keras.utils.set_random_seed(seed)
         initial = _model(config, shape, split.num_classes)
-        eval_ds = split.evaluation_batches(initial, batch_size=500)
+        eval_ds = evaluation_batches(split, initial, batch_size=500)
         for variant, renorm in (("batch norm", False), ("batch renorm", True)):
             keras.utils.set_random_seed(seed)
             model = convert(initial, r_max=1.0, d_max=0.0,

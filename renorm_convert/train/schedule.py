@@ -8,6 +8,7 @@ steps and reaches d_max = 5 after 25k steps and r_max = 3 after 40k steps.
 import keras
 
 from renorm_convert._internal import keras_hooks as internals
+from renorm_convert._internal.backend import optimizer_step
 from renorm_convert.errors import RenormConvertError
 from renorm_convert.layers import check_d_max, check_r_max, renorm_layers
 
@@ -172,8 +173,7 @@ class RenormSchedule(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         # Read once an epoch (under JAX the state is attached to the model
         # here; reading it mid-epoch would force a full state sync).
-        self._epoch_start = int(keras.ops.convert_to_numpy(
-            self.model.optimizer.iterations))
+        self._epoch_start = optimizer_step(self.model)
 
     def on_train_batch_begin(self, batch, logs=None):
         self._apply(self._epoch_start + batch)

@@ -13,13 +13,14 @@ import keras
 import numpy as np
 
 from renorm_convert._internal import keras_hooks as internals
-from renorm_convert.transform.blocks import is_block, normalization_sublayers, unwrapped
-from renorm_convert.transform.graph import (consumers, is_graph_model, model_graph,
-                                  rebuild)
 from renorm_convert.layers import is_normalization
-from renorm_convert.transform.weights import (assign_by_name, build_like, clone_layer,
-                                    clone_prebuilt, put, sublayer_items,
-                                    values_by_name)
+from renorm_convert.transform.blocks import unwrapped
+from renorm_convert.transform.copying import copy_layer, replace_sublayers
+from renorm_convert.transform.graph import (consumers, is_graph_model,
+                                            model_graph, rebuild)
+from renorm_convert.transform.weights import (assign_by_name, build_like,
+                                              clone_layer, sublayer_items,
+                                              values_by_name)
 
 # Producers whose output channels are a linear function of their weights:
 # class -> (name of the kernel to scale, axis of its output channels).
@@ -282,19 +283,32 @@ class FoldPlan:
         return {e.path: e.reason for e in self.entries if not e.foldable}
 
 
-def _block_entries(data):
-    """Entries for the normalization a custom layer holds: its Python code
-    joins its sublayers, so none of them can be folded; each becomes a
-    ChannelAffine inside a copy of the block."""
-    prefix = data["path"].rsplit("/", 1)[0] + "/" if "/" in data["path"] else ""
-    return [FoldEntry(
-        path=prefix + path, layer=norm, producer=data["path"],
-        producer_layer=data["layer"],
-        channels=int(norm.moving_mean.shape[0]),
-        reason=f"it is inside custom layer '{data['path']}' "
-               f"({type(unwrapped(data['layer'])).__name__}), whose Python "
-               "code joins its sublayers",
-    ) for path, norm in normalization_sublayers(data["layer"])]
+def _held_entries(layer, path):
+    """Entries for the normalization a custom layer holds, at any depth.
+    Those it holds itself are joined to their neighbours by its Python
+    code, so each becomes a ChannelAffine inside the copy of the layer; the
+    models it holds are planned as models (their normalization folds into
+    their Conv / Dense where it can)."""
+    entries = []
+    owner = unwrapped(layer)
+    for _, _, sub in sublayer_items(owner):
+        sub_path = f"{path}/{sub.name}"
+        if is_normalization(sub):
+            entries.append(FoldEntry(
+                path=sub_path, layer=sub, producer=path, producer_layer=layer,
+                channels=int(sub.moving_mean.shape[0]),
+                reason=f"it is inside custom layer '{path}' "
+                       f"({type(owner).__name__}), whose Python code joins "
+                       "its sublayers"))
+        elif is_graph_model(sub):
+            entries += [dataclasses.replace(
+                entry, path=f"{sub_path}/{entry.path}",
+                producer=f"{sub_path}/{entry.producer}",
+                consumers=[f"{sub_path}/{c}" for c in entry.consumers])
+                for entry in fold_plan(sub)]
+        else:
+            entries += _held_entries(sub, sub_path)
+    return entries
 
 
 def fold_plan(model, graph=None):
@@ -313,7 +327,7 @@ def fold_plan(model, graph=None):
             if data["layer_id"] not in seen and isinstance(
                     data["layer"], keras.layers.Layer):
                 seen.add(data["layer_id"])
-                entries += _block_entries(data)
+                entries += _held_entries(data["layer"], data["path"])
             continue
         if data["layer_id"] in seen:
             continue  # a layer called several times is planned once
@@ -363,7 +377,7 @@ def _folded_layer(player, name, norm=None, norm_before=None):
     return new, weights
 
 
-def _built_affine(layer, path=None):
+def _built_affine(layer):
     """The inference equivalent of a normalization sublayer, built, with its
     values (None for other layers: kept as they are)."""
     if not is_normalization(layer):
@@ -430,19 +444,16 @@ def fold(model, plan=None):
                                         forward.get(id(layer)))
         elif is_normalization(layer):
             new, values = _affine(layer, name)
-        elif is_block(layer):
-            # A copy of the block as it is in memory (its config need not
-            # describe it), each normalization sublayer a ChannelAffine.
-            new = internals.live_copy(unwrapped(layer))
+        elif sublayer_items(unwrapped(layer)):
+            # A custom layer: a copy as it is in memory (its config need not
+            # describe it), the normalization it holds as ChannelAffine, the
+            # models it holds folded.
+            inner = unwrapped(layer)
+            new = replace_sublayers(internals.live_copy(inner), inner,
+                                    _fold_held, site.path)
             new.name = name
-            _affine_in_place(new, site.path)
         else:
-            new = clone_prebuilt(layer, name=name)
-            if new is None and layer.weights:
-                new = internals.live_copy(layer)
-                new.name = name
-            elif new is None:
-                new = _weightless_copy(layer, name)
+            new = copy_layer(layer, name=name)
         if values is not None and not build_like(new, layer, values):
             pending.append((new, values, layer))
         clones[id(layer)] = new
@@ -462,27 +473,8 @@ def fold(model, plan=None):
     return new_model
 
 
-def _weightless_copy(layer, name):
-    """A layer without weights from its config; as it is in memory where
-    the config cannot recreate it, and always for a Lambda (a loaded one's
-    function may name helpers of a module its config cannot reach)."""
-    if not isinstance(layer, keras.layers.Lambda):
-        try:
-            return clone_layer(layer, name=name)
-        except Exception:  # the config does not recreate it: any error
-            pass
-    new = internals.live_copy(layer)
-    new.name = name
-    return new
-
-
-def _affine_in_place(layer, path):
-    """Replaces each normalization sublayer of the custom layer `layer` (a
-    copy) by its ChannelAffine, at any depth."""
-    for attr, index, sub in sublayer_items(layer):
-        sub_path = f"{path}/{sub.name}"
-        affine = _built_affine(sub)
-        if affine is not None:
-            put(layer, attr, index, sub, affine, sub_path)
-        elif not is_graph_model(sub):
-            _affine_in_place(sub, sub_path)
+def _fold_held(layer, path):
+    """`replace_sublayers`'s callback for a custom layer being folded."""
+    if is_graph_model(layer):
+        return fold(layer)
+    return _built_affine(layer)

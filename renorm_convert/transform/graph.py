@@ -23,15 +23,13 @@ def iter_layers(model):
     return iter(internals.flatten_layers(model))
 
 
-class GraphError(RenormConvertError):
-    """The model cannot be walked as a graph (it says why and what to do)."""
 
 
 def _functional_of(model):
     if isinstance(model, keras.Sequential):
         functional = internals.sequential_functional(model)
         if functional is None:
-            raise GraphError(
+            raise RenormConvertError(
                 f"Sequential model '{model.name}' has no input shape yet, so "
                 "its graph is unknown. Build it first, e.g. "
                 "`model.build((None, ...))` or start it with `keras.Input`."
@@ -50,7 +48,7 @@ def is_graph_model(layer):
 def _functional_of_safe(layer):
     try:
         return _functional_of(layer)
-    except GraphError:
+    except RenormConvertError:
         return None
 
 
@@ -75,12 +73,12 @@ def model_graph(model):
         (node, output_index) pairs of the model outputs, in order.
 
     Raises:
-        GraphError: for a subclassed model (no graph to walk) or an unbuilt
+        RenormConvertError: for a subclassed model (no graph to walk) or an unbuilt
             Sequential model.
     """
     functional = _functional_of(model)
     if functional is None:
-        raise GraphError(
+        raise RenormConvertError(
             f"Model '{model.name}' is a subclassed "
             f"{type(model).__name__}: its layers are joined by Python code, "
             "not a graph. Only Functional and Sequential models (which may "

@@ -1,6 +1,8 @@
 """Normalization statistics recomputed with a model's final weights ("precise
 BN"), on every backend."""
 
+import logging
+
 import keras
 import numpy as np
 from keras import ops
@@ -8,16 +10,16 @@ from keras import ops
 from renorm_convert._internal import keras_hooks as internals
 from renorm_convert.transform.conversion import copy_model
 from renorm_convert.data import Split, model_image_shape
-from renorm_convert.errors import RenormConvertError
+from renorm_convert.errors import RenormConvertError, check_integer
 from renorm_convert.evaluation import to_numpy
 from renorm_convert.layers import is_normalization
 
-
-class RecalibrationError(RenormConvertError):
-    """The model or data cannot be recalibrated."""
+_log = logging.getLogger("renorm_convert")
 
 
-def recalibrate(model, data, *, batches=None, batch_size=32, report=False):
+
+
+def recalibrate(model, data, *, batches=None, batch_size=32):
     """A copy of `model` whose normalization statistics are the exact
     averages of the batch moments over `data` ("precise BN"), computed with
     the model's final weights, instead of the exponential averages that lag
@@ -52,21 +54,17 @@ def recalibrate(model, data, *, batches=None, batch_size=32, report=False):
             labels) batches (a `keras.utils.PyDataset`, a `tf.data.Dataset`).
         batches: Use this many batches (default: all).
         batch_size: Batch size for arrays and Splits.
-        report: Also return how many batches gave the statistics.
 
     Returns:
-        The recalibrated copy (it carries no optimizer state), or `(copy,
-        batches used)` with `report=True`.
+        The recalibrated copy (it carries no optimizer state). How many
+        batches gave the statistics is logged (logger "renorm_convert").
     """
-    if batches is not None and (isinstance(batches, bool) or not isinstance(
-            batches, (int, np.integer)) or batches < 1):
-        raise RecalibrationError("{arg}: expected a number of batches >= 1, "
-                                 "or None for all.", "batches", batches)
+    batches = check_integer(batches, "batches", none="for all")
     copy = copy_model(model)
     norms = [layer for layer in internals.flatten_layers(copy)
              if is_normalization(layer)]
     if not norms:
-        raise RecalibrationError(f"model '{model.name}' has no normalization "
+        raise RenormConvertError(f"model '{model.name}' has no normalization "
                                  "layer to recalibrate.")
     sums = {id(layer): [0.0, 0.0] for layer in norms}
     seen = 0
@@ -120,7 +118,7 @@ def recalibrate(model, data, *, batches=None, batch_size=32, report=False):
                 r_max, d_max, layer.microbatch_size = bounds[id(layer)]
                 layer.set_clipping(r_max=r_max, d_max=d_max)
     if not seen:
-        raise RecalibrationError("recalibrate: the data holds no batch.")
+        raise RenormConvertError("recalibrate: the data holds no batch.")
     for layer in norms:
         mean, variance = (t / seen for t in sums[id(layer)])
         values = {"moving_mean": mean, "moving_variance": variance}
@@ -131,7 +129,9 @@ def recalibrate(model, data, *, batches=None, batch_size=32, report=False):
         for name, value in values.items():
             variable = getattr(layer, name)
             variable.assign(value.astype(variable.dtype))
-    return (copy, seen) if report else copy
+    _log.info(f"recalibrated the normalization statistics on {seen} "
+              f"batch{'es' if seen > 1 else ''}")
+    return copy
 
 
 def _input_batches(model, data, batch_size):

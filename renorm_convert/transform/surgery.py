@@ -10,7 +10,8 @@ import contextlib
 import keras
 
 from renorm_convert._internal import keras_hooks as internals
-from renorm_convert.transform.conversion import ConversionError, copy_model
+from renorm_convert.errors import RenormConvertError, check_integer
+from renorm_convert.transform.conversion import copy_model
 from renorm_convert.layers import (BatchRenormalization, check_d_max,
                                    check_microbatch_size, check_momentum,
                                    check_r_max, is_normalization)
@@ -39,7 +40,7 @@ def _classifier_chain(model, num_classes):
     the model's class dimension: a Dense, or a Conv followed only by
     _HEAD_TAIL layers."""
     def refuse(found):
-        raise ConversionError(
+        raise RenormConvertError(
             f"cannot give model '{model.name}' a head of {num_classes} "
             f"classes: it has no classifier layer to replace ({found}). A "
             "Dense or Conv layer producing the classes, followed only by "
@@ -70,7 +71,7 @@ def _tail_config(layer, classes, num_classes):
     if isinstance(layer, keras.layers.Reshape):
         shape = list(config["target_shape"])
         if shape[-1] not in (classes, -1):
-            raise ConversionError(
+            raise RenormConvertError(
                 f"cannot carry {num_classes} classes "
                 f"through Reshape '{layer.name}' to {tuple(shape)}; give the "
                 "model a head yourself.", "num_classes", num_classes)
@@ -91,10 +92,7 @@ def replace_head(model, num_classes, *, inplace=False):
     initialized layer with `num_classes` outputs and the same activation,
     the layers after it kept, for fine-tuning on another label set.
     `inplace=True` shares every other layer with `model` (no copy)."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or \
-            num_classes < 1:
-        raise ConversionError("{arg}: expected a number of classes >= 1.",
-                              "num_classes", num_classes)
+    num_classes = check_integer(num_classes, "num_classes")
     if not inplace:
         model = copy_model(model)
     old, features, tail = _classifier_chain(model, num_classes)
@@ -116,7 +114,7 @@ def freeze_all_but_normalization(model, *, inplace=False):
     BatchNorm"); `unfreeze` undoes it."""
     model = model if inplace else copy_model(model)
     if set_trainable(model, is_normalization) == 0:
-        raise ConversionError(
+        raise RenormConvertError(
             f"model '{model.name}' has no normalization layer to train.")
     return model
 

@@ -5,11 +5,11 @@
 from a value, `clone_layer` / `clone_prebuilt` make fresh copies of a layer,
 and `mirror` / `copy_weights` pair a custom layer's sublayers by the
 attribute that holds them and move each layer's own variables by name. Every
-refusal is a `WeightsError` naming the layer and the variable.
+refusal is a `RenormConvertError` naming the layer and the variable.
 
-`convert`, `fold` and the layer's own `from_batchnorm` all move weights
-through this module; it imports nothing of ours but `_internal.keras_hooks` and
-`errors`.
+`copying` (convert, revert, fold, recast) and the layer's own
+`from_batchnorm` move weights through this module; it imports nothing of
+ours but `_internal.keras_hooks` and `errors`.
 """
 
 import re
@@ -21,9 +21,6 @@ from renorm_convert._internal import keras_hooks as internals
 from renorm_convert.errors import RenormConvertError
 
 
-class WeightsError(RenormConvertError):
-    """Weights cannot be moved to a copy of a layer; the message names the
-    layer, the variable and what to do."""
 
 
 def short_name(variable):
@@ -128,7 +125,7 @@ def _check_names(new, values, used, old):
     if missing or unused:
         what = (f"a weight '{missing[0]}' with no value" if missing
                 else f"no weight '{unused[0]}'")
-        raise WeightsError(
+        raise RenormConvertError(
             f"The copy of layer '{old.name}' ({type(old).__name__}) has "
             f"{what} (weights move by name; it has {sorted(names)}, the "
             f"values are {sorted(values)}). Fix get_config() of that class.")
@@ -179,7 +176,7 @@ def _variables_by_name(layer, path):
             unnamed.append(variable)
             continue
         if variable.name in found:
-            raise WeightsError(
+            raise RenormConvertError(
                 f"Layer '{path}' ({type(layer).__name__}) has two variables "
                 f"named '{variable.name}', so they cannot be moved by name. "
                 "Give each `add_weight` of that class its own `name=`.")
@@ -199,14 +196,14 @@ def assign_own_variables(new, old, path, moved=None):
                                 (new_vars, old_vars, "the original")):
         for name in names:
             if name not in other:
-                raise WeightsError(
+                raise RenormConvertError(
                     f"Layer '{path}' ({type(old).__name__}): the variable "
                     f"'{name}' has no counterpart in {where} (which has "
                     f"{sorted(other) or 'none'}); weights move by name. Fix "
                     "get_config() of that class.")
     if [tuple(v.shape) for v in old_unnamed] != [
             tuple(v.shape) for v in new_unnamed]:
-        raise WeightsError(
+        raise RenormConvertError(
             f"Layer '{path}' ({type(old).__name__}) has unnamed variables of "
             f"shapes {[tuple(v.shape) for v in old_unnamed]}, its copy "
             f"{[tuple(v.shape) for v in new_unnamed]}: they cannot be paired. "
@@ -219,63 +216,52 @@ def assign_own_variables(new, old, path, moved=None):
             moved.add(id(variable))
 
 
-def mirror(new, old, replace, path, moved=None):
-    """Makes `new` (a fresh, built copy of the custom layer `old`) hold
-    `old`'s weights, sublayer by sublayer (paired by the attribute that
-    holds them), each layer's own variables by name.
+def mirror(new, old, replace, path, moved):
+    """Makes `new` (a fresh, built copy of the custom layer `old` made from
+    its config) hold `old`'s weights, sublayer by sublayer (paired by the
+    attribute that holds them), each layer's own variables by name.
 
-    `replace(old_sub, sub_path)` returns a built layer (holding its weights)
-    to put in place of a sublayer, or None to mirror that sublayer in turn.
-    The ids of the variables moved are added to `moved` (when given).
+    `replace(old_sub, new_sub, sub_path)` returns a built layer (holding its
+    weights) to put in place of `new_sub`, or None to mirror that sublayer
+    in turn. The ids of the variables moved are added to `moved`.
     """
     new_items = {(a, i): v for a, i, v in sublayer_items(new)}
     for attr, index, old_sub in sublayer_items(old):
         sub_path = f"{path}/{old_sub.name}"
         new_sub = new_items.get((attr, index))
         if new_sub is None:
-            raise WeightsError(
+            raise RenormConvertError(
                 f"Layer '{path}' ({type(old).__name__}) recreated from its "
                 f"config has no sublayer at `{attr}`"
                 f"{'' if index is None else f'[{index!r}]'}, where the "
                 f"original has '{old_sub.name}'. Give the class a get_config()"
                 " that recreates its sublayers.")
-        replacement = replace(old_sub, sub_path)
-        if replacement is None and type(new_sub) is not type(old_sub):
-            replacement = clone_with_weights(old_sub)
+        replacement = replace(old_sub, new_sub, sub_path)
         if replacement is None:
             mirror(new_sub, old_sub, replace, sub_path, moved)
             continue
-        if moved is not None:
-            # The replacement was made from `old_sub` with its weights.
-            moved.update(id(v) for v in old_sub.weights)
+        # The replacement was made from `old_sub`, with its weights.
+        moved.update(id(v) for v in old_sub.weights)
         put(new, attr, index, new_sub, replacement, sub_path)
     assign_own_variables(new, old, path, moved)
 
 
-def copy_weights(old, new):
+def copy_weights(old, new, replace):
     """Moves the weights of layer `old` into `new`, a built copy of it made
-    from its config: sublayers paired by the attribute that holds them, each
-    layer's own variables by name (those created without a name, in
-    creation order), never by position.
+    from its config, through `mirror` (`replace` as there): sublayers paired
+    by the attribute that holds them, each layer's own variables by name
+    (those created without a name, in creation order), never by position.
 
     Raises:
-        WeightsError: naming the variable or sublayer that has no
+        RenormConvertError: naming the variable or sublayer that has no
             counterpart in the copy (its class's get_config() does not
             describe it).
     """
-    if not old.weights:
-        return
-    if len(new.weights) != len(old.weights):
-        raise WeightsError(
-            f"Layer '{old.name}' ({type(old).__name__}) rebuilt from its "
-            f"config has {len(new.weights)} weights instead of "
-            f"{len(old.weights)}: its get_config() does not describe it. "
-            "Fix get_config() of that class.")
     moved = set()
-    mirror(new, old, lambda layer, path: None, old.name, moved)
+    mirror(new, old, replace, old.name, moved)
     missed = [v.path for v in old.weights if id(v) not in moved]
     if missed:
-        raise WeightsError(
+        raise RenormConvertError(
             f"Layer '{old.name}' ({type(old).__name__}) holds the variable "
             f"'{missed[0]}' in a sublayer that is not kept in an attribute, "
             "or in a list or dict of them, so its copy cannot be told which "
@@ -283,26 +269,11 @@ def copy_weights(old, new):
             "lists or dicts.")
 
 
-def clone_with_weights(layer, **overrides):
-    """A built clone of `layer` (config with `overrides`) holding its
-    weights."""
-    new = clone_prebuilt(layer, **overrides)
-    if new is not None:
-        return new
-    new = clone_layer(layer, **overrides)
-    build_config = layer.get_build_config()
-    if build_config:
-        new.build_from_config(build_config)
-    if layer.weights:
-        copy_weights(layer, new)
-    return new
-
-
 def put(layer, attr, index, old, new, path):
     """Replaces sublayer `old` of a (possibly built) layer by `new`."""
     container = getattr(layer, attr)
     if index is not None and isinstance(container, tuple):
-        raise WeightsError(
+        raise RenormConvertError(
             f"Layer '{path.rsplit('/', 1)[0]}' keeps '{old.name}' in the tuple "
             f"attribute `{attr}`, which cannot be changed in place; use a "
             "list.")
