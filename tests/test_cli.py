@@ -113,38 +113,64 @@ def _one_line_error(capsys, argv, match):
     assert "Traceback" not in err
 
 
-def test_bad_inputs(model_file, tmp_path, capsys):
-    out = tmp_path / "out.keras"
-    _one_line_error(capsys, ["convert", tmp_path / "missing.keras", "-o", out],
-                    "no such file")
-    text = tmp_path / "notes.txt"
-    text.write_text("hello")
-    _one_line_error(capsys, ["convert", text, "-o", out], "not a Keras model")
-    truncated = tmp_path / "truncated.keras"
-    truncated.write_bytes(model_file.read_bytes()[:2000])
-    _one_line_error(capsys, ["convert", truncated, "-o", out],
-                    "truncated")
-    fake_h5 = tmp_path / "fake.h5"
-    fake_h5.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 100)
-    _one_line_error(capsys, ["inspect", fake_h5], "corrupted")
-    text_h5 = tmp_path / "text.h5"
-    text_h5.write_text("just some text")
-    _one_line_error(capsys, ["inspect", text_h5], "not an HDF5 file")
-    _one_line_error(capsys, ["convert", model_file, "-o", model_file],
-                    "is the input file")
-    _one_line_error(capsys, ["convert", model_file, "-o",
-                             tmp_path / "nodir" / "x.keras"], "does not exist")
-    _one_line_error(capsys, ["convert", model_file, "-o", out, "--r-max",
-                             "0.5"], "Received: --r-max 0.5")
-    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    plain_path = tmp_path / "plain.keras"
-    plain.save(plain_path)
-    _one_line_error(capsys, ["convert", plain_path, "-o", out],
-                    "no BatchNormalization")
-    assert not out.exists()
-    assert sorted(os.listdir(tmp_path)) == sorted(
-        ["model.keras", "notes.txt", "truncated.keras", "fake.h5",
-         "text.h5", "plain.keras"])
+def _file(name, content):
+    """Writes `content` (bytes, or a function of the good model file's
+    bytes) to tmp_path/name; returns the path."""
+    def make(tmp_path, model_file):
+        data = content(model_file.read_bytes()) if callable(content) \
+            else content
+        (tmp_path / name).write_bytes(data)
+        return tmp_path / name
+    return make
+
+
+def _plain_model(tmp_path, model_file):
+    path = tmp_path / "plain.keras"
+    keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)]).save(path)
+    return path
+
+
+def _given(tmp_path, model_file):
+    return model_file
+
+
+# (what, the input model, extra arguments, the line's telling part)
+BAD_INPUTS = [
+    ("missing file", lambda t, m: t / "missing.keras", [],
+     "no such file; check the path"),
+    ("a text file", _file("notes.txt", b"hello"), [], "not a Keras model"),
+    ("a truncated .keras", _file("truncated.keras", lambda b: b[:2000]), [],
+     "truncated"),
+    ("an HDF5 file of nothing", _file(
+        "fake.h5", b"\x89HDF\r\n\x1a\n" + b"\0" * 100), ["inspect"],
+     "corrupted"),
+    ("a text file named .h5", _file("text.h5", b"just some text"),
+     ["inspect"], "not an HDF5 file"),
+    ("the output is the input", _given, ["-o", "MODEL"],
+     "is the input file"),
+    ("the output's folder is missing", _given,
+     ["-o", "TMP/nodir/x.keras"], "does not exist"),
+    ("r_max below 1", _given, ["--r-max", "0.5"], "Received: --r-max 0.5"),
+    ("no BatchNormalization", _plain_model, [], "no BatchNormalization"),
+]
+
+
+@pytest.mark.parametrize("what, make, extra, match", BAD_INPUTS,
+                         ids=[case[0] for case in BAD_INPUTS])
+def test_a_bad_input_is_one_line_and_nothing_written(
+        what, make, extra, match, model_file, tmp_path, capsys):
+    model = make(tmp_path, model_file)
+    if extra[:1] == ["inspect"]:
+        argv = ["inspect", model]
+    else:
+        argv = ["convert", model] + [
+            str(model) if a == "MODEL" else a.replace("TMP", str(tmp_path))
+            for a in extra]
+        if "-o" not in extra:
+            argv += ["-o", tmp_path / "out.keras"]
+    before = sorted(os.listdir(tmp_path))
+    _one_line_error(capsys, argv, match)
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 @keras.saving.register_keras_serializable(package="cli_test")

@@ -30,6 +30,38 @@ def require_tensorflow(what, fix):
                        f"is {name()}{missing}. {fix}")
 
 
+def channels_first_runs():
+    """Whether the backend can run a channels-first convolution here. On
+    CPUs without AVX-512 TensorFlow turns oneDNN off by default, and its
+    own CPU kernels then take only NHWC; JAX and PyTorch run either."""
+    if name() != "tensorflow" or has_gpu():
+        return True
+    import tensorflow as tf
+
+    try:
+        tf.nn.conv2d(tf.zeros((1, 1, 3, 3)), tf.zeros((1, 1, 1, 1)), 1,
+                     "VALID", data_format="NCHW")
+        return True
+    except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError):
+        return False
+
+
+def check_runs_here(model):
+    """Refuses, before it runs, a model this backend cannot run on this
+    machine: channels-first convolutions on a TensorFlow CPU without
+    oneDNN."""
+    from renorm_convert._internal.keras_hooks import flatten_layers
+
+    if any(getattr(layer, "data_format", None) == "channels_first"
+           for layer in flatten_layers(model)) and not channels_first_runs():
+        raise BackendError(
+            f"model '{model.name}' has channels_first layers, which "
+            "TensorFlow cannot run on this CPU while oneDNN is off (its "
+            "default on CPUs without AVX-512); set TF_ENABLE_ONEDNN_OPTS=1 "
+            "in the environment, run on a GPU, or use KERAS_BACKEND=jax "
+            "or torch.")
+
+
 def has_gpu():
     """Whether the backend computes on a GPU."""
     backend = name()

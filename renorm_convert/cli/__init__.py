@@ -10,6 +10,7 @@ fix it), 1 internal error; 130 / 143 interrupted / terminated, 141 when the
 reader of the output stopped early (`| head`).
 """
 
+import argparse
 import importlib
 import logging
 import os
@@ -19,72 +20,22 @@ import threading
 
 from renorm_convert.cli import _args
 from renorm_convert.cli._args import EXIT_INTERNAL, EXIT_USAGE
-from renorm_convert.errors import NOTHING, RenormConvertError
+from renorm_convert.errors import RenormConvertError, python_name
 
 # The commands, in --help order: each module has HELP, add_arguments(parser),
 # check(args) (what can be checked before a backend loads) and run(args).
 COMMANDS = ("inspect", "convert", "revert", "finetune", "export", "demo",
             "reproduce")
 
-CHANNELS_FIRST_ON_CPU = (
-    "the model has channels_first layers, which TensorFlow cannot run on "
-    "this CPU while oneDNN is off (its default on CPUs without AVX-512); "
-    "rerun with TF_ENABLE_ONEDNN_OPTS=1 in the environment, on a GPU, or "
-    "with KERAS_BACKEND=jax")
-
-# Library errors name Python arguments (`non_iid_classes=4`); a person at
-# the command line reads the flag (`--non-iid 4`). A callable writes the
-# whole phrase from the value.
-FLAGS = {
-    "non_iid_classes": "--non-iid", "batch_size": "--batch-size",
-    "microbatch_size": "--microbatch", "head": "--head",
-    "num_classes": "--head", "momentum": "--momentum",
-    "learning_rate": "--lr", "dtype_policy": "--mixed-precision",
-    "strategy": "--strategy", "optimizer": "--optimizer",
-    "checkpoint_dir": "--checkpoint-dir", "opset": "--opset",
-    "seed": "--seed", "r_max": "--r-max", "d_max": "--d-max",
-    "renorm_momentum": "--renorm-momentum", "epochs": "--epochs",
-    "batches": "--recalibrate", "tolerance": "--tolerance",
-    "train": "--train-size", "val": "--val-size", "scaling": "--scaling",
-    "include": "--include", "exclude": "--exclude",
-    "safe_mode": lambda value: "--unsafe",
-    "custom_objects": lambda value: "--custom-objects your.module",
-    "verify": lambda value: "--no-verify",
-    "calibration": lambda value: "--data (its training images)",
-}
-# Where a command names an argument's flag otherwise.
-COMMAND_FLAGS = {
-    "reproduce": {"non_iid_classes": "--classes-per-batch",
-                  "microbatch_size": "--microbatch"},
-    "export": {"batch_size": "--fixed-batch", "batches": "--recalibrate"},
-}
-
-
-def flag_namer(command=None):
-    """The `name(argument, value, quote)` an error renders its arguments
-    with: the command's flag where it has one, else the Python name."""
-    table = {**FLAGS, **COMMAND_FLAGS.get(command, {})}
-
-    def name(argument, value, quote=True):
-        flag = table.get(argument)
-        if flag is None:
-            from renorm_convert.errors import python_name
-
-            return python_name(argument, value, quote)
-        if callable(flag):
-            return flag(value)
-        if value is NOTHING or value is None:
-            return flag
-        text = repr(value) if isinstance(value, str) and quote else str(value)
-        return f"{flag} {text}"
-
-    return name
-
-
 def one_line(error, command=None):
-    """An error as the one line a person reads: flags, not arguments."""
+    """An error as the one line a person reads: flags (the options of the
+    command, a name or its parser, that set the arguments it names), not
+    arguments."""
+    if isinstance(command, str):
+        command = command_parser(command)
     if isinstance(error, RenormConvertError):
-        text = error.render(flag_namer(command))
+        text = error.render(_args.flag_namer(command) if command is not None
+                            else python_name)
     else:
         text = str(error)
     text = " ".join(text.split())
@@ -107,6 +58,14 @@ def command_module(name):
     return importlib.import_module(f"renorm_convert.cli.{name}")
 
 
+def command_parser(name):
+    """The parser of one command."""
+    parser = build_parser()
+    subparsers = next(action for action in parser._actions
+                      if isinstance(action, argparse._SubParsersAction))
+    return subparsers.choices[name]
+
+
 def build_parser():
     from renorm_convert import __version__
 
@@ -122,7 +81,7 @@ def build_parser():
                            description=_args.docstring(module),
                            formatter_class=_args.Formatter)
         module.add_arguments(p)
-        p.set_defaults(module=module)
+        p.set_defaults(module=module, parser=p)
     return parser
 
 
@@ -172,7 +131,7 @@ def main(argv=None):
     if module is None:
         parser.print_help()
         return EXIT_USAGE
-    command = args.command
+    command, command_parser = args.command, args.parser
     handler = _ProgressHandler()
     library_log = logging.getLogger("renorm_convert")
     library_log.addHandler(handler)
@@ -190,8 +149,8 @@ def main(argv=None):
             _load_backend()
             return module.run(args)
     except RenormConvertError as e:
-        print(f"renorm-convert {command}: error: {one_line(e, command)}",
-              file=sys.stderr)
+        print(f"renorm-convert {command}: error: "
+              f"{one_line(e, command_parser)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt as e:
         what = "terminated" if isinstance(e, _Terminated) else "interrupted"
@@ -209,18 +168,14 @@ def main(argv=None):
             pass
         return 141
     except OSError as e:
-        print(f"renorm-convert {command}: error: {one_line(e, command)}",
+        print(f"renorm-convert {command}: error: {one_line(e)}",
               file=sys.stderr)
         return EXIT_USAGE
     except Exception as e:  # an internal error: say so, briefly
         if os.environ.get("RENORM_CONVERT_DEBUG"):
             raise
-        if "only supports the NHWC tensor format" in str(e):
-            print(f"renorm-convert {command}: error: {CHANNELS_FIRST_ON_CPU}",
-                  file=sys.stderr)
-            return EXIT_USAGE
         print(f"renorm-convert {command}: internal error: "
-              f"{one_line(e, command)} (set RENORM_CONVERT_DEBUG=1 for "
+              f"{one_line(e)} (set RENORM_CONVERT_DEBUG=1 for "
               "the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
     finally:

@@ -106,18 +106,72 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
                 longest + self._current_indent + 2 * self._indent_increment)
 
 
-# --- argument groups ---------------------------------------------------------
+# --- options and argument groups ---------------------------------------------
+#
+# Each option is defined once, here or in its command's module, with the
+# library argument its value becomes: an error about that argument (which
+# the library raises naming it, `non_iid_classes=3: ...`) is then written
+# with the flag (`--non-iid 3: ...`), read off the parser (`flag_namer`).
+
+
+def option(group, *flags, argument=None, shown=None, **kwargs):
+    """Adds an option to `group` (a parser or argument group).
+
+    Args:
+        argument: The library argument (or a tuple of the arguments) the
+            option's value becomes; default: its dest.
+        shown: How an error that suggests a value for that argument writes
+            the option (e.g. "--custom-objects your.module"); default: the
+            flag, with the value when there is one.
+    """
+    action = group.add_argument(*flags, **kwargs)
+    names = argument or action.dest
+    action.arguments = (names,) if isinstance(names, str) else tuple(names)
+    action.shown = shown
+    return action
+
+
+def flag_namer(parser):
+    """The `name(argument, value, quote)` an error renders its arguments
+    with at this command's line: the option that sets that argument, else
+    the Python name."""
+    from renorm_convert.errors import NOTHING, python_name
+
+    options = {}
+    for action in parser._actions:  # argparse's list of every option
+        for argument in getattr(action, "arguments", ()):
+            options.setdefault(argument, action)
+
+    def name(argument, value, quote=True):
+        action = options.get(argument)
+        if action is None or not action.option_strings:
+            return python_name(argument, value, quote)
+        flag = max(action.option_strings, key=len)
+        if action.shown is not None:
+            return action.shown
+        if action.nargs == 0 or value is NOTHING or value is None:
+            return flag
+        text = repr(value) if isinstance(value, str) and quote else str(value)
+        return f"{flag} {text}"
+
+    return name
+
 
 def model_input(p):
     """MODEL and how to load it."""
     p.add_argument("model", metavar="MODEL", help=".keras or .h5 model file")
+    model_loading(p)
+
+
+def model_loading(p):
     g = p.add_argument_group("loading the model")
-    g.add_argument("--unsafe", action="store_true",
-                   help="allow Lambda layers' Python code in the file to run "
-                        "(Keras's safe_mode=False); only for files you trust")
-    g.add_argument("--custom-objects", metavar="MODULE", action="append",
-                   help="import this module (e.g. mypkg.layers) so the custom "
-                        "layers it defines can be loaded; repeatable")
+    option(g, "--unsafe", action="store_true", argument="safe_mode",
+           help="allow Lambda layers' Python code in the file to run "
+                "(Keras's safe_mode=False); only for files you trust")
+    option(g, "--custom-objects", metavar="MODULE", action="append",
+           shown="--custom-objects your.module",
+           help="import this module (e.g. mypkg.layers) so the custom "
+                "layers it defines can be loaded; repeatable")
 
 
 def output(p, suffix):
@@ -134,70 +188,73 @@ def data(p, required=False, default=None, what="the images to train on"):
 def layer_options(p, microbatch_default=None):
     """The BatchRenormalization settings convert gives every new layer."""
     g = p.add_argument_group("batch renormalization layers")
-    g.add_argument("--r-max", type=number(), dest="r_max",
-                   help="r is clipped to [1/r_max, r_max] (default 3; "
-                        "finetune's schedule starts it at 1)")
-    g.add_argument("--d-max", type=number(), dest="d_max",
-                   help="d is clipped to [-d_max, d_max] (default 5; "
-                        "finetune's schedule starts it at 0)")
-    g.add_argument("--renorm-momentum", type=number(0.0, below=1.0),
-                   dest="renorm_momentum",
-                   help="momentum of the renorm statistics (default 0.99)")
+    option(g, "--r-max", type=number(), dest="r_max",
+           help="r is clipped to [1/r_max, r_max] (default 3; finetune's "
+                "schedule starts it at 1)")
+    option(g, "--d-max", type=number(), dest="d_max",
+           help="d is clipped to [-d_max, d_max] (default 5; finetune's "
+                "schedule starts it at 0)")
+    option(g, "--renorm-momentum", type=number(0.0, below=1.0),
+           dest="renorm_momentum",
+           help="momentum of the renorm statistics (default 0.99)")
     microbatch(g, microbatch_default)
 
 
+LAYER_OPTIONS = ("r_max", "d_max", "renorm_momentum", "microbatch_size")
+
+
+def layer_kwargs(args):
+    """The layer settings given (`layer_options`), as library arguments."""
+    return {key: getattr(args, key) for key in LAYER_OPTIONS
+            if getattr(args, key, None) is not None}
+
+
 def microbatch(p, default=None):
-    p.add_argument("--microbatch", type=integer(1), metavar="M",
-                   default=default,
-                   help="in training, normalize groups of M consecutive "
-                        "examples of each batch with their own moments (the "
-                        "paper's microbatches)"
-                        + ("" if default is not None else
-                           "; default: as the model's layers have it (none "
-                           "for a fresh conversion)"))
+    option(p, "--microbatch", type=integer(1), metavar="M", default=default,
+           dest="microbatch_size",
+           help="in training, normalize groups of M consecutive examples of "
+                "each batch with their own moments (the paper's "
+                "microbatches)" + ("" if default is not None else
+                                   "; default: as the model's layers have "
+                                   "it (none for a fresh conversion)"))
 
 
 def seed(p):
-    p.add_argument("--seed", type=integer(0), default=0,
-                   help="seeds data order, subsets and initialization")
+    option(p, "--seed", type=integer(0), default=0,
+           help="seeds data order, subsets and initialization")
 
 
 def training(p, *, epochs=1, batch_size=32, lr=1e-3, momentum=None):
     """How long, in what batches, how fast."""
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=integer(1), default=epochs,
-                   help="passes over the training data")
-    g.add_argument("--batch-size", type=integer(1), default=batch_size,
-                   help="examples per training step")
-    g.add_argument("--lr", type=number(above=0.0), default=lr,
-                   help="learning rate")
-    if momentum is None:
-        g.add_argument("--momentum", type=number(0.0, below=1.0),
-                       help="momentum of every normalization layer's moving "
-                            "statistics (0.9 suits runs of a few thousand "
-                            "steps; default: keep the model's)")
-    else:
-        g.add_argument("--momentum", type=number(0.0, below=1.0),
-                       default=momentum,
-                       help="momentum of every normalization layer's moving "
-                            "statistics")
+    option(g, "--epochs", type=integer(1), default=epochs,
+           help="passes over the training data")
+    option(g, "--batch-size", type=integer(1), default=batch_size,
+           help="examples per training step")
+    option(g, "--lr", type=number(above=0.0), default=lr,
+           argument="learning_rate", help="learning rate")
+    what = ("momentum of every normalization layer's moving statistics"
+            + (" (0.9 suits runs of a few thousand steps; default: keep the "
+               "model's)" if momentum is None else ""))
+    option(g, "--momentum", type=number(0.0, below=1.0), default=momentum,
+           help=what)
     return g
 
 
 def sizes(p, train=None, val=None):
-    p.add_argument("--train-size", type=integer(1), metavar="N", default=train,
-                   help="use N training examples"
-                        + ("" if train else " (default: all)"))
-    p.add_argument("--val-size", type=integer(0 if val is None else 1),
-                   metavar="N", default=val,
-                   help="use N validation examples"
-                        + ("" if val else " (default: all)"))
+    option(p, "--train-size", type=integer(1), metavar="N", default=train,
+           argument="train", help="use N training examples"
+                                  + ("" if train else " (default: all)"))
+    option(p, "--val-size", type=integer(0 if val is None else 1),
+           metavar="N", default=val, argument="val",
+           help="use N validation examples"
+                + ("" if val else " (default: all)"))
 
 
 def scaling(p):
-    p.add_argument("--scaling", choices=["unit", "symmetric", "raw"],
-                   default="unit", help="pixel scaling the model expects: "
-                   "unit [0,1], symmetric [-1,1], or raw [0,255]")
+    option(p, "--scaling", choices=["unit", "symmetric", "raw"],
+           default="unit", help="pixel scaling the model expects: unit "
+                                "[0,1], symmetric [-1,1], or raw [0,255]")
 
 
 def docstring(module):

@@ -5,7 +5,7 @@ import importlib
 import inspect
 
 from renorm_convert.cli import progress
-from renorm_convert.cli._paths import RenormConvertError
+from renorm_convert.errors import RenormConvertError
 
 
 def import_custom_objects(modules):
@@ -32,7 +32,10 @@ def import_custom_objects(modules):
     return objects
 
 
-def load_model(args, path=None):
+def load_model(args, path=None, runs=True):
+    """The model the command works on; with `runs`, refused at once where
+    this backend cannot run it (rather than failing midway)."""
+    from renorm_convert._internal.backend import check_runs_here
     from renorm_convert.io import load
 
     if getattr(args, "unsafe", False):
@@ -41,8 +44,11 @@ def load_model(args, path=None):
     custom = import_custom_objects(getattr(args, "custom_objects", None))
     path = path or args.model
     progress(f"loading {path}")
-    return load(path, safe_mode=not getattr(args, "unsafe", False),
-                custom_objects=custom)
+    model = load(path, safe_mode=not getattr(args, "unsafe", False),
+                 custom_objects=custom)
+    if runs:
+        check_runs_here(model)
+    return model
 
 
 def parity(reference, other):

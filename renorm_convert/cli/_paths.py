@@ -9,17 +9,13 @@ from renorm_convert.errors import RenormConvertError
 
 
 
-def _usage(message):
-    return RenormConvertError(message)
-
-
 def check_output(output, inputs, suffixes):
     """Refuses an output path that is an input (also through `..`, a
     symbolic or a hard link), is a directory, has the wrong suffix, or lies
     in a directory that does not exist or cannot be written."""
     output = str(output)
     if not output.lower().endswith(suffixes):
-        raise _usage(
+        raise RenormConvertError(
             f"-o {output}: the output name must end in {' or '.join(suffixes)}."
         )
     check_outputs([("-o", output, "file")],
@@ -47,24 +43,24 @@ def _inside(path, directory):
 def _check_location(flag, path, kind):
     if kind == "file":
         if os.path.isdir(path):
-            raise _usage(f"{flag} {path}: is a directory; give a file "
+            raise RenormConvertError(f"{flag} {path}: is a directory; give a file "
                          "name.")
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
-            raise _usage(f"{flag} {path}: the directory {directory} does "
+            raise RenormConvertError(f"{flag} {path}: the directory {directory} does "
                          "not exist; create it first.")
     else:
         if os.path.exists(path) and not os.path.isdir(path):
-            raise _usage(f"{flag} {path}: is a file, not a directory; "
+            raise RenormConvertError(f"{flag} {path}: is a file, not a directory; "
                          "give a directory.")
         directory = os.path.abspath(path)
         while not os.path.exists(directory):
             directory = os.path.dirname(directory)
         if not os.path.isdir(directory):
-            raise _usage(f"{flag} {path}: {directory} is a file, not a "
+            raise RenormConvertError(f"{flag} {path}: {directory} is a file, not a "
                          "directory.")
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise _usage(f"{flag} {path}: the directory {directory} is not "
+        raise RenormConvertError(f"{flag} {path}: the directory {directory} is not "
                      "writable.")
 
 
@@ -88,22 +84,22 @@ def check_outputs(outputs, inputs=()):
         _check_location(flag, path, kind)
         for what, source in inputs:
             if _same(path, source):
-                raise _usage(
+                raise RenormConvertError(
                     f"{flag} {path}: is the input file {source} (the {what}); "
                     "give another output path (inputs are never "
                     "overwritten).")
             if kind == "dir" and _inside(source, path):
-                raise _usage(
+                raise RenormConvertError(
                     f"{flag} {path}: holds the input {source} (the {what}); "
                     "give a directory of its own.")
             if os.path.isdir(source) and _inside(path, source):
-                raise _usage(
+                raise RenormConvertError(
                     f"{flag} {path}: lies inside the input directory "
                     f"{source} (the {what}); write elsewhere.")
     for i, (flag, path, kind) in enumerate(outputs):
         for other_flag, other, other_kind in outputs[i + 1:]:
             if _same(path, other) or (kind == "dir" and _inside(other, path)) or (
                     other_kind == "dir" and _inside(path, other)):
-                raise _usage(
+                raise RenormConvertError(
                     f"{flag} {path} and {other_flag} {other}: would write "
                     "the same place; give each output its own path.")

@@ -9,7 +9,8 @@ import time
 from renorm_convert.cli import _args, progress
 from renorm_convert.cli._args import EXIT_OK
 from renorm_convert.cli._common import check_model_path, load_model, parity
-from renorm_convert.cli._paths import RenormConvertError, check_output
+from renorm_convert.cli._paths import check_output
+from renorm_convert.errors import RenormConvertError
 
 HELP = "BatchNormalization -> BatchRenormalization"
 
@@ -19,24 +20,15 @@ def add_arguments(p):
     _args.output(p, ".keras")
     _args.layer_options(p)
     g = p.add_argument_group("which layers")
-    g.add_argument("--include", metavar="RE",
-                   help="convert only layers whose name matches RE")
-    g.add_argument("--exclude", metavar="RE",
-                   help="do not convert layers whose name matches RE")
+    _args.option(g, "--include", metavar="RE",
+                 help="convert only layers whose name matches RE")
+    _args.option(g, "--exclude", metavar="RE",
+                 help="do not convert layers whose name matches RE")
 
 
 def check(args):
     check_output(args.output, [args.model], (".keras",))
     check_model_path(args.model)
-
-
-def layer_options(args):
-    options = {}
-    for key in ("r_max", "d_max", "renorm_momentum", "microbatch"):
-        value = getattr(args, key, None)
-        if value is not None:
-            options["microbatch_size" if key == "microbatch" else key] = value
-    return options
 
 
 def run(args):
@@ -49,7 +41,7 @@ def run(args):
     report = rc.convert_plan(model, include=args.include,
                              exclude=args.exclude)
     converted = rc.convert(model, include=args.include, exclude=args.exclude,
-                           **layer_options(args))
+                           **_args.layer_kwargs(args))
     elapsed = time.perf_counter() - start
     if not report.swapped:
         already = len(rc.renorm_layers(model))

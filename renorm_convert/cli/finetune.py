@@ -12,7 +12,8 @@ import sys
 from renorm_convert.cli import _args, progress
 from renorm_convert.cli._args import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
 from renorm_convert.cli._common import check_model_path, load_model
-from renorm_convert.cli._paths import RenormConvertError, check_output, check_outputs
+from renorm_convert.cli._paths import check_output, check_outputs
+from renorm_convert.errors import RenormConvertError
 
 HELP = "fine-tune with the renorm schedule"
 
@@ -25,32 +26,40 @@ def add_arguments(p):
     _args.scaling(p)
     _args.seed(p)
     g = _args.training(p)
-    g.add_argument("--optimizer", default="adam",
-                   help="Keras optimizer name: adam, rmsprop (the paper's), "
-                        "sgd, ...")
-    g.add_argument("--non-iid", type=_args.integer(1), metavar="K",
-                   help="each batch from K classes (the paper's Figure 3)")
+    _args.option(g, "--optimizer", default="adam",
+                 help="Keras optimizer name: adam, rmsprop (the paper's), "
+                      "sgd, ...")
+    _args.option(g, "--non-iid", type=_args.integer(1), metavar="K",
+                 dest="non_iid_classes",
+                 help="each batch from K classes (the paper's Figure 3)")
     _args.microbatch(g)
-    g.add_argument("--head", type=_args.integer(1), metavar="N",
-                   help="replace the classifier (the last Dense, or a Conv "
-                   "followed only by pooling / flatten / reshape / activation "
-                   "/ dropout) by a new one with N classes")
+    _args.option(g, "--head", type=_args.integer(1), metavar="N",
+                 argument=("head", "num_classes"),
+                 help="replace the classifier (the last Dense, or a Conv "
+                      "followed only by pooling / flatten / reshape / "
+                      "activation / dropout) by a new one with N classes")
     g.add_argument("--train-only", choices=["norm"],
                    help="train only the normalization parameters")
-    g.add_argument("--mixed-precision", choices=["float16", "bfloat16"],
-                   help="compute in this type, keep weights and "
-                        "normalization statistics in float32 (default: "
-                        "float32 throughout)")
+    _args.option(g, "--mixed-precision", choices=["float16", "bfloat16"],
+                 argument="dtype_policy",
+                 help="compute in this type, keep weights and "
+                      "normalization statistics in float32 (default: "
+                      "float32 throughout)")
     g.add_argument("--xla", action="store_true",
                    help="jit-compile the step (default: Keras's choice for "
                         "the backend: JAX compiles, TensorFlow on a CPU and "
                         "PyTorch do not)")
-    g.add_argument("--strategy", choices=["mirrored", "multi-worker",
-                                          "data-parallel"],
-                   help="beyond one device: mirrored (TensorFlow, local "
-                        "GPUs), multi-worker (TensorFlow, machines in "
-                        "TF_CONFIG), data-parallel (JAX, every device; "
-                        "several processes with KERAS_DISTRIBUTION_*)")
+    _args.option(g, "--strategy", choices=["mirrored", "multi-worker",
+                                           "data-parallel"],
+                 help="beyond one device: mirrored (TensorFlow, local GPUs), "
+                      "multi-worker (TensorFlow, machines in TF_CONFIG), "
+                      "data-parallel (JAX, every device; several processes "
+                      "with KERAS_DISTRIBUTION_*)")
+    _schedule_options(p)
+    _record_options(p)
+
+
+def _schedule_options(p):
     g = p.add_argument_group("renorm schedule")
     g.add_argument("--schedule", choices=["auto", "off"], default="auto",
                    help="auto: the paper's relaxation fitted to this run; "
@@ -68,10 +77,13 @@ def add_arguments(p):
     g.add_argument("--r-max-at", type=_args.number(0.0, 1.0), default=0.35,
                    metavar="FRACTION",
                    help="fraction of the run by which r_max is reached")
+
+
+def _record_options(p):
     g = p.add_argument_group("records and checkpoints")
-    g.add_argument("--checkpoint-dir", metavar="DIR",
-                   help="back up every epoch here; rerunning the same command "
-                        "resumes (one run at a time holds a directory)")
+    _args.option(g, "--checkpoint-dir", metavar="DIR",
+                 help="back up every epoch here; rerunning the same command "
+                      "resumes (one run at a time holds a directory)")
     g.add_argument("--plot", metavar="PNG", help="write the curves here")
     g.add_argument("--history", metavar="PREFIX",
                    help="history files prefix (default: OUT.history)")
@@ -80,11 +92,11 @@ def add_arguments(p):
     g.add_argument("--grad-report", metavar="JSON",
                    help="print and save mean |gradient| of normalization "
                         "parameters versus other weights")
-    g.add_argument("--recalibrate", type=_args.integer(1), metavar="N",
-                   help="after training, set the normalization statistics "
-                        "to exact averages over N batches of the training "
-                        "data (\"precise BN\"; default: keep the moving "
-                        "averages)")
+    _args.option(g, "--recalibrate", type=_args.integer(1), metavar="N",
+                 argument="batches",
+                 help="after training, set the normalization statistics to "
+                      "exact averages over N batches of the training data "
+                      "(\"precise BN\"; default: keep the moving averages)")
     g.add_argument("--quiet-progress", action="store_true",
                    help="one line per epoch instead of a progress bar")
 
@@ -102,8 +114,9 @@ def check(args):
     costs nothing, and a trained model is never lost to a path that was
     wrong from the start."""
     import renorm_convert.train.checkpoint as checkpoint
-    from renorm_convert._internal.limits import check_strategy_name, keras_backend
-    from renorm_convert.data import check_source, source_path
+    from renorm_convert._internal.limits import (check_strategy_name,
+                                                 keras_backend)
+    from renorm_convert.data import check_batching, check_source, source_path
     from renorm_convert.train.reporting import history_files
 
     check_output(args.output, [args.model], (".keras",))
@@ -124,14 +137,8 @@ def check(args):
     if args.checkpoint_dir:
         checkpoint.check(args.checkpoint_dir)
     check_strategy_name(args.strategy, keras_backend())
-    if args.non_iid and args.batch_size % args.non_iid:
-        raise RenormConvertError(
-            f"--non-iid {args.non_iid}: the batch size {args.batch_size} "
-            "must be a multiple of it (batches of equally many examples of "
-            "each class).")
-    if args.microbatch and args.microbatch > args.batch_size:
-        raise RenormConvertError(f"--microbatch {args.microbatch}: must be between 1 "
-                        f"and the batch size {args.batch_size}.")
+    check_batching(None, args.batch_size, args.non_iid_classes,
+                   microbatch_size=args.microbatch_size)
     if args.tensorboard:
         import importlib.util
 
@@ -145,27 +152,55 @@ def run(args):
     import keras
 
     import renorm_convert as rc
-    from renorm_convert.train import callbacks as cb
-    from renorm_convert.train import checkpoint
     from renorm_convert.train import distribute
-    from renorm_convert.data import check_batching, load_source
-    from renorm_convert.io import save_atomically
-    from renorm_convert.transform.surgery import KEEP, normalization_settings
 
     keras.utils.set_random_seed(args.seed)
     # A multi-worker strategy must exist before TensorFlow's first op.
     strategy = distribute.make_strategy(args.strategy)
-    chief = distribute.is_chief()
-    split = load_source(args.data).with_scaling(args.scaling).subset(
+    split = rc.data.load_source(args.data).with_scaling(args.scaling).subset(
         train=args.train_size, val=args.val_size, seed=args.seed)
-    check_batching(len(split.y_train), args.batch_size, args.non_iid,
-                   split.num_classes, args.microbatch)
+    rc.data.check_batching(len(split.y_train), args.batch_size,
+                           args.non_iid_classes, split.num_classes,
+                           args.microbatch_size)
+    model = _prepared_model(args)
+    batches = rc.data.training_batches(
+        split, model, args.batch_size, non_iid_classes=args.non_iid_classes,
+        seed=args.seed)
+    validation = rc.data.evaluation_batches(split, model) if len(
+        split.y_val) else None
+    records = _Records(args, split, batches, validation, strategy)
+    schedule = _schedule(args, model, batches.num_batches * args.epochs)
+    progress(f"fine-tuning on {split.name}: {len(split.y_train)} examples, "
+             f"{args.epochs} epoch(s) of {batches.num_batches} steps "
+             f"(Keras backend: {keras.backend.backend()})")
+    try:
+        result = rc.fine_tune(
+            model, batches, validation=validation, epochs=args.epochs,
+            optimizer=args.optimizer, learning_rate=args.lr,
+            schedule=schedule, callbacks=records.callbacks,
+            checkpoint_dir=args.checkpoint_dir,
+            jit_compile=True if args.xla else "auto", strategy=strategy,
+            inplace=True, verbose=2 if args.quiet_progress
+            or not sys.stdout.isatty() else "auto")
+    except rc.NonFiniteLoss as e:
+        return _diverged(args, e)
+    if not distribute.is_chief():
+        print("worker done (the chief writes the outputs)")
+        return EXIT_OK
+    return _finish(args, result, split, records)
+
+
+def _prepared_model(args):
+    """The loaded model with the surgery the flags ask for."""
+    import renorm_convert as rc
+    from renorm_convert.transform.surgery import KEEP, normalization_settings
+
     model = load_model(args)
     if args.head:
-        model = rc.replace_head(model, args.head)
+        model = rc.replace_head(model, args.head, inplace=True)
     model = rc.configure(
-        model, microbatch_size=KEEP if args.microbatch is None
-        else args.microbatch, momentum=args.momentum, inplace=True)
+        model, microbatch_size=KEEP if args.microbatch_size is None
+        else args.microbatch_size, momentum=args.momentum, inplace=True)
     if args.train_only == "norm":
         model = rc.freeze_all_but_normalization(model, inplace=True)
     if args.mixed_precision:
@@ -175,60 +210,79 @@ def run(args):
                  + (", loss scaling on" if args.mixed_precision == "float16"
                     else ""))
     _print_settings(model, normalization_settings(model))
-    batches = rc.data.training_batches(split, model, args.batch_size,
-                                     non_iid_classes=args.non_iid,
-                                     seed=args.seed)
-    validation = rc.data.evaluation_batches(split, model) if len(split.y_val) \
-        else None
-    curve = (cb.ValidationCurve(validation, batches.num_batches,
-                                size=len(split.y_val))
-             if validation is not None and distribute.process_count() == 1
-             and not distribute.is_multi_worker(strategy) else None)
-    prefix = history_prefix(args)
-    records = cb.RunRecords(prefix, plot=args.plot, curve=curve,
-                            title=f"{os.path.basename(args.model)} on "
-                                  f"{split.name}")
-    extra = [c for c in (curve, records) if c is not None]
-    if args.tensorboard:
-        extra.append(keras.callbacks.TensorBoard(str(args.tensorboard)))
-    grads = None
-    if args.grad_report:
-        grads = cb.GradientReport(batches[0], args.grad_report)
-        extra.append(grads)
-    schedule = None
-    if args.schedule == "auto":
-        schedule = rc.RenormSchedule.for_run(
-            batches.num_batches * args.epochs, warmup=args.warmup,
-            d_max_at=args.d_max_at, r_max_at=args.r_max_at,
-            r_max=args.final_r_max, d_max=args.final_d_max)
-        if rc.renorm_layers(model):
-            progress(f"renorm schedule: r_max 1 -> {schedule.r_max:g} by "
-                     f"step {schedule.r_max_steps}, d_max 0 -> "
-                     f"{schedule.d_max:g} by step {schedule.d_max_steps}, "
-                     f"after {schedule.warmup_steps} steps of warm-up (the "
-                     "layers' saved bounds are replaced; --schedule off "
-                     "keeps them)")
-    progress(f"fine-tuning on {split.name}: {len(split.y_train)} examples, "
-             f"{args.epochs} epoch(s) of {batches.num_batches} steps "
-             f"(Keras backend: {keras.backend.backend()})")
-    try:
-        result = rc.fine_tune(
-            model, batches, validation=validation, epochs=args.epochs,
-            optimizer=args.optimizer, learning_rate=args.lr,
-            schedule=schedule, callbacks=extra,
-            checkpoint_dir=args.checkpoint_dir,
-            jit_compile=True if args.xla else "auto", strategy=strategy,
-            inplace=True, verbose=2 if args.quiet_progress
-            or not sys.stdout.isatty() else "auto")
-    except rc.NonFiniteLoss as e:
-        if chief:
-            save_atomically(e.model, args.output)
-        print(f"renorm-convert finetune: {e}; wrote that model to "
-              f"{args.output}", file=sys.stderr)
-        return EXIT_INTERNAL
-    if not chief:
-        print("worker done (the chief writes the outputs)")
-        return EXIT_OK
+    return model
+
+
+class _Records:
+    """The callbacks that record the run (curve, history files and plot,
+    TensorBoard, gradient report), as the flags ask."""
+
+    def __init__(self, args, split, batches, validation, strategy):
+        import keras
+
+        from renorm_convert.train import callbacks as cb
+        from renorm_convert.train import distribute
+
+        self.prefix = history_prefix(args)
+        self.curve = (cb.ValidationCurve(validation, batches.num_batches,
+                                         size=len(split.y_val))
+                      if validation is not None
+                      and distribute.process_count() == 1
+                      and not distribute.is_multi_worker(strategy) else None)
+        self.history = cb.RunRecords(
+            self.prefix, plot=args.plot, curve=self.curve,
+            title=f"{os.path.basename(args.model)} on {split.name}")
+        self.callbacks = [c for c in (self.curve, self.history)
+                          if c is not None]
+        if args.tensorboard:
+            self.callbacks.append(
+                keras.callbacks.TensorBoard(str(args.tensorboard)))
+        self.grads = None
+        if args.grad_report:
+            self.grads = cb.GradientReport(batches[0], args.grad_report)
+            self.callbacks.append(self.grads)
+
+
+def _schedule(args, model, total_steps):
+    """The schedule `--schedule` asks for (None: the layers' own bounds),
+    said in a progress line."""
+    import renorm_convert as rc
+
+    if args.schedule != "auto":
+        return None
+    schedule = rc.RenormSchedule.for_run(
+        total_steps, warmup=args.warmup, d_max_at=args.d_max_at,
+        r_max_at=args.r_max_at, r_max=args.final_r_max,
+        d_max=args.final_d_max)
+    if rc.renorm_layers(model):
+        # In the order the bounds are reached.
+        progress(f"renorm schedule: {schedule.warmup_steps} steps of warm-up "
+                 f"at r_max 1, d_max 0, then d_max 0 -> {schedule.d_max:g} "
+                 f"by step {schedule.d_max_steps} and r_max 1 -> "
+                 f"{schedule.r_max:g} by step {schedule.r_max_steps} (the "
+                 "layers' saved bounds are replaced; --schedule off keeps "
+                 "them)")
+    return schedule
+
+
+def _diverged(args, error):
+    """A NaN loss: the model with the last good state is written anyway."""
+    from renorm_convert.io import save_atomically
+    from renorm_convert.train import distribute
+
+    if distribute.is_chief():
+        save_atomically(error.model, args.output)
+    print(f"renorm-convert finetune: {error}; wrote that model to "
+          f"{args.output}", file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def _finish(args, result, split, records):
+    """Writes the model (then drops the checkpoint) and says what happened."""
+    import renorm_convert as rc
+    from renorm_convert.io import save_atomically
+    from renorm_convert.train import checkpoint
+
     trained = result.model
     if args.recalibrate:
         # The library says on how many batches (a progress line).
@@ -239,7 +293,8 @@ def run(args):
         # Only now that the model is safely written: a run killed before
         # this point resumes from the checkpoint instead of starting over.
         checkpoint.remove(result.checkpoint_dir)
-    _print_accuracy(rc, trained, split, curve, result, args)
+    _print_accuracy(rc, trained, split, records.curve, result, args)
+    grads = records.grads
     if grads is not None and grads.report:
         print("mean |gradient|: " + ", ".join(
             f"{k} {v:.3g}" for k, v in grads.report["summary"].items()))
@@ -248,10 +303,10 @@ def run(args):
         tail = (f"; final r_max {bounds[0]:.2f}, d_max {bounds[1]:.2f}"
                 if bounds else "")
         print(f"trained {result.steps[-1]['step']} steps{tail}")
-    failed = records.errors
+    failed = records.history.errors
     written = [args.output]
-    if prefix not in failed:
-        written.append(prefix + ".csv/.steps.csv/.json")
+    if records.prefix not in failed:
+        written.append(records.prefix + ".csv/.steps.csv/.json")
     if args.plot and str(args.plot) not in failed:
         written.append(str(args.plot))
     print("wrote " + ", ".join(written))

@@ -24,7 +24,7 @@ def run(args):
     import renorm_convert as rc
     from renorm_convert.transform.folding import fold_plan
 
-    model = load_model(args)
+    model = load_model(args, runs=False)
     plan = fold_plan(model)
     rows = [entry.as_dict() for entry in plan]
     totals = {

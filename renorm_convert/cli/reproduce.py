@@ -11,7 +11,8 @@ import os
 
 from renorm_convert.cli import _args, progress
 from renorm_convert.cli._args import EXIT_OK
-from renorm_convert.cli._paths import RenormConvertError, check_outputs
+from renorm_convert.cli._paths import check_outputs
+from renorm_convert.errors import RenormConvertError
 
 HELP = "the paper's Figure 2 / 3 at small scale"
 
@@ -37,13 +38,15 @@ def add_arguments(p):
                         + _per_experiment("steps") + ")")
     p.add_argument("--seeds", type=_args.integer(1), default=3,
                    help="runs per arm, each from its own initialization")
-    p.add_argument("--batch-size", type=_args.integer(1), default=32,
-                   help="examples per training step")
-    p.add_argument("--microbatch", type=_args.integer(1), default=2,
-                   help="examples per microbatch (microbatch experiment)")
-    p.add_argument("--classes-per-batch", type=_args.integer(1), default=2,
-                   help="classes in each batch (non-iid experiment; "
-                        "Fashion-MNIST has 10)")
+    _args.option(p, "--batch-size", type=_args.integer(1), default=32,
+                 help="examples per training step")
+    _args.option(p, "--microbatch", type=_args.integer(1), default=2,
+                 argument="microbatch_size",
+                 help="examples per microbatch (microbatch experiment)")
+    _args.option(p, "--classes-per-batch", type=_args.integer(1), default=2,
+                 argument="non_iid_classes",
+                 help="classes in each batch (non-iid experiment; "
+                      "Fashion-MNIST has 10)")
     p.add_argument("--eval-every", type=_args.integer(1), default=150,
                    metavar="STEPS", help="validate every STEPS steps")
     p.add_argument("--model", default=None, choices=list(REPRODUCE_MODELS),
@@ -67,17 +70,14 @@ def _config(args):
 
 def check(args):
     from renorm_convert._internal.limits import REPRODUCE_DEFAULTS
-    from renorm_convert.data import check_source, source_path
+    from renorm_convert.data import check_batching, check_source, source_path
 
     steps = args.steps or REPRODUCE_DEFAULTS[args.experiment]["steps"]
     if steps < args.eval_every:  # the default --steps too
         raise RenormConvertError(f"--steps ({steps}) must be at least "
                         f"--eval-every ({args.eval_every}).")
-    if args.experiment == "non-iid" and \
-            args.batch_size % args.classes_per_batch:
-        raise RenormConvertError(
-            f"--classes-per-batch {args.classes_per_batch}: the batch size "
-            f"{args.batch_size} must be a multiple of it.")
+    if args.experiment == "non-iid":
+        check_batching(None, args.batch_size, args.classes_per_batch)
     check_outputs([("--out", args.out, "logdir")],
                   [("data", source_path(args.data))])
     check_source(args.data)

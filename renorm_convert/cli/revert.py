@@ -5,7 +5,8 @@ without this package; write it to -o OUT.keras."""
 from renorm_convert.cli import _args
 from renorm_convert.cli._args import EXIT_OK
 from renorm_convert.cli._common import check_model_path, load_model, parity
-from renorm_convert.cli._paths import RenormConvertError, check_output
+from renorm_convert.cli._paths import check_output
+from renorm_convert.errors import RenormConvertError
 
 HELP = "BatchRenormalization -> BatchNormalization"
 

@@ -43,11 +43,14 @@ def epoch_indices(labels, batch_size, *, seed, epoch, non_iid_classes=None):
 
 def check_batching(num_examples, batch_size, non_iid_classes=None,
                    num_classes=None, microbatch_size=None):
-    """Refuses batch settings the data cannot meet, naming the argument."""
+    """Refuses batch settings the data cannot meet, naming the argument.
+    `num_examples` / `num_classes` None: what can be told without the data
+    (the command line checks that before any backend loads)."""
     check_integer(batch_size, "batch_size")
-    if batch_size > num_examples:
-        raise RenormConvertError(f"{{arg}}: larger than the {num_examples} training "
-                        "examples.", "batch_size", batch_size)
+    if num_examples is not None and batch_size > num_examples:
+        raise RenormConvertError(
+            f"{{arg}}: larger than the {num_examples} training examples.",
+            "batch_size", batch_size)
     if non_iid_classes:
         if batch_size % non_iid_classes:
             raise RenormConvertError(
@@ -55,8 +58,10 @@ def check_batching(num_examples, batch_size, non_iid_classes=None,
                 f"of it (batches of {non_iid_classes} classes with equally "
                 "many examples each).", "non_iid_classes", non_iid_classes)
         if num_classes is not None and non_iid_classes > num_classes:
-            raise RenormConvertError(f"{{arg}}: the data has only {num_classes} "
-                            "classes.", "non_iid_classes", non_iid_classes)
+            raise RenormConvertError(
+                f"{{arg}}: the data has only {num_classes} classes.",
+                "non_iid_classes", non_iid_classes)
     if microbatch_size is not None and not 1 <= microbatch_size <= batch_size:
-        raise RenormConvertError(f"{{arg}}: must be between 1 and the batch size "
-                        f"{batch_size}.", "microbatch_size", microbatch_size)
+        raise RenormConvertError(
+            f"{{arg}}: must be between 1 and the batch size {batch_size}.",
+            "microbatch_size", microbatch_size)

@@ -142,7 +142,7 @@ def load_npz(path, val_fraction=0.2, seed=0):
     from an .npz file; also takes `x_val` / `y_val`, else splits off
     `val_fraction`."""
     if not os.path.exists(path):
-        raise RenormConvertError(f"{path}: no such file.")
+        raise RenormConvertError(f"{path}: no such file; check the path (an .npz file holding arrays x and y).")
     if os.path.isdir(path):
         raise RenormConvertError(f"{path}: is a directory, not an .npz file.")
     try:
@@ -265,7 +265,7 @@ def check_source(spec):
         raise RenormConvertError(f"{path}: no such directory for Fashion-MNIST.")
     if spec.startswith("npz:") or spec.endswith(".npz"):
         if not os.path.exists(path):
-            raise RenormConvertError(f"{path}: no such file.")
+            raise RenormConvertError(f"{path}: no such file; check the path (an .npz file holding arrays x and y).")
         return
     if not os.path.exists(path):
         looks_like_path = os.sep in spec or spec.startswith(".")

@@ -22,7 +22,9 @@ def check_model_file(path):
     missing, a directory, another suffix, or contents of another kind."""
     path = str(path)
     if not os.path.exists(path):
-        raise RenormConvertError(f"{path}: no such file.")
+        raise RenormConvertError(
+            f"{path}: no such file; check the path (a .keras or Keras 2 .h5 "
+            "model file).")
     if os.path.isdir(path):
         raise RenormConvertError(
             f"{path}: is a directory; give a .keras or .h5 model file "
