@@ -79,21 +79,21 @@ def test_int8_keeps_accuracy_and_is_smaller(trained, tmp_path):
     model, calibration, x, y = trained
     report = rc.export_onnx(model, tmp_path / "q.onnx", quantize="int8",
                             calibration=calibration, verify=x, labels=y)
-    assert report.quantized == "int8"
+    assert report.precision == "int8"
     saved = onnx.load(str(tmp_path / "q.onnx"))
     ops = {n.op_type for n in saved.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert "BatchNormalization" not in ops
     assert [i.name for i in saved.graph.input] == report.input_names
     assert [o.name for o in saved.graph.output] == report.output_names
-    assert report.file_size < 0.5 * report.float_file_size
+    assert report.file_size < 0.5 * report.int8.float_file_size
     # The float file is verified against Keras as always.
-    assert report.logits_relative_diff <= 1e-5
+    assert report.verification.logits_relative_diff <= 1e-5
     # int8 against float, on validation images calibration never saw.
-    assert report.int8_top1_agreement >= 0.95
-    assert report.float_accuracy >= 0.85
-    assert report.int8_accuracy >= report.float_accuracy - 0.01
-    assert not hasattr(report, "int8_latency_ms")
+    assert report.int8.top1_agreement >= 0.95
+    assert report.int8.float_accuracy >= 0.85
+    assert report.int8.int8_accuracy >= report.int8.float_accuracy - 0.01
+    assert "latency" not in str(report.as_dict())
 
 
 def test_int8_inception_every_conv_quantized_and_wide(inception_int8):
@@ -121,9 +121,9 @@ def test_int8_inception_every_conv_quantized_and_wide(inception_int8):
         assert {tuple(_producer(graph, i).input[1:3]) for i in concat.input} \
             == {tuple(out_q.input[1:3])}
     # Zero filters: a widened Conv computes exactly what it did.
-    assert report.int8_top1_agreement >= 0.97
-    assert report.float_accuracy >= 0.78
-    assert report.int8_accuracy >= report.float_accuracy - 0.01
+    assert report.int8.top1_agreement >= 0.97
+    assert report.int8.float_accuracy >= 0.78
+    assert report.int8.int8_accuracy >= report.int8.float_accuracy - 0.01
 
 
 def test_int8_resnet_structure(trained, tmp_path):
@@ -163,9 +163,10 @@ def test_float16_within_its_tolerance(trained, tmp_path):
     # Inputs and outputs stay float32.
     assert saved.graph.input[0].type.tensor_type.elem_type == \
         onnx.TensorProto.FLOAT
-    assert report.tolerance == FLOAT16_TOLERANCE
-    assert report.logits_relative_diff <= report.tolerance
-    assert report.top1_agreement >= 0.95
+    v = report.verification
+    assert v.tolerance == FLOAT16_TOLERANCE
+    assert v.logits_relative_diff <= v.tolerance
+    assert v.top1_agreement >= 0.95
 
 
 def test_quantize_onnx_is_export_int8_for_any_file(trained, tmp_path):

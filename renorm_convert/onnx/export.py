@@ -331,15 +331,16 @@ class _Payloads:
 
 def _with_precision(onnx_model, request, report, reference):
     """The file's bytes after float16 conversion or int8 quantization."""
+    logits_name = None
+    if reference is not None and reference.logits is not None:
+        # Found before float16 conversion, which writes a Cast after it.
+        logits_name = _onnx_logits_name(onnx_model)
     if request.precision == "float16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         onnx_model = convert_float_to_float16(onnx_model, keep_io_types=True)
         report.precision = "float16"
     float_payload = onnx_model.SerializeToString()
-    logits_name = None
-    if reference is not None and reference.logits is not None:
-        logits_name = _onnx_logits_name(onnx_model)
     checked = (_with_output(onnx_model, logits_name) if logits_name
                else float_payload)
     payload = float_payload
@@ -536,7 +537,8 @@ def export_onnx(model, path, *, opset=None, verify=True, tolerance=None,
     request = _check_arguments(model, opset, verify, tolerance, batch_size,
                                quantize, calibration, precision, labels)
     model, plan, folded, reference = _prepare(model, request)
-    onnx_model = to_onnx(folded, opset=opset, batch_size=batch_size)
+    onnx_model = to_onnx(folded, opset=opset, batch_size=batch_size,
+                         names_from=model)
     del folded
     onnx_model, cleanup = clean(onnx_model)
     report = ExportReport(

@@ -78,10 +78,13 @@ def exporter(backend=None):
     return "none"
 
 
-def to_onnx(model, opset=None, batch_size=None):
+def to_onnx(model, opset=None, batch_size=None, names_from=None):
     """The ONNX ModelProto of `model` as it stands (no folding), converted
-    by its backend's exporter, with the Keras input and output names and a
-    dynamic batch dimension (or a fixed one of `batch_size`)."""
+    by its backend's exporter, with the Keras input and output names (of
+    `names_from`, the model `model` was folded from: folding a final
+    normalization into the Dense before it would name the output after
+    the Dense) and a dynamic batch dimension (or a fixed one of
+    `batch_size`)."""
     import onnx  # noqa: F401  (fail here, clearly, if it is missing)
 
     backend = _backend()
@@ -89,10 +92,11 @@ def to_onnx(model, opset=None, batch_size=None):
     convert = {"tensorflow": _tensorflow, "torch": _torch}[backend]
     onnx_model = convert(model, opset, batch_size)
     _check_ops(onnx_model, model.name)
+    named = names_from if names_from is not None else model
     rename_values(onnx_model, [i.name for i in onnx_model.graph.input],
-                  input_names(model))
+                  input_names(named))
     rename_values(onnx_model, [o.name for o in onnx_model.graph.output],
-                  unique_names(output_names(model)))
+                  unique_names(output_names(named)))
     return onnx_model
 
 
@@ -110,7 +114,7 @@ def output_names(model):
     struct = internals.outputs_structure(model)
     if isinstance(struct, dict) and len(struct) == len(model.outputs):
         return [str(key) for key in sorted(struct)]
-    return list(model.output_names)
+    return [internals.producing_operation(t).name for t in model.outputs]
 
 
 def unique_names(names):
