@@ -77,17 +77,28 @@ __all__ = sorted(_API) + sorted(_MODULES)
 
 def __getattr__(name):
     if name in _API:
-        module = importlib.import_module(f"{__name__}.{_API[name]}")
+        module = _load(_API[name])
         register()
         value = getattr(module, name)
         globals()[name] = value
         return value
     if name in _MODULES:
-        module = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+        module = _load(_MODULES[name])
         if "keras" in sys.modules:  # a light module (data) loads no Keras
             register()
         return module
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _load(name):
+    """Imports one of our modules; the first that loads Keras does so
+    without the backend's native start-up lines on stderr."""
+    if "keras" in sys.modules:
+        return importlib.import_module(f"{__name__}.{name}")
+    from renorm_convert._internal.logs import quiet_start
+
+    with quiet_start():
+        return importlib.import_module(f"{__name__}.{name}")
 
 
 def __dir__():

@@ -37,3 +37,9 @@ if [ "$BACKEND" = torch ]; then
 fi
 "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
 echo "setup: done; the tool is $VENV/bin/renorm-convert (Keras backend: $BACKEND)"
+if [ "$BACKEND" != tensorflow ]; then
+    # The command line takes the one backend installed; Python code that
+    # imports keras itself needs it named.
+    echo "setup: the command line runs on $BACKEND, the one backend in $VENV;" \
+         "in your own Python code set KERAS_BACKEND=$BACKEND before importing keras"
+fi

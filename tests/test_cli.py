@@ -523,3 +523,40 @@ def test_export_int8_and_float16_commands(tmp_path, capsys):
                           "--int8", "--float16")
     assert code == 2 and "not allowed with" in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_the_backend_installed_is_taken_when_none_is_set(tmp_path):
+    """No KERAS_BACKEND, and a keras.json naming TensorFlow (Keras writes it
+    so on its first import): the command runs on the backend installed,
+    and says so where that is not TensorFlow. A KERAS_BACKEND naming a
+    backend that is not installed is refused in one line naming the one
+    that is."""
+    import importlib.util
+
+    from helpers import subprocess_env
+
+    home = tmp_path / "keras_home"
+    home.mkdir()
+    (home / "keras.json").write_text('{"backend": "tensorflow"}')
+    path = tmp_path / "m.keras"
+    keras.Sequential([keras.Input((3,)), keras.layers.Dense(2),
+                      keras.layers.BatchNormalization()]).save(path)
+    command = [sys.executable, "-m", "renorm_convert.cli", "inspect", path]
+    backend = keras.backend.backend()
+    ran = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                         env=subprocess_env(drop=("KERAS_BACKEND",),
+                                            KERAS_HOME=str(home)))
+    assert ran.returncode == 0, ran.stderr
+    assert "1 normalization layers" in ran.stdout
+    assert (f"Keras backend: {backend} (the one installed" in ran.stderr) == (
+        backend != "tensorflow")
+    missing = [b for b in ("jax", "torch", "tensorflow")
+               if importlib.util.find_spec(b) is None]
+    if missing:
+        refused = subprocess.run(
+            command, capture_output=True, text=True, timeout=300,
+            env=subprocess_env(KERAS_BACKEND=missing[0],
+                               KERAS_HOME=str(home)))
+        assert refused.returncode == 2
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"set KERAS_BACKEND={backend}" in lines[0]

@@ -132,6 +132,8 @@ def test_fine_tune_runs_the_schedule_and_writes_the_records(digits,
                                                                 abs=1e-6)
     assert (tmp_path / "h.csv").read_text().startswith("epoch,")
     assert len((tmp_path / "h.steps.csv").read_text().splitlines()) == 41
+    for name in ("h.csv", "h.steps.csv"):  # LF line ends, both
+        assert b"\r" not in (tmp_path / name).read_bytes()
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert records.errors == {}
 

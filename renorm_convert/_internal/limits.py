@@ -28,9 +28,10 @@ REPRODUCE_MODELS = {
 }
 
 
-def keras_backend():
-    """The backend Keras will load, read as Keras reads it (KERAS_BACKEND,
-    then keras.json under KERAS_HOME or ~/.keras), without importing it."""
+def configured_backend():
+    """The backend set for Keras (KERAS_BACKEND, then keras.json under
+    KERAS_HOME or ~/.keras), read as Keras reads it without importing it;
+    None when nothing sets one."""
     import json
     import os
 
@@ -41,9 +42,38 @@ def keras_backend():
         os.path.expanduser("~"), ".keras")
     try:
         with open(os.path.join(home, "keras.json")) as f:
-            return json.load(f).get("backend") or "tensorflow"
+            return json.load(f).get("backend") or None
     except (OSError, ValueError, AttributeError):
-        return "tensorflow"
+        return None
+
+
+def keras_backend():
+    """The backend Keras will load: the configured one, else TensorFlow
+    (Keras's default)."""
+    return configured_backend() or "tensorflow"
+
+
+def choose_backend():
+    """Where KERAS_BACKEND is not set and the backend keras.json names (or
+    Keras's default, TensorFlow; Keras writes that file itself on its first
+    import) is not installed, sets KERAS_BACKEND for this process to the one
+    that is (TensorFlow, JAX, then PyTorch), as installing one backend means;
+    returns it, or None when nothing was chosen."""
+    import importlib.util
+    import os
+
+    if os.environ.get("KERAS_BACKEND") or importlib.util.find_spec(
+            _MODULE.get(keras_backend(), keras_backend())):
+        return None
+    for name in ("tensorflow", "jax", "torch"):
+        if importlib.util.find_spec(_MODULE[name]):
+            os.environ["KERAS_BACKEND"] = name
+            return name
+    return None
+
+
+# Backend name -> the package that provides it.
+_MODULE = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
 
 
 # Strategy name -> (the backend it needs, what it is).

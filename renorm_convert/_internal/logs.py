@@ -19,6 +19,21 @@ _NOISE = re.compile(
 
 
 @contextlib.contextmanager
+def quiet_start():
+    """Within the block Keras may load its backend for the first time: the
+    backend's native start-up lines are dropped (the same filter), and
+    TensorFlow's devices are set up before leaving (where it writes its
+    "failed call to cuInit" error on a machine without a GPU), so that a
+    library user does not see them either."""
+    with filtered_stderr():
+        yield
+        if "tensorflow" in sys.modules:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices("GPU")
+
+
+@contextlib.contextmanager
 def filtered_stderr():
     """Within the block, lines written to fd 2 that are TensorFlow's native
     INFO chatter are dropped; every other line is passed on."""

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 
+from renorm_convert._internal import limits as _limits
 from renorm_convert.cli import _args
 from renorm_convert.cli._args import EXIT_INTERNAL, EXIT_USAGE
 from renorm_convert.errors import RenormConvertError, python_name
@@ -98,7 +99,6 @@ def _load_backend():
     """Keras and its backend (call it inside `filtered_stderr`)."""
     import importlib.util
 
-    from renorm_convert._internal import limits as _limits
     from renorm_convert.errors import BackendError
 
     backend = _limits.keras_backend()
@@ -145,6 +145,10 @@ def main(argv=None):
         # TensorFlow's native start-up lines are dropped from stderr
         # wherever they come from, everything else passes.
         with filtered_stderr():
+            chosen = _limits.choose_backend()
+            if chosen:
+                progress(f"Keras backend: {chosen} (the one installed; set "
+                         "KERAS_BACKEND to choose)")
             module.check(args)  # before any backend loads: instant refusals
             _load_backend()
             return module.run(args)

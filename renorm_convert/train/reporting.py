@@ -48,7 +48,9 @@ def _csv(rows):
         fields = []
         for r in rows:
             fields += [k for k in r if k not in fields]
-        writer = csv.DictWriter(buffer, fieldnames=fields)
+        # LF line ends, as every other file we write (csv writes CRLF).
+        writer = csv.DictWriter(buffer, fieldnames=fields,
+                                lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     return buffer.getvalue().encode()
