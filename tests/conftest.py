@@ -117,3 +117,11 @@ def fashion():
         pytest.skip("Debian's dataset-fashion-mnist is not installed "
                     "(`sudo apt-get install dataset-fashion-mnist`)")
     return data.load_fashion_mnist()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's bundled digits, as a Split (NumPy: shared freely)."""
+    from renorm_convert import data
+
+    return data.load_digits()

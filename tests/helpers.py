@@ -5,6 +5,9 @@ import os
 import keras
 import numpy as np
 
+import renorm_convert as rc
+from renorm_convert import data
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -25,7 +28,6 @@ def subprocess_env(drop=(), **extra):
 def randomize_statistics(model, seed=0):
     """Random gamma, beta and moving statistics in every normalization layer,
     so that parity checks compare something (fresh layers are identities)."""
-    import renorm_convert as rc
 
     rng = np.random.default_rng(seed)
     for layer in rc.iter_layers(model):
@@ -285,3 +287,99 @@ def compiled_training_call(layer, jit):
     # On the backend's device (a GPU where there is one), as Keras puts it.
     return (lambda x: numpy(compiled(keras.ops.convert_to_tensor(x)))), \
         lambda: count[0]
+
+
+# --- small models and data the training tests share ---------------------
+
+def small_cnn(num_classes=10, synchronized=False, shape=(28, 28, 1),
+              activation="softmax"):
+    inputs = keras.Input(shape)
+    x = inputs
+    for filters in (8, 16):
+        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization(synchronized=synchronized)(x)
+        x = keras.layers.ReLU()(x)
+        if shape[0] > 8:
+            x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(num_classes, activation=activation,
+                                 name="head")(x)
+    return keras.Model(inputs, outputs)
+
+
+def digits_cnn(activation="softmax", synchronized=False):
+    return small_cnn(shape=(8, 8, 1), activation=activation,
+                     synchronized=synchronized)
+
+
+def weights(model):
+    return [numpy(v) for v in model.weights]
+
+
+def numpy_accuracy(model, split):
+    """Top-1 accuracy on the validation part, computed here."""
+    x = data.adapt(split.x_val, data.model_image_shape(model),
+                   split.value_range, split.scaling)
+    pred = numpy(model.predict(x, batch_size=256, verbose=0))
+    return float((pred.argmax(-1) == data.class_ids(split.y_val)).mean())
+
+
+def conv_classifier(classes=4, shape=(12, 12, 3)):
+    """A Keras 2 style classifier (SqueezeNet, mini-Xception): the classes
+    come from a 1x1 Conv, then pooling and softmax."""
+    inputs = keras.Input(shape)
+    x = keras.layers.Conv2D(8, 3, use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Dropout(0.2)(x)
+    x = keras.layers.Conv2D(classes, 1, name="classes")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Activation("softmax")(x),
+                       name="model_1")
+
+
+def tiny_model():
+    return rc.convert(keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, use_bias=False),
+        keras.layers.BatchNormalization(), keras.layers.ReLU(),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(3, activation="softmax")], name="tiny"))
+
+
+def tiny_split(rng):
+    return rc.data.Split(rng.integers(0, 256, (64, 8, 8, 1), np.uint8),
+                         rng.integers(0, 3, 64),
+                         rng.integers(0, 256, (16, 8, 8, 1), np.uint8),
+                         rng.integers(0, 3, 16), 3, "tiny")
+
+
+class Record(keras.callbacks.Callback):
+    """Whether training began, and a stop after `stop_after` epochs."""
+
+    def __init__(self, stop_after=None):
+        super().__init__()
+        self.began = False
+        self.stop_after = stop_after
+
+    def on_train_begin(self, logs=None):
+        self.began = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.stop_after is not None and epoch + 1 >= self.stop_after:
+            self.model.stop_training = True
+
+
+def optimizer_step(model):
+    return int(numpy(model.optimizer.iterations))
+
+
+def assert_same_weights(first, second):
+    assert [v.path for v in first.weights] == [v.path for v in second.weights]
+    for x, y in zip(first.weights, second.weights):
+        np.testing.assert_array_equal(numpy(x), numpy(y), err_msg=x.path)
+
+
+def bias_gradient(probabilities, y):
+    """d mean(cross-entropy) / d bias of a softmax Dense head: mean(p - y)."""
+    rows = np.eye(probabilities.shape[-1])[y] if np.ndim(y) == 1 else y
+    return (probabilities - rows).mean(0)

@@ -5,7 +5,6 @@ an optimizer step, per-group moments) or a run that must agree with it."""
 
 import dataclasses
 import json
-import logging
 import os
 
 import keras
@@ -16,7 +15,8 @@ import renorm_convert as rc
 from renorm_convert import data
 from renorm_convert.train import callbacks
 from renorm_convert.data.batches import TrainingBatches
-from helpers import numpy
+from helpers import (bias_gradient, conv_classifier, digits_cnn, numpy,
+                     numpy_accuracy, small_cnn, weights)
 
 BACKEND = keras.backend.backend()
 
@@ -24,44 +24,6 @@ BACKEND = keras.backend.backend()
 @pytest.fixture
 def small(fashion):
     return fashion.subset(train=1024, val=500, seed=1)
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return data.load_digits()
-
-
-def small_cnn(num_classes=10, synchronized=False, shape=(28, 28, 1),
-              activation="softmax"):
-    inputs = keras.Input(shape)
-    x = inputs
-    for filters in (8, 16):
-        x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
-        x = keras.layers.BatchNormalization(synchronized=synchronized)(x)
-        x = keras.layers.ReLU()(x)
-        if shape[0] > 8:
-            x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(num_classes, activation=activation,
-                                 name="head")(x)
-    return keras.Model(inputs, outputs)
-
-
-def digits_cnn(activation="softmax", synchronized=False):
-    return small_cnn(shape=(8, 8, 1), activation=activation,
-                     synchronized=synchronized)
-
-
-def weights(model):
-    return [numpy(v) for v in model.weights]
-
-
-def numpy_accuracy(model, split):
-    """Top-1 accuracy on the validation part, computed here."""
-    x = data.adapt(split.x_val, data.model_image_shape(model),
-                   split.value_range, split.scaling)
-    pred = numpy(model.predict(x, batch_size=256, verbose=0))
-    return float((pred.argmax(-1) == data.class_ids(split.y_val)).mean())
 
 
 def start_outputs(model, x):
@@ -81,12 +43,6 @@ def cross_entropy(outputs, y, from_logits=False):
                                1e-7, 1 - 1e-7))
     rows = np.eye(outputs.shape[-1])[y] if np.ndim(y) == 1 else y
     return float(-(rows * log_p).sum(-1).mean())
-
-
-def bias_gradient(probabilities, y):
-    """d mean(cross-entropy) / d bias of a softmax Dense head: mean(p - y)."""
-    rows = np.eye(probabilities.shape[-1])[y] if np.ndim(y) == 1 else y
-    return (probabilities - rows).mean(0)
 
 
 # --- the whole recipe -------------------------------------------------------
@@ -136,39 +92,6 @@ def test_fine_tune_runs_the_schedule_and_writes_the_records(digits,
         assert b"\r" not in (tmp_path / name).read_bytes()
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
     assert records.errors == {}
-
-
-def test_gradient_report_is_the_analytic_gradient(tmp_path):
-    """On one batch before training: the head's bias gradient is
-    mean(softmax - one-hot) (NumPy, from the model's training-mode outputs
-    with its saved bounds and microbatches of 4), and a bias before a
-    normalization in training mode gets none (the batch mean removes it)."""
-    rng = np.random.default_rng(7)
-    inputs = keras.Input((6,))
-    h = keras.layers.Dense(5, name="hidden")(inputs)
-    h = keras.layers.BatchNormalization()(h)
-    h = keras.layers.ReLU()(h)
-    model = rc.configure(rc.convert(keras.Model(inputs, keras.layers.Dense(
-        3, activation="softmax", name="head")(h))), microbatch_size=4)
-    x = rng.normal(size=(32, 6)).astype("float32")
-    y = rng.integers(0, 3, 32)
-    grads = callbacks.GradientReport((x, y), tmp_path / "grads.json")
-    rc.fine_tune(model, (x, y), epochs=1, steps_per_epoch=1,
-                 callbacks=[grads], verbose=0)
-    p = numpy(rc.copy_model(model)(x, training=True)).astype(np.float64)
-    report = json.loads((tmp_path / "grads.json").read_text())
-    assert report == json.loads(json.dumps(grads.report))
-    rows = {(r["group"], r["layer_type"], r["weight"]): r
-            for r in report["rows"]}
-    assert set(rows) == {
-        ("normalization", "BatchRenormalization", "gamma"),
-        ("normalization", "BatchRenormalization", "beta"),
-        ("other", "Dense", "kernel"), ("other", "Dense", "bias")}
-    bias = rows["other", "Dense", "bias"]
-    assert bias["count"] == 5 + 3
-    assert bias["mean_abs_grad"] == pytest.approx(
-        float(np.abs(bias_gradient(p, y)).sum()) / 8, rel=1e-4)
-    assert report["summary"]["other"] > 0
 
 
 def test_fine_tune_raises_accuracy_on_fashion_mnist(small):
@@ -394,47 +317,6 @@ def test_arrays_train_a_model_of_two_inputs_as_numpy_says():
 # --- resuming, copies, epochs ------------------------------------------------
 
 
-def test_resume_after_interruption_ends_at_the_same_step(digits, tmp_path,
-                                                         caplog):
-    model = rc.convert(digits_cnn())
-    part = digits.subset(train=320, val=0)
-
-    class Interrupt(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch == 0:
-                raise KeyboardInterrupt("killed after one epoch")
-
-    def run(**kwargs):
-        return rc.fine_tune(model, rc.data.training_batches(part, model, 32, seed=4),
-                            epochs=2, verbose=0, **kwargs)
-
-    ckpt = str(tmp_path / "ckpt")
-    with pytest.raises(KeyboardInterrupt):
-        run(checkpoint_dir=ckpt, callbacks=[Interrupt()])
-    assert os.path.exists(os.path.join(ckpt, "epoch-0001.json"))
-    with caplog.at_level(logging.INFO, logger="renorm_convert"):
-        resumed = run(checkpoint_dir=ckpt)
-    straight = run()
-    assert (f"resuming from epoch 1, step 10 (checkpoint in {ckpt})"
-            in caplog.messages)
-    assert resumed.resumed_from == (1, 10) and straight.resumed_from is None
-    assert resumed.checkpoint_dir == ckpt
-    # The history covers the whole run, epoch 1 from the checkpoint.
-    assert len(resumed.history["loss"]) == 2
-    assert [s["step"] for s in resumed.steps] == list(range(1, 21))
-    np.testing.assert_allclose(resumed.history["loss"],
-                               straight.history["loss"], rtol=1e-5)
-    iterations = [int(numpy(r.model.optimizer.iterations))
-                  for r in (resumed, straight)]
-    assert iterations == [20, 20]
-    # Same data in the same order and the same optimizer state: the same
-    # weights, to float round-off.
-    for a, b in zip(weights(resumed.model), weights(straight.model)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    rc.checkpoint.remove(ckpt)
-    assert not os.path.exists(ckpt)
-
-
 def test_steps_per_epoch_runs_the_data_on_across_epochs(digits):
     """Three epochs of 5 steps are the first 15 batches of the data, as one
     epoch of 15 steps is: the same weights at the end."""
@@ -471,24 +353,6 @@ def test_copy_false_trains_the_given_model(digits):
     # Same run, same result: the copy changes nothing but ownership.
     for a, b in zip(weights(kept.model), weights(model)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_model(digits):
-    model = rc.convert(digits_cnn())
-    start = weights(model)
-    with pytest.raises(rc.NonFiniteLoss, match="NaN or infinite at step") \
-            as info:
-        rc.fine_tune(model, digits.subset(train=320), epochs=1,
-                     optimizer="sgd", learning_rate=1e12, verbose=0)
-    kept = info.value.model
-    for a, b in zip(weights(kept), start):
-        np.testing.assert_array_equal(a, b)
-    # It stopped at the first non-finite loss, or (where a compiled step
-    # reports a finite loss from NaN weights) at the end of the epoch.
-    bad = info.value.result.steps
-    losses = np.array([s["loss"] for s in bad])
-    assert np.isfinite(losses[:-1]).all()
-    assert not np.isfinite(losses[-1]) or len(bad) == 10
 
 
 def test_fine_tune_refuses_bad_arguments_naming_them(digits):
@@ -570,83 +434,6 @@ def test_new_head_norm_only_and_mixed_precision(digits):
                                numpy(full(x)), atol=3e-2)
 
 
-def conv_classifier(classes=4, shape=(12, 12, 3)):
-    """A Keras 2 style classifier (SqueezeNet, mini-Xception): the classes
-    come from a 1x1 Conv, then pooling and softmax."""
-    inputs = keras.Input(shape)
-    x = keras.layers.Conv2D(8, 3, use_bias=False)(inputs)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.Dropout(0.2)(x)
-    x = keras.layers.Conv2D(classes, 1, name="classes")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inputs, keras.layers.Activation("softmax")(x),
-                       name="model_1")
-
-
-def _feature_model(model, layer_name):
-    return keras.Model(model.inputs, model.get_layer(layer_name).output)
-
-
-@pytest.mark.parametrize("kind", ["conv", "dense_then_softmax", "mobilenet"])
-def test_replace_head_keeps_what_follows_the_classifier(kind):
-    if kind == "conv":
-        model, features = conv_classifier(), "dropout"
-    elif kind == "dense_then_softmax":
-        inputs = keras.Input((6,))
-        x = keras.layers.Dense(5, activation="relu", name="hidden")(inputs)
-        x = keras.layers.Dense(3, name="logits")(x)
-        model = keras.Model(inputs, keras.layers.Softmax()(x))
-        features = "hidden"
-    else:
-        model = keras.applications.MobileNet(
-            weights=None, input_shape=(32, 32, 3), alpha=0.25, classes=4)
-        features = "dropout"
-    x = np.random.default_rng(0).uniform(
-        0, 1, (5,) + tuple(model.inputs[0].shape[1:])).astype("float32")
-    new = rc.replace_head(model, 7)
-    assert new.outputs[0].shape[-1] == 7
-    # A transform: the new model shares no layer (no weight) with its input.
-    old_ids = {id(layer) for layer in rc.iter_layers(model)}
-    assert not old_ids & {id(layer) for layer in rc.iter_layers(new)}
-    # What precedes the classifier is the same layers, what follows is the
-    # same kinds of layer; the softmax still normalizes.
-    np.testing.assert_array_equal(numpy(_feature_model(new, features)(x)),
-                                  numpy(_feature_model(model, features)(x)))
-    old_tail = [type(l) for l in model.layers[-3:]]
-    assert [type(l) for l in new.layers[-3:]] == old_tail
-    y = numpy(new(x))
-    assert y.shape == (5, 7)
-    np.testing.assert_allclose(y.sum(axis=-1), 1, rtol=1e-5)
-
-
-@pytest.mark.parametrize("ending, found", [
-    ("bn", "BatchNormalization 'last_bn'"),
-    ("two_outputs", "2 outputs"),
-    ("grouped", "Conv2D 'grouped' after 'gap'"),
-])
-def test_replace_head_refuses_naming_what_it_found(ending, found):
-    from renorm_convert.cli import one_line
-
-    inputs = keras.Input((8, 8, 4))
-    x = keras.layers.Conv2D(4, 1)(inputs)
-    if ending == "bn":
-        outputs = keras.layers.BatchNormalization(name="last_bn")(x)
-    elif ending == "two_outputs":
-        outputs = [x, keras.layers.ReLU()(x)]
-    else:
-        x = keras.layers.Conv2D(4, 1, groups=2, name="grouped")(x)
-        outputs = keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    model = keras.Model(inputs, outputs)
-    with pytest.raises(rc.RenormConvertError,
-                       match="a head of 3 classes") as info:
-        rc.replace_head(model, 3)
-    assert found in str(info.value)
-    assert str(info.value).startswith("num_classes=3: ")
-    # The command line names its flag.
-    assert one_line(info.value, "finetune").startswith("--head 3: ")
-
-
 def test_fine_tune_with_a_new_head_on_a_conv_classifier(digits):
     split = digits.subset(train=256, val=128, seed=3)
     model = rc.convert(conv_classifier(classes=4, shape=(8, 8, 1)))
@@ -662,53 +449,6 @@ def test_fine_tune_with_a_new_head_on_a_conv_classifier(digits):
     # It trained: the layers before the new head moved too.
     assert not np.allclose(numpy(trained.layers[1].kernel),
                            numpy(new.layers[1].kernel))
-
-
-def test_validation_curve_starts_at_the_model_as_given(digits, tmp_path):
-    model = rc.convert(digits_cnn())
-    split = digits.subset(train=320, val=300)
-    first = dataclasses.replace(split, x_val=split.x_val[:200],
-                                y_val=split.y_val[:200])
-    batches = rc.data.training_batches(split, model, 32)
-    curve = callbacks.ValidationCurve(
-        rc.data.evaluation_batches(split, model, batch_size=100),
-        steps_per_epoch=len(batches), size=200)
-    records = callbacks.RunRecords(plot=tmp_path / "p.png", curve=curve)
-    result = rc.fine_tune(model, batches, epochs=2, callbacks=[curve, records],
-                          verbose=0)
-    points = curve.points
-    assert [p["step"] for p in points] == [0, 2, 5, 8, 10, 12, 15, 18, 20]
-    # Step 0 is the input model on the first 200 validation examples,
-    # computed here independently.
-    assert curve.size == 200
-    assert points[0]["val_accuracy"] == pytest.approx(
-        numpy_accuracy(model, first), abs=1e-9)
-    # The last point is the trained model on the same examples.
-    assert points[-1]["val_accuracy"] == pytest.approx(
-        numpy_accuracy(result.model, first), abs=1e-9)
-    assert (tmp_path / "p.png").stat().st_size > 10_000
-    assert records.errors == {}
-
-
-def test_freeze_and_unfreeze_are_a_pair_of_transforms():
-    model = rc.convert(small_cnn())
-    frozen = rc.freeze_all_but_normalization(model)
-    assert all(layer.trainable for layer in rc.iter_layers(model))
-    norms = [layer for layer in rc.iter_layers(frozen)
-             if isinstance(layer, keras.layers.BatchNormalization)]
-    assert len(norms) == 2
-    # gamma and beta of the two normalization layers, nothing else.
-    assert len(frozen.trainable_weights) == 4
-    assert {id(v) for v in frozen.trainable_weights} == {
-        id(v) for layer in norms for v in layer.trainable_weights}
-    thawed = rc.unfreeze(frozen)
-    assert len(thawed.trainable_weights) == len(model.trainable_weights)
-    assert len(frozen.trainable_weights) == 4
-    for a, b in zip(weights(thawed), weights(model)):
-        np.testing.assert_array_equal(a, b)
-    plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    with pytest.raises(rc.RenormConvertError, match="no normalization layer"):
-        rc.freeze_all_but_normalization(plain)
 
 
 # --- TensorFlow only: tf.data, tf.distribute, TensorBoard --------------------

@@ -18,18 +18,10 @@ import numpy as np
 import pytest
 
 import renorm_convert as rc
-from helpers import numpy, subprocess_env
-from renorm_convert.data.batches import TrainingBatches
+from helpers import (Record, assert_same_weights, numpy, subprocess_env,
+                     tiny_model, tiny_split)
 from renorm_convert.train.checkpoint import RenormConvertError
 from renorm_convert.cli import main
-
-
-def _tiny_model():
-    return rc.convert(keras.Sequential([
-        keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, use_bias=False),
-        keras.layers.BatchNormalization(), keras.layers.ReLU(),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(3, activation="softmax")], name="tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +30,7 @@ def work(tmp_path_factory):
     their own."""
     root = tmp_path_factory.mktemp("work")
     keras.utils.set_random_seed(0)
-    _tiny_model().save(root / "model.keras")
+    tiny_model().save(root / "model.keras")
     rng = np.random.default_rng(0)
     np.savez(root / "data.npz", x=rng.integers(0, 256, (96, 8, 8), np.uint8),
              y=rng.integers(0, 3, 96))
@@ -250,15 +242,9 @@ def uninterrupted(work, tmp_path_factory):
     return out
 
 
-def _assert_same_weights(first, second):
-    assert [v.path for v in first.weights] == [v.path for v in second.weights]
-    for x, y in zip(first.weights, second.weights):
-        np.testing.assert_array_equal(numpy(x), numpy(y), err_msg=x.path)
-
-
 def _assert_same_model(a, b):
     first, second = keras.models.load_model(a), keras.models.load_model(b)
-    _assert_same_weights(first, second)
+    assert_same_weights(first, second)
     assert int(numpy(first.optimizer.iterations)) == int(
         numpy(second.optimizer.iterations)) == 3 * 4
     for x, y in zip(first.optimizer.variables, second.optimizer.variables):
@@ -342,7 +328,7 @@ def test_killed_during_export_verification_leaves_nothing(work, tmp_path):
 def test_killed_during_the_final_save_of_convert(tmp_path):
     keras.utils.set_random_seed(0)
     plain = tmp_path / "plain.keras"
-    rc.revert(_tiny_model()).save(plain)
+    rc.revert(tiny_model()).save(plain)
     out = tmp_path / "c.keras"
     (tmp_path / "theirs.txt").write_text("someone else's")
     killed = _cli("convert", plain, "-o", out, "--r-max", "2",
@@ -364,7 +350,7 @@ def test_killed_during_the_final_save_of_convert(tmp_path):
 def test_sigterm_during_the_final_save_cleans_up(tmp_path):
     keras.utils.set_random_seed(0)
     plain = tmp_path / "plain.keras"
-    rc.revert(_tiny_model()).save(plain)
+    rc.revert(tiny_model()).save(plain)
     out = tmp_path / "c.keras"
     result = _cli("convert", plain, "-o", out, kill_at="before-rename",
                   kill_signal="SIGTERM")
@@ -396,215 +382,6 @@ def test_export_check_failing_leaves_nothing(work, tmp_path, monkeypatch):
 
 
 # --- the library: checkpoints, resume and the NaN guard ----------------------------
-
-def _tiny_split(rng):
-    return rc.data.Split(rng.integers(0, 256, (64, 8, 8, 1), np.uint8),
-                         rng.integers(0, 3, 64),
-                         rng.integers(0, 256, (16, 8, 8, 1), np.uint8),
-                         rng.integers(0, 3, 16), 3, "tiny")
-
-
-class _Record(keras.callbacks.Callback):
-    """Whether training began, and a stop after `stop_after` epochs."""
-
-    def __init__(self, stop_after=None):
-        super().__init__()
-        self.began = False
-        self.stop_after = stop_after
-
-    def on_train_begin(self, logs=None):
-        self.began = True
-
-    def on_epoch_end(self, epoch, logs=None):
-        if self.stop_after is not None and epoch + 1 >= self.stop_after:
-            self.model.stop_training = True
-
-
-class _Poisoned(TrainingBatches):
-    """The same batches, with a NaN pixel in the run's step `at` (from 0)."""
-
-    at = None
-
-    def batch_at(self, step):
-        x, y = super().batch_at(step)
-        if step == self.at:
-            x = x.copy()
-            x[0, 0, 0, 0] = np.nan
-        return x, y
-
-
-def _poisoned(model, split, at):
-    batches = _Poisoned(split, (8, 8, 1), 16, seed=0)
-    batches.at = at
-    return batches
-
-
-def _iterations(model):
-    return int(numpy(model.optimizer.iterations))
-
-
-def test_fine_tune_never_takes_a_directory_it_did_not_make(tmp_path):
-    folder = tmp_path / "work"
-    folder.mkdir()
-    (folder / "mine.txt").write_text("keep me")
-    model = _tiny_model()
-    split = _tiny_split(np.random.default_rng(0))
-    record = _Record()
-    with pytest.raises(RenormConvertError, match="not renorm-convert checkpoints"):
-        rc.fine_tune(model, rc.data.training_batches(split, model, 16), epochs=1,
-                     checkpoint_dir=folder, callbacks=[record], verbose=0)
-    assert not record.began
-    assert os.listdir(folder) == ["mine.txt"]
-    file = tmp_path / "afile"
-    file.write_text("x")
-    with pytest.raises(RenormConvertError, match="is a file"):
-        rc.fine_tune(model, rc.data.training_batches(split, model, 16), epochs=1,
-                     checkpoint_dir=file, callbacks=[record], verbose=0)
-    assert not record.began and file.read_text() == "x"
-
-
-def test_a_record_that_cannot_be_written_does_not_cost_the_model(tmp_path):
-    model = _tiny_model()
-    split = _tiny_split(np.random.default_rng(0))
-    plot = tmp_path / "gone" / "curves.png"
-    records = rc.callbacks.RunRecords(tmp_path / "h", plot=plot)
-    result = rc.fine_tune(model, rc.data.training_batches(split, model, 16), epochs=1,
-                          callbacks=[records], verbose=0)
-    assert list(records.errors) == [str(plot)]
-    assert str(plot) in records.errors[str(plot)]
-    assert ".tmp-" not in records.errors[str(plot)]
-    rows = (tmp_path / "h.steps.csv").read_text().splitlines()
-    assert len(rows) == 1 + 4  # a header, then each of the 4 steps
-    assert (tmp_path / "h.csv").exists() and not plot.parent.exists()
-    assert _iterations(result.model) == 4 == len(result.steps)
-
-
-def test_resumed_run_equals_the_uninterrupted_one(tmp_path):
-    """A run stopped after epoch 1 and run again on its checkpoint
-    directory ends exactly where one run straight through ends: weights,
-    optimizer state, the per-epoch and per-step history."""
-    keras.utils.set_random_seed(0)
-    model = _tiny_model()
-    initial = [numpy(v) for v in model.weights]
-    split = _tiny_split(np.random.default_rng(0))
-
-    def run(directory, *callbacks):
-        return rc.fine_tune(model, rc.data.training_batches(split, model, 16),
-                            epochs=3, checkpoint_dir=directory,
-                            callbacks=list(callbacks), verbose=0)
-
-    straight = run(tmp_path / "straight")
-    assert straight.resumed_from is None and _iterations(straight.model) == 12
-    stopped = run(tmp_path / "ckpt", _Record(stop_after=1))
-    assert _iterations(stopped.model) == 4
-    assert sorted(n for n in os.listdir(tmp_path / "ckpt")
-                  if n.startswith("epoch-")) == ["epoch-0001.json",
-                                                 "epoch-0001.weights.h5"]
-    resumed = run(tmp_path / "ckpt")
-    assert resumed.resumed_from == (1, 4)
-    _assert_same_weights(resumed.model, straight.model)
-    for x, y in zip(resumed.model.optimizer.variables,
-                    straight.model.optimizer.variables):
-        np.testing.assert_array_equal(numpy(x), numpy(y), err_msg=x.path)
-    assert resumed.history == straight.history
-    assert len(resumed.history["loss"]) == 3
-    assert resumed.steps == straight.steps and len(resumed.steps) == 12
-    assert resumed.final_bounds == straight.final_bounds
-    # The input model was not touched by any of the runs.
-    for v, value in zip(model.weights, initial):
-        np.testing.assert_array_equal(numpy(v), value, err_msg=v.path)
-    # A run of the same directory with other settings is refused.
-    with pytest.raises(rc.RenormConvertError, match="does not fit this run"):
-        rc.fine_tune(model, rc.data.training_batches(split, model, 32), epochs=3,
-                     checkpoint_dir=tmp_path / "ckpt", verbose=0)
-
-
-def test_nan_loss_with_adam_saves_no_nan_optimizer_state(tmp_path):
-    keras.utils.set_random_seed(0)
-    model = _tiny_model()
-    initial = [numpy(v) for v in model.weights]
-    rng = np.random.default_rng(0)
-    split = _tiny_split(rng)
-    with pytest.raises(rc.NonFiniteLoss, match="optimizer state") as info:
-        rc.fine_tune(model, rc.data.training_batches(split, model, 16), epochs=2,
-                     optimizer="adam", learning_rate=1e30, verbose=0)
-    kept = info.value.model
-    for v in list(kept.weights) + list(kept.optimizer.variables):
-        assert np.isfinite(numpy(v)).all(), v.path
-    # It failed in the first epoch: the state the run started with.
-    assert "the run started with" in str(info.value)
-    assert _iterations(kept) == 0
-    for v, value in zip(kept.weights, initial):
-        np.testing.assert_array_equal(numpy(v), value, err_msg=v.path)
-    assert info.value.result.steps  # the steps until then are reported
-    assert not np.isfinite(info.value.result.steps[-1]["loss"])
-    path = tmp_path / "kept.keras"
-    kept.save(path)
-    again = keras.models.load_model(path)
-    again.optimizer.learning_rate.assign(1e-3)
-    x = rng.normal(size=(16, 8, 8, 1)).astype("float32")
-    again.train_on_batch(x, rng.integers(0, 3, 16))
-    assert all(np.isfinite(numpy(v)).all() for v in again.weights)
-
-
-def test_nan_in_epoch_two_keeps_epoch_one_and_its_checkpoint(tmp_path):
-    """A NaN at the first step of epoch 2: the model keeps exactly the state
-    after epoch 1 (as a run of one epoch has it), no checkpoint of epoch 2
-    is written, and a rerun on the directory resumes from epoch 1."""
-    keras.utils.set_random_seed(0)
-    model = _tiny_model()
-    split = _tiny_split(np.random.default_rng(0))
-    one = rc.fine_tune(model, rc.data.training_batches(split, model, 16), epochs=1,
-                       schedule=None, verbose=0)
-    ckpt = tmp_path / "ckpt"
-    with pytest.raises(rc.NonFiniteLoss, match="at step 5") as info:
-        rc.fine_tune(model, _poisoned(model, split, at=4), epochs=2,
-                     schedule=None, checkpoint_dir=ckpt, verbose=0)
-    kept = info.value.model
-    assert "after epoch 1" in str(info.value)
-    assert _iterations(kept) == 4
-    _assert_same_weights(kept, one.model)
-    for x, y in zip(kept.optimizer.variables, one.model.optimizer.variables):
-        np.testing.assert_array_equal(numpy(x), numpy(y), err_msg=x.path)
-    assert info.value.result.checkpoint_dir == str(ckpt)
-    assert sorted(n for n in os.listdir(ckpt) if n.startswith("epoch-")) == [
-        "epoch-0001.json", "epoch-0001.weights.h5"]
-    assert rc.checkpoint.live_holder(ckpt) is None  # released
-    again = rc.fine_tune(model, rc.data.training_batches(split, model, 16), epochs=2,
-                         schedule=None, checkpoint_dir=ckpt, verbose=0)
-    assert again.resumed_from == (1, 4) and _iterations(again.model) == 8
-    assert all(np.isfinite(numpy(v)).all() for v in again.model.weights)
-    rc.checkpoint.remove(ckpt)
-    assert not ckpt.exists()
-
-
-def test_checkpoints_keep_the_previous_and_skip_damaged_ones(tmp_path):
-    from renorm_convert.train import checkpoint
-
-    model = _tiny_model()
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
-    model.optimizer.build(model.trainable_variables)
-    folder = checkpoint.claim(tmp_path / "ckpt")
-    for epoch in (1, 2, 3):
-        checkpoint.write(folder, model, epoch=epoch, step=4 * epoch,
-                         history={"loss": [1.0] * epoch}, steps=[])
-    names = sorted(n for n in os.listdir(folder) if n.startswith("epoch-"))
-    assert names == ["epoch-0002.json", "epoch-0002.weights.h5",
-                     "epoch-0003.json", "epoch-0003.weights.h5"]
-    (tmp_path / "ckpt" / "epoch-0003.weights.h5").write_bytes(b"\0" * 96)
-    (tmp_path / "ckpt" / "epoch-0002.json").write_text('{"epoch": 2')
-    state, notes = checkpoint.latest(folder)
-    assert state is None and len(notes) == 2
-    assert "epoch 3" in notes[0] and "damaged" in notes[0]
-    # Starting over, the damaged later ones go once a new one is written.
-    checkpoint.write(folder, model, epoch=1, step=4, history={}, steps=[])
-    state, notes = checkpoint.latest(folder)
-    assert (state.epoch, state.step, notes) == (1, 4, [])
-    assert sorted(n for n in os.listdir(folder) if n.startswith("epoch-")) == [
-        "epoch-0001.json", "epoch-0001.weights.h5"]
-    (tmp_path / "ckpt" / "theirs.txt").write_text("x")
-    checkpoint.remove(folder)
-    assert os.listdir(folder) == ["theirs.txt"]
 
 
 # --- one run at a time: the lock, across processes ---------------------------------
@@ -657,9 +434,9 @@ def test_a_held_checkpoint_directory_is_refused_before_training(
         assert not out.exists()
         # The library refuses too, before training, whether it gets there
         # through the checks or straight to taking the lock.
-        model = _tiny_model()
-        split = _tiny_split(np.random.default_rng(0))
-        record = _Record()
+        model = tiny_model()
+        split = tiny_split(np.random.default_rng(0))
+        record = Record()
         with pytest.raises(RenormConvertError, match=f"process {child.pid} "):
             rc.fine_tune(model, rc.data.training_batches(split, model, 16), epochs=1,
                          checkpoint_dir=ckpt, callbacks=[record], verbose=0)

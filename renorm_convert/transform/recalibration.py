@@ -1,6 +1,7 @@
 """Normalization statistics recomputed with a model's final weights ("precise
 BN"), on every backend."""
 
+import contextlib
 import logging
 
 import keras
@@ -67,56 +68,19 @@ def recalibrate(model, data, *, batches=None, batch_size=32):
         raise RenormConvertError(f"model '{model.name}' has no normalization "
                                  "layer to recalibrate.")
     sums = {id(layer): [0.0, 0.0] for layer in norms}
+
+    def record(layer, mean, variance):
+        total = sums[id(layer)]
+        total[0] = total[0] + mean
+        total[1] = total[1] + variance
+
     seen = 0
-
-    def measuring(layer):
-        original = layer.call
-
-        def call(inputs, training=None, **kwargs):
-            x = ops.cast(inputs, "float32")
-            axis = layer.axis % len(x.shape)
-            mean, variance = ops.moments(
-                x, [i for i in range(len(x.shape)) if i != axis])
-            total = sums[id(layer)]
-            total[0] = total[0] + to_numpy(mean).astype(np.float64)
-            total[1] = total[1] + to_numpy(variance).astype(np.float64)
-            # The layer's own training-mode forward, held at batch norm
-            # (renorm bounds 1 / 0: r = 1, d = 0) and with its statistics
-            # held still (momentum 1); they are replaced at the end.
-            return original(inputs, training=True, **kwargs)
-        return call
-
-    momenta, bounds, trainable = {}, {}, {}
-    for layer in norms:
-        momenta[id(layer)] = (layer.momentum,
-                              getattr(layer, "renorm_momentum", None))
-        layer.momentum = 1.0
-        if momenta[id(layer)][1] is not None:
-            layer.renorm_momentum = 1.0
-        if hasattr(layer, "set_clipping"):
-            bounds[id(layer)] = (layer.r_max, layer.d_max,
-                                 layer.microbatch_size)
-            layer.set_clipping(r_max=1.0, d_max=0.0)
-            layer.microbatch_size = None  # whole batches: population moments
-        trainable[id(layer)] = layer.trainable
-        layer.trainable = True  # a frozen one would normalize as in inference
-        layer.call = measuring(layer)
-    try:
+    with batch_moments(norms, record):
         for x in _input_batches(copy, data, batch_size):
             if batches is not None and seen >= batches:
                 break
             copy(x, training=False)
             seen += 1
-    finally:
-        for layer in norms:
-            del layer.call  # the class's own again
-            layer.momentum, renorm_momentum = momenta[id(layer)]
-            if renorm_momentum is not None:
-                layer.renorm_momentum = renorm_momentum
-            layer.trainable = trainable[id(layer)]
-            if id(layer) in bounds:
-                r_max, d_max, layer.microbatch_size = bounds[id(layer)]
-                layer.set_clipping(r_max=r_max, d_max=d_max)
     if not seen:
         raise RenormConvertError("recalibrate: the data holds no batch.")
     for layer in norms:
@@ -132,6 +96,64 @@ def recalibrate(model, data, *, batches=None, batch_size=32):
     _log.info(f"recalibrated the normalization statistics on {seen} "
               f"batch{'es' if seen > 1 else ''}")
     return copy
+
+
+@contextlib.contextmanager
+def batch_moments(norms, record):
+    """Within the block, each normalization layer of `norms` normalizes with
+    its batch's own moments, in any call (`training` or not), as batch norm
+    trains (batch renorm held at r = 1, d = 0, whole batches, frozen layers
+    too), and hands `record(layer, mean, variance)` the batch's moments
+    (NumPy, float64) at every call; its statistics are held still (momentum
+    1). Everything is put back on leaving, whatever happens."""
+    saved = {}
+
+    def measuring(layer):
+        original = layer.call
+
+        def call(inputs, training=None, **kwargs):
+            x = ops.cast(inputs, "float32")
+            axis = layer.axis % len(x.shape)
+            mean, variance = ops.moments(
+                x, [i for i in range(len(x.shape)) if i != axis])
+            record(layer, to_numpy(mean).astype(np.float64),
+                   to_numpy(variance).astype(np.float64))
+            return original(inputs, training=True, **kwargs)
+        return call
+
+    for layer in norms:
+        saved[id(layer)] = _hold_as_batch_norm(layer)
+        layer.call = measuring(layer)
+    try:
+        yield
+    finally:
+        for layer in norms:
+            del layer.call  # the class's own again
+            _restore(layer, saved[id(layer)])
+
+
+def _hold_as_batch_norm(layer):
+    """Sets `layer` to normalize as batch norm trains with its statistics
+    held still; returns what it had."""
+    had = {"momentum": layer.momentum, "trainable": layer.trainable}
+    layer.momentum = 1.0
+    layer.trainable = True  # a frozen one would normalize as in inference
+    if getattr(layer, "renorm_momentum", None) is not None:
+        had["renorm_momentum"] = layer.renorm_momentum
+        layer.renorm_momentum = 1.0
+    if hasattr(layer, "set_clipping"):
+        had.update(r_max=layer.r_max, d_max=layer.d_max,
+                   microbatch_size=layer.microbatch_size)
+        layer.set_clipping(r_max=1.0, d_max=0.0)
+        layer.microbatch_size = None  # whole batches: population moments
+    return had
+
+
+def _restore(layer, had):
+    if "r_max" in had:
+        layer.set_clipping(r_max=had.pop("r_max"), d_max=had.pop("d_max"))
+    for name, value in had.items():
+        setattr(layer, name, value)
 
 
 def _input_batches(model, data, batch_size):
