@@ -166,8 +166,8 @@ class ExportReport:
             f"ONNX graph: {g.nodes_before} nodes from the exporter, "
             f"{g.nodes_after} after clean-up ({g.affine} per-channel "
             f"Mul/Add folded into the Conv/Gemm next to them, {g.transposes} "
-            f"fewer by cancelling Transposes, {g.constants} computed from "
-            "constants)")
+            f"fewer by cancelling Transposes, {g.pads} zero Pads into "
+            f"Convs, {g.constants} computed from constants)")
         lines.append("ONNX ops: " + ", ".join(
             f"{k} {v}" for k, v in self.op_counts.items()))
         if self.verification is not None:

@@ -10,7 +10,9 @@
 3. Transposes (`transposes.optimize_transposes`): NCHW <-> NHWC pairs
    around each Conv cancelled, the rest moved down until they cancel;
 4. per-channel arithmetic again, where moving Transposes brought a Mul /
-   Add next to a Conv it could not reach before.
+   Add next to a Conv it could not reach before;
+5. zero padding into the Conv that reads it (`padding.fold_padding`), last:
+   a Conv that pads takes no offset folded forward into it.
 
 Only `onnx` and NumPy: no exporter, no backend.
 """
@@ -20,6 +22,7 @@ import dataclasses
 
 from renorm_convert.onnx.constants import fold_constants
 from renorm_convert.onnx.folding import fold_affine
+from renorm_convert.onnx.padding import fold_padding
 from renorm_convert.onnx.transposes import optimize_transposes
 
 __all__ = ["GraphCleanup", "clean", "op_counts"]
@@ -30,14 +33,15 @@ class GraphCleanup:
     """What `clean` did, in nodes: `constants` computed from constants and
     replaced by one, `affine` per-channel Mul / Add / Sub / Div folded into
     a Conv / Gemm / MatMul, `transposes` fewer after cancelling and moving
-    Transposes; `nodes_before` / `nodes_after` the exporter's graph and
-    the clean one."""
+    Transposes, `pads` zero Pads folded into a Conv; `nodes_before` /
+    `nodes_after` the exporter's graph and the clean one."""
 
     nodes_before: int = 0
     nodes_after: int = 0
     constants: int = 0
     affine: int = 0
     transposes: int = 0
+    pads: int = 0
 
 
 def op_counts(onnx_model):
@@ -58,5 +62,6 @@ def clean(onnx_model):
     if record.transposes:
         onnx_model, more = fold_affine(onnx_model)
         record.affine += more
+    onnx_model, record.pads = fold_padding(onnx_model)
     record.nodes_after = len(onnx_model.graph.node)
     return onnx_model, record
