@@ -50,10 +50,14 @@ def randomize_statistics(model, seed=0):
             v.assign(rng.uniform(-0.5, 0.5, v.shape).astype("float32"))
 
 
-def sample_inputs(model, batch=2, seed=0):
+def sample_inputs(model, batch=2, seed=0, uniform=None):
+    """Seeded random inputs of the model's shapes: standard normal, or
+    uniform in `uniform` (low, high); an array, a list for several
+    inputs."""
     rng = np.random.default_rng(seed)
-    xs = [rng.normal(size=(batch,) + tuple(t.shape[1:])).astype("float32")
-          for t in model.inputs]
+    xs = [(rng.normal(size=(batch,) + tuple(t.shape[1:])) if uniform is None
+           else rng.uniform(*uniform, (batch,) + tuple(t.shape[1:])))
+          .astype("float32") for t in model.inputs]
     return xs[0] if len(xs) == 1 else xs
 
 

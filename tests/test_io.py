@@ -12,7 +12,7 @@ import pytest
 
 import renorm_convert as rc
 from renorm_convert import io
-from helpers import numpy, randomize_statistics
+from helpers import numpy, randomize_statistics, sample_inputs
 
 
 def small_model():
@@ -24,11 +24,6 @@ def small_model():
     model = keras.Model(inputs, keras.layers.Dense(4, name="head")(x))
     randomize_statistics(model, seed=1)
     return model
-
-
-def sample(model, n=3):
-    return np.random.default_rng(0).normal(
-        size=(n,) + tuple(model.inputs[0].shape[1:])).astype("float32")
 
 
 @keras.saving.register_keras_serializable(package="test_io")
@@ -95,7 +90,7 @@ def test_a_truncated_hdf5_file_says_truncated_or_corrupted(tmp_path):
         assert "\n" not in str(info.value)
     # The whole file loads, with the same outputs.
     loaded = rc.load(whole)
-    x = sample(model)
+    x = sample_inputs(model)
     np.testing.assert_allclose(numpy(loaded(x)), numpy(model(x)), rtol=1e-6,
                                atol=1e-6)
 
@@ -128,7 +123,7 @@ def test_converted_model_loads_back_with_the_same_outputs(tmp_path):
     layer = loaded.get_layer("bn")
     assert isinstance(layer, rc.BatchRenormalization)
     assert (layer.r_max, layer.d_max) == (2.0, 1.0)
-    x = sample(model)
+    x = sample_inputs(model)
     np.testing.assert_allclose(numpy(loaded(x)), numpy(model(x)), rtol=1e-6,
                                atol=1e-6)
     for a, b in zip(loaded.weights, model.weights):
@@ -145,7 +140,7 @@ def test_an_unregistered_class_says_how_to_pass_it(tmp_path):
                        "which is not registered. Pass custom_objects="):
         rc.load(path)
     loaded = rc.load(path, custom_objects={"Unregistered": Unregistered})
-    x = sample(model)
+    x = sample_inputs(model)
     np.testing.assert_allclose(numpy(loaded(x)), numpy(model(x)), rtol=1e-6)
 
 
@@ -154,7 +149,7 @@ def test_a_registered_custom_layer_loads(tmp_path):
     model = keras.Model(inputs, Doubler()(keras.layers.Dense(3)(inputs)))
     model.save(tmp_path / "d.keras")
     loaded = rc.load(tmp_path / "d.keras")
-    x = sample(model)
+    x = sample_inputs(model)
     np.testing.assert_allclose(numpy(loaded(x)), 2 * numpy(
         model.layers[1](x)), rtol=1e-6)
 
@@ -169,7 +164,7 @@ def test_lambda_is_refused_in_safe_mode_and_loads_unsafe(tmp_path):
                        "mode. Load it with safe_mode=False"):
         rc.load(path)
     loaded = rc.load(path, safe_mode=False)
-    x = sample(model)
+    x = sample_inputs(model)
     np.testing.assert_allclose(numpy(loaded(x)), 3 * numpy(
         model.layers[1](x)), rtol=1e-6)
 
@@ -223,7 +218,7 @@ def test_save_atomically_writes_a_model_that_loads(tmp_path):
     path.write_bytes(b"an old file")
     io.save_atomically(model, path)
     assert _ours(tmp_path) == []
-    x = sample(model)
+    x = sample_inputs(model)
     np.testing.assert_allclose(numpy(rc.load(path)(x)), numpy(model(x)),
                                rtol=1e-6, atol=1e-6)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import renorm_convert as rc
-from helpers import max_rel_diff, numpy, randomize_statistics
+from helpers import max_rel_diff, numpy, randomize_statistics, sample_inputs
 
 
 class Pyramid(keras.layers.Layer):
@@ -127,7 +127,7 @@ def test_every_transform_reaches_every_normalization_layer(record_rates):
     their Conv2D) whether or not the config describes the pyramid."""
     model = segmentation_model(record_rates)
     randomize_statistics(model, seed=9)
-    x = _inputs(model)
+    x = sample_inputs(model, 3)
     expected = model(x, training=False)
     plan = rc.convert_plan(model)
     assert len(plan) == 6 and plan.swapped[0] == "stem_bn"
@@ -163,7 +163,7 @@ def test_pyramid_of_sequentials_saves_and_loads_converted(tmp_path):
     round-trips through .keras with its renorm statistics."""
     model = segmentation_model()
     randomize_statistics(model, seed=10)
-    x = _inputs(model)
+    x = sample_inputs(model, 3)
     converted = rc.convert(model)
     path = tmp_path / "aspp.keras"
     converted.save(path)
@@ -185,11 +185,6 @@ def library_model():
     return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(y))
 
 
-def _inputs(model, n=3):
-    return np.random.default_rng(0).normal(
-        size=(n,) + tuple(model.input.shape[1:])).astype("float32")
-
-
 def test_config_does_not_recreate_the_pyramid():
     """The premise: a copy from the config has other weights."""
     layer = library_model().get_layer("pyramid")
@@ -201,7 +196,7 @@ def test_config_does_not_recreate_the_pyramid():
 def test_convert_revert_fold_keep_outputs():
     model = library_model()
     randomize_statistics(model, seed=3)
-    x = _inputs(model)
+    x = sample_inputs(model, 3)
     expected = model(x, training=False)
     report = rc.convert_plan(model)
     converted = rc.convert(model)
@@ -238,7 +233,7 @@ def test_copies_do_not_share_variables_with_the_original():
 def test_training_the_converted_model_leaves_the_original():
     model = library_model()
     randomize_statistics(model, seed=5)
-    x = _inputs(model, n=8)
+    x = sample_inputs(model, 8)
     expected = numpy(model(x, training=False))
     converted = rc.convert(model)
     converted.compile("sgd", "mse")
@@ -261,7 +256,7 @@ def test_a_layer_holding_a_lock_is_copied_sharing_only_the_lock():
     x = keras.layers.Conv2D(4, 3, padding="same", name="stem")(inputs)
     model = keras.Model(inputs, LockedPyramid(levels=3, name="pyramid")(x))
     randomize_statistics(model, seed=8)
-    x = _inputs(model)
+    x = sample_inputs(model, 3)
     expected = model(x, training=False)
     converted = rc.convert(model)
     assert max_rel_diff(expected, converted(x, training=False)) <= 1e-6
@@ -282,7 +277,7 @@ def test_fused_block_saves_and_loads(tmp_path):
     b = keras.layers.Conv2D(4, 3, padding="same")(inputs)
     model = keras.Model(inputs, Fuse(name="fuse")(a, skips=[b, a], scale=2.0))
     randomize_statistics(model, seed=6)
-    x = _inputs(model)
+    x = sample_inputs(model, 3)
     converted = rc.convert(model)
     path = tmp_path / "fuse.keras"
     converted.save(path)
@@ -298,7 +293,7 @@ def test_export_folds_and_matches(tmp_path):
 
     model = library_model()
     randomize_statistics(model, seed=7)
-    x = _inputs(model)
+    x = sample_inputs(model, 3)
     converted = rc.convert(model)
     report = rc.export_onnx(converted, tmp_path / "lib.onnx")
     assert report.relative_diff <= 1e-5

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime
 
 import renorm_convert as rc
+from helpers import max_rel_diff, sample_inputs
 
 # The smallest input each family accepts without weights; 32x32 elsewhere.
 INPUT_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
@@ -52,12 +53,6 @@ def count_bn(model):
                for layer in rc.iter_layers(model))
 
 
-def sample(model, batch=8, seed=0):
-    shape = (batch,) + tuple(model.inputs[0].shape[1:])
-    return np.random.default_rng(seed).uniform(0, 255, shape).astype(
-        "float32")
-
-
 def calibrate(model, x):
     """Moving statistics := the statistics of one training-mode pass, so
     that inference activations stay in range in a randomly initialized deep
@@ -72,11 +67,6 @@ def calibrate(model, x):
         layer.momentum = momentum
 
 
-def rel_diff(a, b):
-    a, b = np.asarray(a, "float64"), np.asarray(b, "float64")
-    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
-
-
 def sensitivity(model, x, reference):
     """Relative output change from a random relative change of
     PERTURBATION in every weight."""
@@ -86,7 +76,7 @@ def sensitivity(model, x, reference):
         noise = rng.standard_normal(value.shape).astype("float32")
         v.assign(value * (1 + PERTURBATION * noise))
     try:
-        return rel_diff(reference, model(x, training=False))
+        return max_rel_diff(reference, model(x, training=False))
     finally:
         for v, value in zip(model.weights, saved):
             v.assign(value)
@@ -99,7 +89,7 @@ def check(name, workdir, export=True):
     # are 1x1 at this input size are near zero for some channels, and the
     # calibrated network turns chaotic (EfficientNetB4 at 8 examples: a 1e-7
     # weight change moves its output by 38 %; at 64: by 1e-5).
-    calibration = sample(model, batch=64)
+    calibration = sample_inputs(model, 64, uniform=(0, 255))
     calibrate(model, calibration)
     x = calibration[:8]
     reference = np.asarray(model(x, training=False))
@@ -116,12 +106,12 @@ def check(name, workdir, export=True):
     converted = rc.convert(model)
     result["convert_s"] = time.perf_counter() - start
     result["converted"] = len(conversion)
-    result["convert"] = rel_diff(reference, converted(x, training=False))
-    result["revert"] = rel_diff(reference, rc.revert(converted)(x))
+    result["convert"] = max_rel_diff(reference, converted(x, training=False))
+    result["revert"] = max_rel_diff(reference, rc.revert(converted)(x))
 
     path = os.path.join(workdir, f"{name}.keras")
     converted.save(path)
-    result["load"] = rel_diff(
+    result["load"] = max_rel_diff(
         reference, keras.models.load_model(path)(x, training=False))
     os.remove(path)
 
@@ -129,7 +119,7 @@ def check(name, workdir, export=True):
     folded = rc.fold(converted, plan)
     result["folded"] = len(plan.folded)
     result["unfolded"] = dict(plan.unfolded)
-    result["fold"] = rel_diff(reference, folded(x))
+    result["fold"] = max_rel_diff(reference, folded(x))
     # Only `converted` is needed from here: the export's peak memory (tf2onnx
     # freezing and optimizing the graph) comes on top of what is alive.
     del folded, model
@@ -142,7 +132,7 @@ def check(name, workdir, export=True):
         result["exported_folded"] = report.folded
         session = onnxruntime.InferenceSession(
             path, providers=["CPUExecutionProvider"])
-        result["onnx"] = rel_diff(reference, session.run(
+        result["onnx"] = max_rel_diff(reference, session.run(
             None, {session.get_inputs()[0].name: x})[0])
         del session
         os.remove(path)
