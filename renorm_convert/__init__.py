@@ -46,6 +46,8 @@ _API = {
     "fine_tune": "train.finetune",
     "FineTuneResult": "train.finetune",
     "accuracy": "evaluation",
+    "diagnose": "train.diagnosis",
+    "Diagnosis": "train.diagnosis",
     # ONNX
     "export_onnx": "onnx.export",
     "ExportReport": "onnx.export",

@@ -25,8 +25,8 @@ from renorm_convert.errors import RenormConvertError, python_name
 
 # The commands, in --help order: each module has HELP, add_arguments(parser),
 # check(args) (what can be checked before a backend loads) and run(args).
-COMMANDS = ("inspect", "convert", "revert", "finetune", "export", "demo",
-            "reproduce")
+COMMANDS = ("inspect", "diagnose", "convert", "revert", "finetune", "export",
+            "demo", "reproduce")
 
 def one_line(error, command=None):
     """An error as the one line a person reads: flags (the options of the
