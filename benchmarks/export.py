@@ -221,21 +221,29 @@ def print_latency(names, timed, args):
     print(f"2. onnxruntime latency, ms per call (CPU, {args.threads} "
           f"threads; median over {args.rounds} rounds of {args.calls} "
           "calls), PyTorch file / TensorFlow file")
+    print("   (paired: the median over rounds of the ratio within a round, "
+          "and its spread: the 25th - 75th percentile)")
     header = (f"{'model':<17}{'batch':>6}{'TensorFlow':>12}{'PyTorch':>10}"
-              f"{'ratio':>8}{'paired':>8}")
+              f"{'ratio':>8}{'paired':>8}{'[p25 - p75]':>17}")
     common.print_header(header)
     verdicts = []
     for name in names:
         for batch in args.batches:
             t = timed[(name, batch)]
             tf, pt = (float(np.median(t[b])) for b in BACKENDS)
-            paired = common.paired(t["torch"], t["tensorflow"])
+            per_round = np.asarray(t["torch"]) / np.asarray(t["tensorflow"])
+            paired = float(np.median(per_round))
+            p25, p75 = np.percentile(per_round, [25, 75])
             ok = paired <= TARGET_LATENCY
             verdicts.append(ok)
             print(f"{name:<17}{batch:>6}{tf:>12.3f}{pt:>10.3f}"
-                  f"{pt / tf:>8.3f}{paired:>8.3f}  "
+                  f"{pt / tf:>8.3f}{paired:>8.3f}"
+                  f"{f'[{p25:.3f} - {p75:.3f}]':>17}  "
                   f"{'PASS' if ok else 'FAIL'}")
             print(f"RATIO export_latency {name} batch{batch} {paired:.3f}")
+    print(f"load average (1, 5, 15 min) at the end: "
+          f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} on "
+          f"{os.cpu_count()} CPUs")
     return verdicts
 
 
