@@ -541,8 +541,9 @@ def test_jax_refuses_with_the_route(tmp_path, capsys):
 @pytest.mark.filterwarnings("ignore:Converting a tensor")
 def test_torch_refusals_in_one_line(tmp_path, monkeypatch):
     """A model torch.export cannot trace (Python control flow on a tensor's
-    value) is refused naming the exporter, nothing written; without
-    onnxscript, export says what to install."""
+    value) is refused naming the exporter, nothing written; so is an opset
+    below what the exporter writes; without onnxscript, export says what
+    to install."""
     import importlib.util
 
     inputs = keras.Input((4,))
@@ -556,11 +557,18 @@ def test_torch_refusals_in_one_line(tmp_path, monkeypatch):
                                              "convert model"):
         rc.export_onnx(model, tmp_path / "m.onnx")
     assert os.listdir(tmp_path) == []
+    # The dynamo exporter writes opset 18 and above (asked for less, it
+    # would write 18 anyway): a lower one is refused before any work.
+    with pytest.raises(rc.ExportError, match="opset=13: PyTorch's dynamo "
+                                             "exporter writes opset 18"):
+        rc.export_onnx(_conv_net(), tmp_path / "m.onnx", opset=13)
+    assert rc.export_onnx(_conv_net(), tmp_path / "m.onnx",
+                          opset=18, verify=False).opset == 18
     found = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
                         if name == "onnxscript" else found(name, *a))
     with pytest.raises(rc.BackendError, match="pip install onnxscript"):
-        rc.export_onnx(_conv_net(), tmp_path / "m.onnx")
+        rc.export_onnx(_conv_net(), tmp_path / "m2.onnx")
 
 
 # --- TensorFlow: tf2onnx ------------------------------------------------------

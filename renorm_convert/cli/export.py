@@ -22,46 +22,51 @@ HELP = "ONNX with folded normalization, verified"
 def add_arguments(p):
     _args.model_input(p)
     _args.output(p, ".onnx")
-    p.add_argument("--opset", type=_args.opset, help="ONNX opset (the "
-                   "exporter's default when omitted: 15 for tf2onnx, 20 "
-                   "for PyTorch's)")
-    p.add_argument("--fixed-batch", type=_args.integer(1), metavar="N",
-                   help="give the ONNX file a fixed batch dimension of N (as "
-                        "TensorRT or OpenCV want; default: dynamic)")
+    _args.option(p, "--opset", type=_args.opset,
+                 help="ONNX opset (the exporter's default when omitted: 15 "
+                      "for tf2onnx; PyTorch's exporter writes 18 and above, "
+                      "20 by default)")
+    _args.option(p, "--fixed-batch", type=_args.integer(1), metavar="N",
+                 argument="batch_size", shown="--fixed-batch N",
+                 help="give the ONNX file a fixed batch dimension of N (as "
+                      "TensorRT or OpenCV want; default: dynamic)")
     g = p.add_argument_group("verification")
-    g.add_argument("--no-verify", action="store_true",
-                   help="skip the onnxruntime-versus-Keras check")
+    _args.option(g, "--no-verify", action="store_true", argument="verify",
+                 help="skip the onnxruntime-versus-Keras check")
     _args.data(g, what="verify on real images from this source, resized and "
                        "scaled as finetune prepares them (default: random "
                        "inputs)")
     g.add_argument("--verify-size", type=_args.integer(1), default=64,
                    metavar="N",
                    help="validation images to verify on, with --data")
-    g.add_argument("--tolerance", type=_args.number(above=0.0), default=None,
-                   help="largest difference accepted, as a fraction of the "
-                        "output scale (default: 1e-3; 2e-2 with --float16)")
+    _args.option(g, "--tolerance", type=_args.number(above=0.0),
+                 default=None,
+                 help="largest difference accepted, as a fraction of the "
+                      "output scale (default: 1e-3; 2e-2 with --float16)")
     _args.scaling(g)
     g = p.add_argument_group("precision")
     kind = g.add_mutually_exclusive_group()
-    kind.add_argument("--int8", action="store_true",
-                      help="static int8 quantization calibrated on --data's "
-                           "training images; compared with the float model "
-                           "on its validation images")
-    kind.add_argument("--float16", action="store_true",
-                      help="float16 weights and compute, float32 inputs and "
-                           "outputs, for GPU runtimes (slow on CPUs)")
+    _args.option(kind, "--int8", action="store_true", argument="quantize",
+                 help="static int8 quantization calibrated on --data's "
+                      "training images; compared with the float model on "
+                      "its validation images")
+    _args.option(kind, "--float16", action="store_true",
+                 argument="precision",
+                 help="float16 weights and compute, float32 inputs and "
+                      "outputs, for GPU runtimes (slow on CPUs)")
     g.add_argument("--calibration-size", type=_args.integer(1), default=256,
                    metavar="N", help="training images to calibrate --int8 on")
-    p.add_argument("--recalibrate", type=_args.integer(1), metavar="N",
-                   help="first set the normalization statistics to exact "
-                        "averages over N batches of 32 training images "
-                        "from --data (\"precise BN\")")
+    _args.option(p, "--recalibrate", type=_args.integer(1), metavar="N",
+                 argument="batches",
+                 help="first set the normalization statistics to exact "
+                      "averages over N batches of 32 training images from "
+                      "--data (\"precise BN\")")
 
 
 def check(args):
     import renorm_convert.data as data_lib
     from renorm_convert._internal.limits import keras_backend
-    from renorm_convert.onnx.exporters import check_backend
+    from renorm_convert.onnx.exporters import check_backend, check_opset
 
     if args.recalibrate and not args.data:
         raise RenormConvertError("--recalibrate needs --data SOURCE: the "
@@ -77,6 +82,7 @@ def check(args):
     if args.data:
         data_lib.check_source(args.data)
     check_backend(keras_backend())
+    check_opset(args.opset, keras_backend())
 
 
 def run(args):

@@ -162,12 +162,16 @@ class ExportReport:
         lines += [f"  not folded: {path}: {reason}"
                   for path, reason in self.unfolded.items()]
         g = self.graph
+        done = [f"{n} {what}" for n, what in (
+            (g.affine, "per-channel Mul/Add folded into the Conv/Gemm next "
+                       "to them"),
+            (g.transposes, "fewer by cancelling Transposes"),
+            (g.pads, "zero Pads folded into Convs"),
+            (g.constants, "computed from constants")) if n]
         lines.append(
             f"ONNX graph: {g.nodes_before} nodes from the exporter, "
-            f"{g.nodes_after} after clean-up ({g.affine} per-channel "
-            f"Mul/Add folded into the Conv/Gemm next to them, {g.transposes} "
-            f"fewer by cancelling Transposes, {g.pads} zero Pads into "
-            f"Convs, {g.constants} computed from constants)")
+            f"{g.nodes_after} after clean-up"
+            + (f" ({', '.join(done)})" if done else " (nothing to clean)"))
         lines.append("ONNX ops: " + ", ".join(
             f"{k} {v}" for k, v in self.op_counts.items()))
         if self.verification is not None:
@@ -253,6 +257,7 @@ def _check_arguments(model, opset, verify, tolerance, batch_size, quantize,
         raise ExportError("{arg}: expected a number > 0, or None for the "
                           "default of the precision.", "tolerance", tolerance)
     exporters.check_backend()
+    exporters.check_opset(opset)
     calibration_xs = None
     if quantize:
         if calibration is None or calibration is True:

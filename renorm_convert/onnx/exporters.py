@@ -65,6 +65,27 @@ def check_backend(backend=None):
             "tensorflow.")
 
 
+# torch.onnx's dynamo exporter writes opset 18 and above: asked for less, it
+# writes 18 anyway (onnx's version converter cannot take its graphs lower:
+# no Relu adapter below 14, ReduceMean's attributes above 17).
+TORCH_MIN_OPSET = 18
+
+
+def check_opset(opset, backend=None):
+    """Refuses an opset the backend's exporter cannot write (`backend`
+    named: without loading Keras); the range itself is `export.check_opset`'s."""
+    backend = backend or _backend()
+    if opset is not None and backend == "torch" and (
+            not isinstance(opset, bool) and isinstance(opset, int)
+            and opset < TORCH_MIN_OPSET):
+        raise ExportError(
+            f"{{arg}}: PyTorch's dynamo exporter writes opset "
+            f"{TORCH_MIN_OPSET} and above; use {{fix}}, or export the same "
+            ".keras file with KERAS_BACKEND=tensorflow (tf2onnx writes "
+            "opsets 9 to 18).", "opset", opset,
+            fix=("opset", TORCH_MIN_OPSET))
+
+
 def exporter(backend=None):
     """The converter the backend exports with, and its version, in words."""
     from importlib.metadata import version
