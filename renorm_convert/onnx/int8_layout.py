@@ -71,28 +71,33 @@ def _target_outputs(n):
     return max(MIN_OUTPUT_CHANNELS, _round_up(n, CHANNEL_ALIGNMENT))
 
 
-def widen_for_int8(model):
-    """A copy of ONNX ModelProto `model` with its Convs widened as the module
-    docstring says, and what was done: {"outputs": [Conv names widened],
-    "inputs": [Conv names whose input was padded]}. `model` is not
-    changed."""
-    widened = onnx.ModelProto()
-    widened.CopyFrom(model)
-    graph = widened.graph
-    inits = {i.name: i for i in graph.initializer}
-    uses = collections.Counter(name for node in graph.node
-                               for name in node.input)
-    consumers = collections.defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-    graph_outputs = {o.name for o in graph.output}
-    graph_inputs = {i.name for i in graph.input}
-    shapes = _shapes(model)
-    channels = {name: shape[1] for name, shape in shapes.items()
-                if len(shape) == 4 and shape[1]}
+class _Widening:
+    """The graph of a copy of a model, indexed for widening its Convs (the
+    module docstring says how), and the widening itself, node by node."""
 
-    def plain_conv(node):
+    def __init__(self, model):
+        self.model = onnx.ModelProto()
+        self.model.CopyFrom(model)
+        graph = self.model.graph
+        self.inits = {i.name: i for i in graph.initializer}
+        self.uses = collections.Counter(name for node in graph.node
+                                        for name in node.input)
+        self.consumers = collections.defaultdict(list)
+        for node in graph.node:
+            for name in node.input:
+                self.consumers[name].append(node)
+        self.graph_outputs = {o.name for o in graph.output}
+        self.graph_inputs = {i.name for i in graph.input}
+        self.channels = {name: shape[1] for name, shape in
+                         _shapes(model).items()
+                         if len(shape) == 4 and shape[1]}
+        # tensor -> (width, indices of its original channels) where widened.
+        self.layout = {}
+        self.done = {"outputs": [], "inputs": []}
+        self.pads = {}  # tensor -> its channel-padded copy
+        self.new_nodes = []
+
+    def plain_conv(self, node):
         """A 2-D Conv, group 1, its own constant weights (and bias)."""
         if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
             return False
@@ -101,99 +106,111 @@ def widen_for_int8(model):
         for name in node.input[1:3]:
             if not name:
                 continue
-            if name not in inits or name in graph_inputs or uses[name] != 1:
+            if name not in self.inits or name in self.graph_inputs or (
+                    self.uses[name] != 1):
                 return False
-        return len(inits[node.input[1]].dims) == 4
+        return len(self.inits[node.input[1]].dims) == 4
 
-    def absorbable(tensor, seen=()):
+    def absorbable(self, tensor, seen=()):
         """Every path from `tensor` keeps extra zero channels zero and ends
         in plain Convs reading it as their data input."""
-        if tensor in graph_outputs or not consumers[tensor] or tensor in seen:
+        if tensor in self.graph_outputs or not self.consumers[tensor] or (
+                tensor in seen):
             return False
         seen = seen + (tensor,)
-        for node in consumers[tensor]:
+        for node in self.consumers[tensor]:
             if node.domain not in ("", "ai.onnx"):
                 return False
-            if plain_conv(node) and node.input[0] == tensor and \
+            if self.plain_conv(node) and node.input[0] == tensor and \
                     tensor not in node.input[1:]:
                 continue
-            if node.op_type in _CHANNELWISE and len(node.output) == 1 \
-                    and list(node.input[:1]) == [tensor]:
-                if not absorbable(node.output[0], seen):
-                    return False
-                continue
-            if node.op_type == "Concat" and _attr(node, "axis") in (1, -3) \
-                    and all(channels.get(name) for name in node.input):
-                if not absorbable(node.output[0], seen):
-                    return False
-                continue
-            return False
+            channelwise = node.op_type in _CHANNELWISE and len(
+                node.output) == 1 and list(node.input[:1]) == [tensor]
+            concat = node.op_type == "Concat" and _attr(
+                node, "axis") in (1, -3) and all(
+                self.channels.get(name) for name in node.input)
+            if not (channelwise or concat) or not self.absorbable(
+                    node.output[0], seen):
+                return False
         return True
 
-    # tensor -> (width, indices of its original channels) where widened.
-    layout = {}
-    done = {"outputs": [], "inputs": []}
-    pads = {}  # tensor -> its channel-padded copy
-    new_nodes = []
-    for node in graph.node:
+    def concat(self, node):
+        keep, offset = [], 0
+        for name in node.input:
+            width, idx = self.layout.get(name, (self.channels[name], None))
+            keep.append((np.arange(width) if idx is None else idx) + offset)
+            offset += width
+        self.layout[node.output[0]] = (offset, np.concatenate(keep))
+
+    def conv(self, node):
+        """Widens a plain Conv's input (a widened tensor it reads, or a
+        channel count off the alignment) and its outputs (where every
+        reader absorbs zero channels)."""
+        weights = numpy_helper.to_array(self.inits[node.input[1]])
+        changed = False
+        if node.input[0] in self.layout:  # absorb a widened input
+            width, idx = self.layout[node.input[0]]
+            weights = _spread(weights, width, idx, axis=1)
+            changed = True
+        in_channels = weights.shape[1]
+        if in_channels % CHANNEL_ALIGNMENT:
+            width = _round_up(in_channels, CHANNEL_ALIGNMENT)
+            source = node.input[0]
+            if source not in self.pads:
+                self.pads[source] = _pad_node(self.model, source, in_channels,
+                                              width, self.new_nodes)
+            node.input[0] = self.pads[source]
+            weights = _spread(weights, width, np.arange(in_channels), axis=1)
+            changed = True
+            self.done["inputs"].append(node.name)
+        out_channels = weights.shape[0]
+        target = _target_outputs(out_channels)
+        if target != out_channels and self.absorbable(node.output[0]):
+            keep = np.arange(out_channels)
+            weights = _spread(weights, target, keep, axis=0)
+            if len(node.input) > 2 and node.input[2]:
+                bias = numpy_helper.to_array(self.inits[node.input[2]])
+                self.inits[node.input[2]].CopyFrom(numpy_helper.from_array(
+                    _spread(bias, target, keep, axis=0), node.input[2]))
+            self.layout[node.output[0]] = (target, keep)
+            changed = True
+            self.done["outputs"].append(node.name)
+        if changed:
+            self.inits[node.input[1]].CopyFrom(numpy_helper.from_array(
+                weights, node.input[1]))
+
+    def visit(self, node):
         if node.op_type in _CHANNELWISE and node.input and \
-                node.input[0] in layout:
-            layout[node.output[0]] = layout[node.input[0]]
+                node.input[0] in self.layout:
+            self.layout[node.output[0]] = self.layout[node.input[0]]
         elif node.op_type == "Concat" and any(
-                name in layout for name in node.input):
-            keep, offset = [], 0
-            for name in node.input:
-                width, idx = layout.get(name, (channels[name], None))
-                keep.append((np.arange(width) if idx is None else idx)
-                            + offset)
-                offset += width
-            layout[node.output[0]] = (offset, np.concatenate(keep))
-        elif plain_conv(node):
-            weights = numpy_helper.to_array(inits[node.input[1]])
-            changed = False
-            if node.input[0] in layout:  # absorb a widened input
-                width, idx = layout[node.input[0]]
-                weights = _spread(weights, width, idx, axis=1)
-                changed = True
-            in_channels = weights.shape[1]
-            if in_channels % CHANNEL_ALIGNMENT:
-                width = _round_up(in_channels, CHANNEL_ALIGNMENT)
-                source = node.input[0]
-                if source not in pads:
-                    pads[source] = _pad_node(widened, source, in_channels,
-                                             width, new_nodes)
-                node.input[0] = pads[source]
-                weights = _spread(weights, width, np.arange(in_channels),
-                                  axis=1)
-                changed = True
-                done["inputs"].append(node.name)
-            out_channels = weights.shape[0]
-            target = _target_outputs(out_channels)
-            if target != out_channels and absorbable(node.output[0]):
-                keep = np.arange(out_channels)
-                weights = _spread(weights, target, keep, axis=0)
-                if len(node.input) > 2 and node.input[2]:
-                    bias = numpy_helper.to_array(inits[node.input[2]])
-                    inits[node.input[2]].CopyFrom(numpy_helper.from_array(
-                        _spread(bias, target, keep, axis=0), node.input[2]))
-                layout[node.output[0]] = (target, keep)
-                changed = True
-                done["outputs"].append(node.name)
-            if changed:
-                inits[node.input[1]].CopyFrom(numpy_helper.from_array(
-                    weights, node.input[1]))
-        elif any(name in layout for name in node.input):
+                name in self.layout for name in node.input):
+            self.concat(node)
+        elif self.plain_conv(node):
+            self.conv(node)
+        elif any(name in self.layout for name in node.input):
             # `absorbable` rules this out; never leave a wrong graph.
             raise AssertionError(
                 f"widened channels reached {node.op_type} '{node.name}'")
-        new_nodes.append(node)
-    if not done["outputs"] and not done["inputs"]:
-        return widened, done
+        self.new_nodes.append(node)
+
+
+def widen_for_int8(model):
+    """A copy of ONNX ModelProto `model` with its Convs widened as the module
+    docstring says, and what was done: {"outputs": [Conv names widened],
+    "inputs": [Conv names whose input was padded]}. `model` is not
+    changed."""
+    w = _Widening(model)
+    graph = w.model.graph
+    for node in graph.node:
+        w.visit(node)
+    if not w.done["outputs"] and not w.done["inputs"]:
+        return w.model, w.done
     del graph.node[:]
-    graph.node.extend(new_nodes)
+    graph.node.extend(w.new_nodes)
     # Shapes changed: let shape inference (quant_pre_process) redo them.
     del graph.value_info[:]
-    return widened, done
+    return w.model, w.done
 
 
 def _spread(array, width, keep, axis):
