@@ -1,9 +1,10 @@
 """The BatchRenormalization layer and its conversion from / to BatchNormalization.
 
 The layer builds on Keras's own `BatchNormalization(renorm=True)` (Keras >=
-3.14): the seven state arrays, the moments, the composition of r and d with
-gamma and beta, and the moving-statistic updates are Keras's. What this layer
-adds is what Keras's cannot do:
+3.14): the seven state arrays, the config, the batch moments and inference are
+Keras's. A training call computes r, d and the statistic updates itself, with
+Keras's arithmetic (the same numbers, bit for bit) in about half the
+operations (see `call`). What this layer adds is what Keras's cannot do:
 
 * the clipping bounds r_max and d_max live in variables the trainer tracks,
   so a schedule can change them at every step without retracing or
@@ -251,46 +252,124 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         for i, v in enumerate(state):
             v.assign(store[f"{i}"])
 
-    def _renorm_correction_and_moments(self, mean, variance):
-        # Overrides Keras's protected step (internals.BATCHNORM_HOOKS).
-        # Keras computes r and d without clipping (its clipping dict is
-        # empty); the bounds are applied here from the variables.
-        r, d, mean, variance = internals.renorm_correction_and_moments(
-            self, mean, variance
-        )
-        r_max = ops.cast(self._r_max_var, r.dtype)
-        d_max = ops.cast(self._d_max_var, d.dtype)
-        r = ops.minimum(ops.maximum(r, 1.0 / r_max), r_max)
-        d = ops.clip(d, -d_max, d_max)
-        return r, d, mean, variance
+    # --- training ---------------------------------------------------------
+    #
+    # Training calls are computed here, not by Keras's `call`: on eager
+    # PyTorch every `keras.ops` call and every operation autograd records
+    # costs time, and Keras's renorm steps compute the batch's standard
+    # deviation twice, read every variable through `ops.cast` (even the
+    # inference statistics a training call does not use), clip r in two
+    # operations where one does, and record gradients for r, d and the
+    # statistic updates, which are then thrown away. Here r and d come from
+    # moments detached once, in one pass whose sigma_B the updates share;
+    # the arithmetic, and so every number, is Keras's.
 
     def call(self, inputs, training=None, mask=None):
-        if self.microbatch_size is None or not (training and self.trainable):
+        if not (training and self.trainable):
+            # Inference: batch normalization with the moving statistics.
             return super().call(inputs, training=training, mask=mask)
-        if mask is not None:
-            raise RenormConvertError(
-                f"Layer '{self.name}': masks are not supported together "
-                "with {arg}. Received a mask of shape "
-                f"{tuple(mask.shape)}.", "microbatch_size",
-                self.microbatch_size)
-        return self._call_microbatched(inputs)
+        if self.microbatch_size is not None:
+            if mask is not None:
+                raise RenormConvertError(
+                    f"Layer '{self.name}': masks are not supported together "
+                    "with {arg}. Received a mask of shape "
+                    f"{tuple(mask.shape)}.", "microbatch_size",
+                    self.microbatch_size)
+            return self._call_microbatched(inputs)
+        if mask is not None and len(mask.shape) != len(inputs.shape) - 1:
+            raise ValueError(
+                f"Layer '{self.name}': the mask must have one dimension "
+                f"less than the inputs. Received: mask.shape={mask.shape}, "
+                f"inputs.shape={inputs.shape}")
+        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype,
+                                                       "float32"))
+        mean, variance = internals.batch_moments(self, x, mask)
+        fixed_mean = ops.stop_gradient(mean)
+        renorm = self._renorm_statistics(x.dtype)
+        r, d, stddev = self._correction(
+            fixed_mean, ops.stop_gradient(variance), renorm)
+        scale, offset = self._compose(r, d, x.dtype)
+        y = ops.batch_normalization(x, mean, variance, axis=self.axis,
+                                    offset=offset, scale=scale,
+                                    epsilon=self.epsilon)
+        self._update_statistics(fixed_mean, stddev, renorm)
+        return ops.cast(y, self.compute_dtype)
+
+    def _renorm_statistics(self, dtype):
+        """(renorm_mean, renorm_stddev) in `dtype`, read once for both the
+        correction and the update."""
+        return _read(self.renorm_mean, dtype), _read(self.renorm_stddev,
+                                                     dtype)
+
+    def _correction(self, mean, variance, renorm):
+        """(r, d, sigma_B) of the batch (or each group) moments, r and d
+        clipped by the bound variables; no gradient flows through them."""
+        dtype = mean.dtype
+        renorm_mean, renorm_stddev = renorm
+        stddev = ops.sqrt(variance + self.epsilon)
+        # A floor on sigma (no division by zero early in training): the
+        # square root of epsilon rounded to `dtype`, as a constant.
+        renorm_stddev = ops.maximum(renorm_stddev,
+                                    _sqrt_in(self.epsilon, dtype))
+        r = stddev / renorm_stddev
+        d = (mean - renorm_mean) / renorm_stddev
+        r_max = _read(self._r_max_var, dtype)
+        d_max = _read(self._d_max_var, dtype)
+        r = ops.clip(r, 1.0 / r_max, r_max)
+        d = ops.clip(d, -d_max, d_max)
+        return r, d, stddev
+
+    def _compose(self, r, d, dtype):
+        """(gamma * r, gamma * d + beta): `(x_hat * r + d) * gamma + beta`
+        as one scale and one offset."""
+        if self.scale:
+            gamma = _read(self.gamma, dtype)
+            scale, offset = r * gamma, d * gamma
+        else:
+            scale, offset = ops.cast(r, dtype), ops.cast(d, dtype)
+        if self.center:
+            # `ops.add`, not `+`: per microbatch group it is a BiasAdd on
+            # TensorFlow, whose gradient sums in its own order.
+            offset = ops.add(offset, _read(self.beta, dtype))
+        return scale, offset
+
+    def _update_statistics(self, mean, stddev, renorm):
+        """Moves renorm_mean / renorm_stddev (by renorm_momentum; `renorm`
+        holds their values) and the inference statistics (by momentum)
+        towards the batch's mean and standard deviation; moving_variance
+        follows moving_stddev."""
+        dtype = mean.dtype
+        renorm_mean, renorm_stddev = renorm
+        keep = self.renorm_momentum
+        self.renorm_mean.assign(renorm_mean * keep + mean * (1.0 - keep))
+        self.renorm_stddev.assign(renorm_stddev * keep
+                                  + stddev * (1.0 - keep))
+        keep = self.momentum
+        self.moving_mean.assign(_read(self.moving_mean, dtype) * keep
+                                + mean * (1.0 - keep))
+        moving_stddev = (_read(self.moving_stddev, dtype) * keep
+                         + stddev * (1.0 - keep))
+        self.moving_stddev.assign(moving_stddev)
+        # Rounding could make the difference negative.
+        self.moving_variance.assign(
+            ops.relu(moving_stddev * moving_stddev - self.epsilon))
 
     def _call_microbatched(self, inputs):
         m = self.microbatch_size
         x = ops.cast(inputs, keras.backend.result_type(inputs.dtype,
                                                        "float32"))
         batch = x.shape[0]
+        renorm = self._renorm_statistics(x.dtype)
         if batch is not None and batch % m == 0:
             # Whole groups (every batch under JAX has a static size, and so
             # do `fine_tune`'s): a reshape, no masking.
-            y, mean, variance = self._normalize_groups(x)
+            y, mean, variance = self._normalize_groups(x, renorm)
         else:
             # A smaller last group, or a batch size unknown while tracing
             # (TensorFlow's `fit` on arrays): exact for whole groups too.
-            y, mean, variance = self._normalize_padded(x)
-        internals.update_renorm_statistics(
-            self, ops.stop_gradient(mean), ops.stop_gradient(variance)
-        )
+            y, mean, variance = self._normalize_padded(x, renorm)
+        self._update_statistics(mean, ops.sqrt(variance + self.epsilon),
+                                renorm)
         return ops.cast(y, self.compute_dtype)
 
     def _grouped(self, x):
@@ -309,47 +388,43 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         bshape[axis + 1] = int(self.moving_mean.shape[0])
         return reduced, bshape
 
-    def _normalize_groups(self, x):
+    def _normalize_groups(self, x, renorm):
         """The batch is a whole number of groups."""
         ndim = len(x.shape)
         axis = self.axis % ndim
         xg = self._grouped(x)
         red, bshape = self._group_axes(ndim)
-        channels = int(self.moving_mean.shape[0])
         if axis == ndim - 1:
             # Channels last: keep dims so every per-group tensor broadcasts
             # against the batch with no reshape (fewer ops, in both passes).
             mean, variance = ops.moments(xg, axes=red, keepdims=True)
-            y = self._normalize_with(xg, mean, variance)
-            flat_mean = ops.reshape(mean, (-1, channels))
-            flat_var = ops.reshape(variance, (-1, channels))
+            y = self._normalize_with(xg, mean, variance, renorm)
+            groups = [0] + red  # the other kept axes have size 1
         else:
             mean, variance = ops.moments(xg, axes=red)
-            y = self._normalize_with(xg, mean, variance, bshape)
-            flat_mean, flat_var = mean, variance
+            y = self._normalize_with(xg, mean, variance, renorm, bshape)
+            groups = [0]
         y = ops.reshape(y, ops.shape(x))
-        return y, ops.mean(flat_mean, axis=0), ops.mean(flat_var, axis=0)
+        # The statistics' update needs no gradient.
+        return (y, ops.mean(ops.stop_gradient(mean), axis=groups),
+                ops.mean(ops.stop_gradient(variance), axis=groups))
 
-    def _normalize_with(self, xg, mean, variance, bshape=None):
-        """Applies r, d, gamma and beta with each group's own moments.
-        The moments broadcast against `xg` as they are (channels last, kept
-        dims) or once reshaped to `bshape` (moments of shape (groups,
-        channels))."""
-        r, d, mean, variance = self._renorm_correction_and_moments(
-            mean, variance
-        )
-        gamma = ops.cast(self.gamma, xg.dtype) if self.scale else None
-        beta = ops.cast(self.beta, xg.dtype) if self.center else None
-        gamma, beta = internals.compose_transforms(self, r, d, gamma, beta,
-                                                   xg.dtype)
-        inv = ops.rsqrt(variance + self.epsilon) * gamma
-        offset = beta - mean * inv
+    def _normalize_with(self, xg, mean, variance, renorm, bshape=None):
+        """Applies r, d (against `renorm`, the renorm statistics' values),
+        gamma and beta with each group's own moments. The moments broadcast
+        against `xg` as they are (channels last, kept dims) or once reshaped
+        to `bshape` (moments of shape (groups, channels))."""
+        r, d, _ = self._correction(ops.stop_gradient(mean),
+                                   ops.stop_gradient(variance), renorm)
+        scale, offset = self._compose(r, d, xg.dtype)
+        inv = ops.rsqrt(variance + self.epsilon) * scale
+        offset = offset - mean * inv
         if bshape is not None:
             inv = ops.reshape(inv, bshape)
             offset = ops.reshape(offset, bshape)
         return xg * inv + offset
 
-    def _normalize_padded(self, x):
+    def _normalize_padded(self, x, renorm):
         """The batch ends with a smaller group (or its size is unknown):
         pad to whole groups and mask the padding out of every moment."""
         m = self.microbatch_size
@@ -372,9 +447,10 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         mean = ops.sum(xg * w, axis=red) / safe
         centered = (xg - ops.reshape(mean, bshape)) * w
         variance = ops.sum(ops.square(centered), axis=red) / safe
-        y = self._normalize_with(xg, mean, variance, bshape)
+        y = self._normalize_with(xg, mean, variance, renorm, bshape)
         y = ops.reshape(y, (-1,) + tuple(shape[1:]))[:batch]
         total = ops.sum(sizes)
+        mean, variance = ops.stop_gradient(mean), ops.stop_gradient(variance)
         return (y, ops.sum(mean * sizes, axis=0) / total,
                 ops.sum(variance * sizes, axis=0) / total)
 
@@ -443,6 +519,21 @@ class BatchRenormalization(keras.layers.BatchNormalization):
                 k: v for k, v in values_by_name(self.variables).items()
                 if k in kept})
         return new
+
+
+def _read(variable, dtype):
+    """`variable`'s value in `dtype`, cast only where it differs: under
+    eager PyTorch `ops.cast` costs as much as the arithmetic it feeds."""
+    value = variable.value
+    return value if value.dtype == dtype else ops.cast(value, dtype)
+
+
+def _sqrt_in(value, dtype):
+    """sqrt(value) computed in `dtype` (a backend dtype), as a Python float:
+    the number `ops.sqrt(ops.cast(value, dtype))` gives, without two
+    operations per call."""
+    dtype = keras.backend.standardize_dtype(dtype)
+    return float(np.sqrt(np.asarray(value, dtype=dtype)))
 
 
 def _built_shape(layer):

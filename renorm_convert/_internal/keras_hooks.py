@@ -424,56 +424,32 @@ def outputs_structure(model):
 # --- BatchNormalization's protected steps ---
 
 # Protected methods of `keras.layers.BatchNormalization` (Keras >= 3.14) that
-# `BatchRenormalization` overrides or calls: name -> what it does there. The
-# override only takes effect while Keras's `call` still calls it by that name;
-# tests/test_keras_hooks.py checks each exists and that the override runs.
+# `BatchRenormalization` calls: name -> what it does there.
+# tests/test_keras_hooks.py checks each exists and runs in a training call.
+# The layer computes r, d, their composition with gamma and beta and the
+# statistic updates itself (Keras's `_renorm_correction_and_moments`,
+# `_compose_transforms` and `_update_renorm_statistics` cost eager PyTorch
+# about twice the operations for the same numbers; see the layer's `call`).
 BATCHNORM_HOOKS = {
-    "_renorm_correction_and_moments":
-        "r, d and the moments of a batch; overridden to clip r and d by "
-        "variables (a schedule changes them without a retrace)",
-    "_compose_transforms":
-        "gamma and beta composed with r and d; called per microbatch group",
-    "_update_renorm_statistics":
-        "the moving and renorm statistics update; called once per batch "
-        "with the microbatch groups' average moments",
+    "_moments":
+        "the batch's mean and variance, masked inputs and moments "
+        "synchronized across replicas included; called by every training "
+        "call without microbatches",
 }
 
 
-def renorm_correction_and_moments(layer, mean, variance):
-    """Keras's renorm correction (r, d, mean, variance) of a batch's moments,
-    unclipped when the layer's `renorm_clipping` is empty.
+def batch_moments(layer, inputs, mask):
+    """The mean and variance of a batch over every axis but the channels',
+    as Keras's BatchNormalization computes them: over the unmasked
+    positions when `mask` is given, across replicas when the layer is
+    `synchronized`.
 
-    Why: Keras 3 has no public renorm step; `BatchRenormalization` keeps
-    Keras's maths and adds clipping by variables around it. Without it the
-    layer would have to copy Keras's implementation.
+    Why: Keras has no public masked moments, and `ops.moments` alone knows
+    no mask; `_moments` is the protected step Keras's own training call
+    uses. Without it the layer would have to copy Keras's masked
+    reduction.
     """
-    import keras
-
-    return keras.layers.BatchNormalization._renorm_correction_and_moments(
-        layer, mean, variance)
-
-
-def compose_transforms(layer, r, d, gamma, beta, dtype):
-    """gamma * r and gamma * d + beta, as Keras's renorm `call` composes them
-    (a None gamma / beta meaning scale / center off).
-
-    Why: microbatches normalize each group with its own r and d; the
-    composition is Keras's protected `_compose_transforms`. Without it the
-    layer would have to copy it.
-    """
-    return layer._compose_transforms(r, d, gamma, beta, dtype)
-
-
-def update_renorm_statistics(layer, mean, variance):
-    """Keras's update of the moving and renorm statistics from a batch's
-    moments.
-
-    Why: with microbatches the layer computes the moments itself (the groups'
-    average) and must update the seven state arrays exactly as Keras's
-    `call` does; the update is the protected `_update_renorm_statistics`.
-    Without it the layer would have to copy it.
-    """
-    layer._update_renorm_statistics(mean, variance)
+    return layer._moments(inputs, mask)
 
 
 # --- Model.fit ---
