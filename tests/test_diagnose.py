@@ -160,16 +160,34 @@ def test_batches_are_those_training_takes():
     np.testing.assert_array_equal(rows, np.arange(48))
 
 
-def test_non_iid_batches_deviate_more_and_change_the_verdict():
-    model = _tiny_model()
-    data = _tiny_data(n=240)
-    iid = rc.diagnose(model, data, batch_size=12, batches=8)
-    skewed = rc.diagnose(model, data, batch_size=12, batches=8,
-                         non_iid_classes=1)
-    assert skewed.layers[0].deviation > 3 * iid.layers[0].deviation
+@pytest.fixture(scope="module")
+def trained_digits():
+    """A small classifier of scikit-learn's digits trained for an epoch on
+    i.i.d. batches (seconds), and the data."""
+    keras.utils.set_random_seed(0)
+    split = rc.data.load_source("digits")
+    model = keras.Sequential([
+        keras.Input((8, 8, 1)), keras.layers.Conv2D(8, 3),
+        keras.layers.BatchNormalization(), keras.layers.ReLU(),
+        keras.layers.Flatten(), keras.layers.Dense(32),
+        keras.layers.BatchNormalization(), keras.layers.ReLU(),
+        keras.layers.Dense(10, activation="softmax")])
+    x, y = split.inputs_for(model, part="train")
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    return model, split
+
+
+def test_non_iid_batches_deviate_more_and_change_the_verdict(trained_digits):
+    model, split = trained_digits
+    iid = rc.diagnose(model, split)
+    skewed = rc.diagnose(model, split, non_iid_classes=1)
+    for plain, other in zip(iid.layers, skewed.layers):
+        assert other.deviation > 1.5 * plain.deviation
     assert skewed.score > 3 * iid.score
     assert (iid.verdict, skewed.verdict) == (verdict.FINE, verdict.HELPS)
-    # i.i.d. batches of the same size stay near the floor either way.
+    # The same examples in i.i.d. batches of the same size are fine, and
+    # classify better in training mode than the skewed batches.
     assert skewed.iid_score < verdict.SHIFT_HELPS
     assert skewed.gaps["iid_minus_batching"] > 10
 

@@ -40,7 +40,8 @@ def add_arguments(p):
                  help="each batch from K classes (the paper's Figure 3)")
     _args.microbatch(g)
     _args.option(g, "--batches", type=_args.integer(1), metavar="N",
-                 default=8, help="training batches to measure")
+                 default=16, help="training batches to measure (fewer than "
+                                  "4 never give a verdict)")
     _args.option(g, "--steps", type=_args.integer(1), metavar="N",
                  help="the planned run's length in steps, for the "
                       "suggested momentum and schedule")

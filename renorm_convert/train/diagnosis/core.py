@@ -23,11 +23,11 @@ _log = logging.getLogger("renorm_convert")
 
 # Batches over which each layer's contribution is measured (one pass per
 # layer and batch: the costliest part).
-CONTRIBUTION_BATCHES = 3
+CONTRIBUTION_BATCHES = 2
 
 
 def diagnose(model, data, *, batch_size=32, microbatch_size=None,
-             non_iid_classes=None, batches=8, steps=None, r_max=3.0,
+             non_iid_classes=None, batches=16, steps=None, r_max=3.0,
              d_max=5.0, seed=0):
     """Whether batch renormalization will help `model` on `data`, batched
     as training will batch it. Nothing is trained; `model` is not changed.
