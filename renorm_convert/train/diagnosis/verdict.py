@@ -57,7 +57,8 @@ def conclude(diagnosis):
     findings = [
         f"output shift with your batching {diagnosis.score:.3f} (+/- "
         f"{diagnosis.score_se:.3f}), with i.i.d. batches of the same size "
-        f"{diagnosis.iid_score:.3f}; renorm gained where it was above "
+        f"{diagnosis.iid_score:.3f}; in the validation study renorm gained "
+        f"1 point or more where batch-norm models scored above "
         f"{SHIFT_HELPS:g} (benchmarks/diagnose.py)",
         f"top-1 in training mode with your batching "
         f"{_pct(modes['training_batching']['top1'])}, with i.i.d. batches "
