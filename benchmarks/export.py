@@ -30,7 +30,9 @@ export reads those files, so both backends export the same weights.
    while after a run; on 2 cores they would slow the next block). Reported:
    each file's median over rounds of its block medians, and the paired
    ratio PyTorch / TensorFlow: the median over rounds of the ratio within a
-   round.
+   round. `--clock cpu` times instead the CPU time of the thread running a
+   1-thread session (thread spinning off), which other processes' load
+   hardly moves.
 
 Targets (PASS / FAIL): the PyTorch file has no more nodes than the
 TensorFlow file plus one Transpose per input and output; its latency is
@@ -145,7 +147,7 @@ def run_child(job, backend, names, work):
 
 # --- latency -------------------------------------------------------------------------
 
-def sessions(files, threads):
+def sessions(files, threads, spinning=True):
     import onnxruntime as ort
 
     out = {}
@@ -154,16 +156,23 @@ def sessions(files, threads):
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        if not spinning:
+            options.add_session_config_entry(
+                "session.intra_op.allow_spinning", "0")
         out[backend] = ort.InferenceSession(
             path, options, providers=["CPUExecutionProvider"])
     return out
 
 
 def latency(files, batch, args):
-    """{backend: [per-round block median, ms]} of both files of a model."""
+    """{backend: [per-round block median, ms]} of both files of a model:
+    wall time, or with `--clock cpu` the CPU time of the one thread that
+    runs a 1-thread session (other processes' load hardly moves it)."""
     import numpy as np
 
-    runs = sessions(files, args.threads)
+    cpu = args.clock == "cpu"
+    clock = time.thread_time if cpu else time.perf_counter
+    runs = sessions(files, 1 if cpu else args.threads, spinning=not cpu)
     feeds = {}
     for backend, session in runs.items():
         first = session.get_inputs()[0]
@@ -178,8 +187,11 @@ def latency(files, batch, args):
         for backend in order:
             session, feed = runs[backend], feeds[backend]
             time.sleep(args.pause)
-            block = common.time_calls(lambda: session.run(None, feed),
-                                      args.calls)
+            block = []
+            for _ in range(args.calls):
+                start = clock()
+                session.run(None, feed)
+                block.append(clock() - start)
             times[backend].append(1000 * float(np.median(block)))
     return times
 
@@ -218,9 +230,11 @@ def print_latency(names, timed, args):
     import numpy as np
 
     common.print_rule()
-    print(f"2. onnxruntime latency, ms per call (CPU, {args.threads} "
-          f"threads; median over {args.rounds} rounds of {args.calls} "
-          "calls), PyTorch file / TensorFlow file")
+    what = ("CPU time of a 1-thread session" if args.clock == "cpu" else
+            f"wall time, {args.threads} threads")
+    print(f"2. onnxruntime latency, ms per call (CPU, {what}; median over "
+          f"{args.rounds} rounds of {args.calls} calls), PyTorch file / "
+          "TensorFlow file")
     print("   (paired: the median over rounds of the ratio within a round, "
           "and its spread: the 25th - 75th percentile)")
     header = (f"{'model':<17}{'batch':>6}{'TensorFlow':>12}{'PyTorch':>10}"
@@ -260,6 +274,10 @@ def main(argv=None):
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--threads", type=int, default=2,
                         help="onnxruntime intra_op_num_threads")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall time, or the CPU time of a 1-thread "
+                             "session without spinning (steadier on a "
+                             "machine other jobs share)")
     parser.add_argument("--keep", metavar="DIR",
                         help="write the models and files here and keep them")
     parser.add_argument("--_child", nargs="+", help=argparse_suppress())

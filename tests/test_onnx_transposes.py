@@ -251,3 +251,26 @@ def test_squeeze_and_excitation_reshape_takes_the_transpose():
 
 def _initializers_of(model):
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def test_transpose_of_a_one_channel_input_becomes_a_reshape():
+    """(N, H, W, 1) to NCHW moves only an axis of size 1: a Reshape (the
+    batch copied, shape 0); with 3 channels the Transpose stays."""
+    for channels, op in ((1, "Reshape"), (3, "Transpose")):
+        w = RNG.normal(size=(4, channels, 1, 1)).astype("float32")
+        nodes = [_t("x", "a", NCHW), _conv("c1", "a", "w", "y")]
+        graph = helper.make_graph(
+            nodes, "g", [helper.make_tensor_value_info(
+                "x", FLOAT, ["n", 5, 6, channels])],
+            [helper.make_tensor_value_info("y", FLOAT, ["n", 4, 5, 6])],
+            [numpy_helper.from_array(w, "w")])
+        model = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        out, removed = optimize_transposes(model)
+        assert removed == 0 and _ops(out) == [op, "Conv"]
+        if op == "Reshape":
+            shape = _initializers_of(out)[out.graph.node[0].input[1]]
+            np.testing.assert_array_equal(shape, [0, 1, 5, 6])
+        x = RNG.normal(size=(3, 5, 6, channels)).astype("float32")
+        _same_outputs(model, out, {"x": x})

@@ -16,9 +16,10 @@ This pass gets the others to the same graph, whatever wrote it:
 - a move is made only where it adds no node: a Transpose read by several
   ops moves only where the Transposes it meets there are removed with it.
 
-What stays is a Transpose per graph input and output (NHWC in, NHWC out)
-and one before a Reshape / Flatten of a channels-last tensor (as tf2onnx
-writes it too). Every rewrite is exact: no value changes, only the order
+What stays is a Transpose per graph input and output (NHWC in, NHWC out;
+a Reshape where it moves only axes of size 1, a 1-channel image) and one
+before a Reshape / Flatten of a channels-last tensor (as tf2onnx writes it
+too). Every rewrite is exact: no value changes, only the order
 in which axes are stored between ops.
 """
 
@@ -433,5 +434,44 @@ def optimize_transposes(onnx_model):
             if node.op_type == "Transpose" and node.domain in (
                     "", "ai.onnx") and g.alive(node):
                 changed |= bool(_step(g, node, opset))
+    _reshapes_of_inputs(g)
     g.finish()
     return model, before - len(model.graph.node)
+
+
+def _input_shapes(graph):
+    """Graph input -> its dims (None where symbolic)."""
+    shapes = {}
+    for value in graph.input:
+        t = value.type.tensor_type
+        if t.HasField("shape"):
+            shapes[value.name] = [d.dim_value if d.HasField("dim_value")
+                                  else None for d in t.shape.dim]
+    return shapes
+
+
+def _reshapes_of_inputs(g):
+    """A Transpose of a graph input that moves only axes of size 1 (a
+    1-channel NHWC image to NCHW) keeps the order of the values: it becomes
+    a Reshape, which onnxruntime does without copying (as tf2onnx writes
+    it). A symbolic size (the batch) must stay where it is: the Reshape
+    copies it (shape 0)."""
+    shapes = _input_shapes(g.model.graph)
+    for node in list(g.nodes):
+        shape = shapes.get(node.input[0]) if node.op_type == "Transpose" \
+            else None
+        perm = _perm(node) if shape is not None else None
+        if perm is None or len(perm) != len(shape):
+            continue
+        if any(shape[axis] is None and axis != i
+               for i, axis in enumerate(perm)):
+            continue
+        moved = [axis for axis in perm if shape[axis] != 1]
+        if moved != sorted(moved):
+            continue
+        target = np.asarray([0 if shape[axis] is None else shape[axis]
+                             for axis in perm], np.int64)
+        node.op_type = "Reshape"
+        del node.attribute[:]
+        node.input.append(g.add_constant(node.input[0], target, "shape"))
+    g.reindex()
