@@ -7,8 +7,9 @@ import numpy as np
 
 from renorm_convert._internal import keras_hooks as internals
 from renorm_convert.data.batches import evaluation_batches
-from renorm_convert.data.labels import class_ids
+from renorm_convert.data.labels import class_ids, is_dense
 from renorm_convert.data.sources import Split
+from renorm_convert.errors import RenormConvertError
 
 _PROBABILITIES = ("softmax", "sigmoid")
 
@@ -29,6 +30,33 @@ def final_activation(model):
     if name in _PROBABILITIES:
         return name, layer, node.input_tensors[0]
     return None
+
+
+def check_labels_fit(model, split):
+    """Refuses labels (of a `data.Split`, training and validation) that the
+    model's one output of class scores cannot hold, saying to give it a new
+    head."""
+    if len(model.outputs) != 1:
+        raise RenormConvertError(
+            f"model '{model.name}' has {len(model.outputs)} outputs; labels "
+            "fit a classifier's one output of class scores.")
+    outputs = int(model.outputs[0].shape[-1])
+    if is_dense(split.y_train):
+        classes = int(np.shape(split.y_train)[1])
+        if classes != outputs:
+            raise RenormConvertError(
+                f"the labels are rows of {classes} classes but the model has "
+                f"{outputs} outputs; give it a new head first ({{fix}}).",
+                fix=("head", classes, f"rc.replace_head(model, {classes})"))
+        return
+    top = int(max(class_ids(split.y_train).max(),
+                  class_ids(split.y_val).max() if len(split.y_val) else 0))
+    if top >= outputs:
+        classes = max(split.num_classes, top + 1)
+        raise RenormConvertError(
+            f"labels go up to {top} but the model has {outputs} outputs; "
+            "give it a new head first ({fix}).",
+            fix=("head", classes, f"rc.replace_head(model, {classes})"))
 
 
 def outputs_probabilities(model):

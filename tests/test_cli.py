@@ -413,6 +413,9 @@ MODEL = os.path.join(os.path.dirname(os.path.dirname(__file__)),
     (["demo", "--data", "{tmp}/nope.npz"], "nope.npz"),
     (["reproduce", "non-iid", "--classes-per-batch", "3"],
      "--classes-per-batch 3"),
+    (["diagnose", MODEL, "--data", "digits", "--non-iid", "3"],
+     "--non-iid 3: the batch size 32"),
+    (["diagnose", MODEL, "--data", "{tmp}/nope/"], "no such directory"),
 ])
 def test_refusals_come_before_the_backend_in_one_line(tmp_path, argv, match):
     # What the command checks itself is refused before Keras (and so

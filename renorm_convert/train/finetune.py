@@ -27,12 +27,12 @@ from renorm_convert.data.batches import (ArrayBatches, TrainingBatches,
                                          evaluation_batches, training_batches)
 from renorm_convert.train.callbacks import Checkpoint, NanGuard, StepLog
 from renorm_convert.transform.conversion import copy_model
-from renorm_convert.data import Split, class_ids, is_dense
+from renorm_convert.data import Split, is_dense
 from renorm_convert.errors import NonFiniteLoss, RenormConvertError, check_integer
-from renorm_convert.evaluation import outputs_probabilities
+from renorm_convert.evaluation import check_labels_fit, outputs_probabilities
 from renorm_convert.layers import renorm_layers
 from renorm_convert.train.schedule import RenormSchedule
-from renorm_convert.transform.surgery import num_outputs, strided_pointwise_subsampled
+from renorm_convert.transform.surgery import strided_pointwise_subsampled
 
 _log = logging.getLogger("renorm_convert")
 
@@ -98,36 +98,15 @@ def _optimizer(name, learning_rate):
                               if k != "name"})
 
 
-def _check_labels_fit(model, split):
-    """Refuses labels the model's outputs cannot hold."""
-    outputs = num_outputs(model)
-    if is_dense(split.y_train):
-        classes = int(np.shape(split.y_train)[1])
-        if classes != outputs:
-            raise RenormConvertError(
-                f"the labels are rows of {classes} classes but the model has "
-                f"{outputs} outputs; give it a new head first ({{fix}}).",
-                fix=("head", classes, f"rc.replace_head(model, {classes})"))
-        return
-    top = int(max(class_ids(split.y_train).max(),
-                  class_ids(split.y_val).max() if len(split.y_val) else 0))
-    if top >= outputs:
-        classes = max(split.num_classes, top + 1)
-        raise RenormConvertError(
-            f"labels go up to {top} but the model has {outputs} outputs; "
-            "give it a new head first ({fix}).",
-            fix=("head", classes, f"rc.replace_head(model, {classes})"))
-
-
 def _training_data(model, train, steps_per_epoch):
     """(batches, steps per epoch, labels are one-hot / soft rows)."""
     if isinstance(train, Split):
         if not len(train.y_train):
             raise RenormConvertError("the training data is empty.")
-        _check_labels_fit(model, train)
+        check_labels_fit(model, train)
         train = training_batches(train, model, steps_per_epoch=steps_per_epoch)
     if isinstance(train, TrainingBatches):
-        _check_labels_fit(model, train.split)
+        check_labels_fit(model, train.split)
         if steps_per_epoch is not None and \
                 steps_per_epoch != train.steps_per_epoch:
             train = TrainingBatches(

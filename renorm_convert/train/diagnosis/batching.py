@@ -8,12 +8,10 @@ import dataclasses
 
 import numpy as np
 
-from renorm_convert.data import (Split, adapt, check_batching, class_ids,
-                                 is_dense, model_image_shape,
-                                 num_label_classes)
+from renorm_convert.data import (Split, adapt, check_batching,
+                                 model_image_shape, num_label_classes)
 from renorm_convert.data.batches import TrainingBatches
 from renorm_convert.errors import RenormConvertError
-from renorm_convert.transform.surgery import num_outputs
 
 
 @dataclasses.dataclass
@@ -64,31 +62,6 @@ def as_split(data):
         "{arg}: expected a renorm_convert.data.Split (e.g. "
         "rc.data.load_source('fashion-mnist')) or (images, labels) arrays.",
         "data", type(data).__name__, quote=False)
-
-
-def check_labels_fit(model, split):
-    """Refuses labels the model's one output cannot hold (as `fine_tune`
-    does)."""
-    if len(model.outputs) != 1:
-        raise RenormConvertError(
-            f"model '{model.name}' has {len(model.outputs)} outputs; the "
-            "diagnosis reads a classifier's one output of class scores.")
-    outputs = num_outputs(model)
-    if is_dense(split.y_train):
-        classes = int(np.shape(split.y_train)[1])
-        if classes != outputs:
-            raise RenormConvertError(
-                f"the labels are rows of {classes} classes but the model has "
-                f"{outputs} outputs; give it a new head first ({{fix}}).",
-                fix=("head", classes, f"rc.replace_head(model, {classes})"))
-        return
-    top = int(class_ids(split.y_train).max())
-    if top >= outputs:
-        classes = max(split.num_classes, top + 1)
-        raise RenormConvertError(
-            f"labels go up to {top} but the model has {outputs} outputs; "
-            "give it a new head first ({fix}).",
-            fix=("head", classes, f"rc.replace_head(model, {classes})"))
 
 
 def draw(split, model, batch_size, *, non_iid_classes, microbatch_size,

@@ -10,8 +10,8 @@ from renorm_convert.evaluation import outputs_probabilities
 from renorm_convert.layers import (check_d_max, check_microbatch_size,
                                    check_r_max)
 from renorm_convert.train.diagnosis import measures, verdict
-from renorm_convert.train.diagnosis.batching import (as_split,
-                                                     check_labels_fit, draw)
+from renorm_convert.evaluation import check_labels_fit
+from renorm_convert.train.diagnosis.batching import as_split, draw
 from renorm_convert.train.diagnosis.probe import (Probe,
                                                   normalization_paths,
                                                   reference_statistics,
