@@ -167,6 +167,7 @@ class ExportReport:
                        "to them"),
             (g.transposes, "fewer by cancelling Transposes"),
             (g.pads, "zero Pads folded into Convs"),
+            (g.merged, "fewer by merging constant arithmetic"),
             (g.constants, "computed from constants")) if n]
         lines.append(
             f"ONNX graph: {g.nodes_before} nodes from the exporter, "

@@ -13,9 +13,10 @@ are folded in the ONNX graph itself:
   layouts), in any order: into the weights and bias. A MatMul has no bias
   input: its first Add is its bias (kept, or a Gemm when the input is 2-D).
 - forward: per-channel constant Mul / Add / Sub / Div (directly or through
-  the same layout nodes) before a Conv: the scale into the weights always, the offset
-  only where the Conv pads nothing (a padded border would see the zeros
-  unshifted); before a ConvTranspose the scale only.
+  the same layout nodes) before a Conv: the scale into the weights always
+  (through a zero Pad too), the offset only where neither the Conv nor a
+  Pad pads anything (a padded border would see the zeros unshifted);
+  before a ConvTranspose the scale only.
 
 "Per-channel" means broadcastable along the channel axis only: (1, C, 1, 1)
 or (C, 1, 1) for an NCHW Conv output, (C,) for the last axis (a Gemm, or a
@@ -376,6 +377,13 @@ def _chain_before(g, node, weight, channels, additive_ok):
                 break
             (rank, axis), current = step, producer.input[0]
             continue
+        if producer.op_type == "Pad":
+            # Zeros scaled stay zeros: a scale folds through a zero Pad of
+            # the other axes, an offset does not (the border would shift).
+            if not _pads_zeros_beside(g, producer, rank, axis):
+                break
+            additive_ok, current = False, producer.input[0]
+            continue
         if producer.op_type not in AFFINE or len(producer.input) != 2:
             break
         data = [n for n in producer.input if g.const(n) is None]
@@ -396,6 +404,17 @@ def _chain_before(g, node, weight, channels, additive_ok):
         chain.append((producer, data[0], step))
         current = data[0]
     return chain
+
+
+def _pads_zeros_beside(g, node, rank, axis):
+    """Whether a Pad writes zeros and only along axes other than `axis`."""
+    from renorm_convert.onnx.padding import _zero_pads
+
+    opset = next((o.version for o in g.model.opset_import
+                  if o.domain in ("", "ai.onnx")), 1)
+    pads = _zero_pads(g, node, opset)
+    return pads is not None and len(pads) == 2 * rank and not (
+        pads[axis] or pads[rank + axis])
 
 
 def _forward_chain(g, node, weight, group):

@@ -83,6 +83,7 @@ def _fold_one(g, node, opset):
     new = ([own[i] + pads[2 + i] for i in range(spatial)]
            + [own[spatial + i] + pads[rank + 2 + i] for i in range(spatial)])
     _set_attr(conv, "pads", new)
+    g.stale.add(conv.input[0])  # now unpadded: its recorded shape goes
     g.bypass(node, node.input[0])
     return True
 

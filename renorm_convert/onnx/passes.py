@@ -3,6 +3,9 @@
 1. constants (`constants.fold_constants`): what an exporter computes from
    constants becomes a constant, so the weights and biases below are seen
    as such (jax2onnx writes a Conv's weights as a Transpose of a constant);
+   then chains of constant Mul / Add / Sub / Div merged into an Add and a
+   Mul (`chains.merge_affine_chains`: an input's rescaling and
+   normalization), whose Mul the next step folds into the Conv after it;
 2. per-channel arithmetic into the linear op before or after it
    (`folding.fold_affine`): a bias Add the exporter wrote apart from its
    Conv, and normalization a custom layer's own code applies; this walks
@@ -20,6 +23,7 @@ Only `onnx` and NumPy: no exporter, no backend.
 import collections
 import dataclasses
 
+from renorm_convert.onnx.chains import merge_affine_chains
 from renorm_convert.onnx.constants import fold_constants
 from renorm_convert.onnx.folding import fold_affine
 from renorm_convert.onnx.padding import fold_padding
@@ -31,14 +35,16 @@ __all__ = ["GraphCleanup", "clean", "op_counts"]
 @dataclasses.dataclass
 class GraphCleanup:
     """What `clean` did, in nodes: `constants` computed from constants and
-    replaced by one, `affine` per-channel Mul / Add / Sub / Div folded into
-    a Conv / Gemm / MatMul, `transposes` fewer after cancelling and moving
+    replaced by one, `merged` fewer in chains of constant arithmetic,
+    `affine` per-channel Mul / Add / Sub / Div folded into a Conv / Gemm /
+    MatMul, `transposes` fewer after cancelling and moving
     Transposes, `pads` zero Pads folded into a Conv; `nodes_before` /
     `nodes_after` the exporter's graph and the clean one."""
 
     nodes_before: int = 0
     nodes_after: int = 0
     constants: int = 0
+    merged: int = 0
     affine: int = 0
     transposes: int = 0
     pads: int = 0
@@ -57,6 +63,7 @@ def clean(onnx_model):
     given is left as it is. Every step is exact."""
     record = GraphCleanup(nodes_before=len(onnx_model.graph.node))
     onnx_model, record.constants = fold_constants(onnx_model)
+    onnx_model, record.merged = merge_affine_chains(onnx_model)
     onnx_model, record.affine = fold_affine(onnx_model)
     onnx_model, record.transposes = optimize_transposes(onnx_model)
     if record.transposes:
