@@ -340,19 +340,20 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         follows moving_stddev."""
         dtype = mean.dtype
         renorm_mean, renorm_stddev = renorm
-        keep = self.renorm_momentum
-        self.renorm_mean.assign(renorm_mean * keep + mean * (1.0 - keep))
-        self.renorm_stddev.assign(renorm_stddev * keep
-                                  + stddev * (1.0 - keep))
-        keep = self.momentum
-        self.moving_mean.assign(_read(self.moving_mean, dtype) * keep
-                                + mean * (1.0 - keep))
+        keep, keep_renorm = self.momentum, self.renorm_momentum
         moving_stddev = (_read(self.moving_stddev, dtype) * keep
                          + stddev * (1.0 - keep))
-        self.moving_stddev.assign(moving_stddev)
-        # Rounding could make the difference negative.
-        self.moving_variance.assign(
-            ops.relu(moving_stddev * moving_stddev - self.epsilon))
+        internals.assign_statistics((
+            (self.renorm_mean,
+             renorm_mean * keep_renorm + mean * (1.0 - keep_renorm)),
+            (self.renorm_stddev,
+             renorm_stddev * keep_renorm + stddev * (1.0 - keep_renorm)),
+            (self.moving_mean,
+             _read(self.moving_mean, dtype) * keep + mean * (1.0 - keep)),
+            (self.moving_stddev, moving_stddev),
+            # Rounding could make the difference negative.
+            (self.moving_variance,
+             ops.relu(moving_stddev * moving_stddev - self.epsilon))))
 
     def _call_microbatched(self, inputs):
         m = self.microbatch_size
