@@ -11,14 +11,16 @@
 # beside the checkout (gitignored). Fetch them where a registry is reachable:
 #
 #   for p in keras==3.15.1 namex optree ml_dtypes absl-py rich markdown-it-py \
-#            mdurl pygments packaging typing_extensions pytest iniconfig pluggy; do
+#            mdurl pygments packaging typing_extensions pytest iniconfig pluggy \
+#            onnxscript onnx-ir; do
 #     pip download --python-version 3.12 --platform manylinux2014_x86_64 \
 #       --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 \
 #       --only-binary=:all: --no-deps -d .whl "$p"
 #   done
 #
-# (keras's full dependency set for Python 3.12, plus pytest's, each with
-# --no-deps; optree and ml_dtypes ship manylinux_2_27/2_28 wheels only.)
+# (keras's full dependency set for Python 3.12, plus pytest's and what
+# PyTorch's ONNX exporter writes with, each with --no-deps; optree and
+# ml_dtypes ship manylinux_2_27/2_28 wheels only.)
 # Only the wheels whose modules the machine's Python cannot import already
 # are installed (Keras always), into a scratch folder put on PYTHONPATH
 # before the machine's own packages, so its JAX, PyTorch and NumPy are used
@@ -190,6 +192,30 @@ for backend in $BACKENDS; do
     grep -E "^[0-9.]+s (call|setup) " "$STEP_LOG" | head -3 | sed 's/^/    slowest: /' | tee -a "$SUMMARY"
     [ "$STEP_RC" = 0 ] || STATUS=1
 done
+
+# The mission on PyTorch, on the GPU: convert a reference model, fine-tune
+# it briefly in microbatches, export it to ONNX and verify it on real
+# images. cuDNN's TensorFloat-32 convolutions differ from onnxruntime's
+# float32 by about the verification's tolerance: off here.
+if [[ " $BACKENDS " == *" torch "* ]]; then
+    MISSION=$WORK/mission
+    mkdir -p "$MISSION"
+    step "torch: convert, finetune, export" 150 $(( n_backends * 100 + 60 )) \
+        torch-mission env KERAS_BACKEND=torch NVIDIA_TF32_OVERRIDE=0 bash -c "
+        set -e
+        $PYTHON -m renorm_convert convert renorm_convert/reference/resnet_fmnist.keras \
+            -o $MISSION/renorm.keras --microbatch 4
+        $PYTHON -m renorm_convert finetune $MISSION/renorm.keras -o $MISSION/tuned.keras \
+            --data digits --epochs 1 --momentum 0.9 --quiet-progress
+        $PYTHON -m renorm_convert export $MISSION/tuned.keras -o $MISSION/tuned.onnx \
+            --data digits"
+    if [ "$STEP_SKIPPED" = 0 ]; then
+        note "torch: mission (exit $STEP_RC, ${STEP_S}s):"
+        grep -E "^(validation accuracy|trained|wrote|  same top-1|  logits|renorm-convert)" \
+            "$STEP_LOG" | sed 's/^/    /' | tee -a "$SUMMARY"
+        [ "$STEP_RC" = 0 ] || STATUS=1
+    fi
+fi
 
 i=0
 for backend in $BACKENDS; do

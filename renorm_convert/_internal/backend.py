@@ -20,16 +20,6 @@ def has_tensorflow():
     return importlib.util.find_spec("tensorflow") is not None
 
 
-def require_tensorflow(what, fix):
-    """Refuses `what` unless Keras runs on TensorFlow; `fix` says what to do
-    instead."""
-    if name() == "tensorflow":
-        return
-    missing = "" if has_tensorflow() else " (and TensorFlow is not installed)"
-    raise BackendError(f"{what} needs Keras's TensorFlow backend; this one "
-                       f"is {name()}{missing}. {fix}")
-
-
 def channels_first_runs():
     """Whether the backend can run a channels-first convolution here. On
     CPUs without AVX-512 TensorFlow turns oneDNN off by default, and its
