@@ -3,7 +3,6 @@ which backend runs, whether a GPU is there, gradients outside `fit`, and
 the one-line refusal of a TensorFlow-only feature elsewhere."""
 
 import contextlib
-import importlib.util
 
 import keras
 import numpy as np
@@ -13,11 +12,6 @@ from renorm_convert.errors import BackendError
 
 def name():
     return keras.backend.backend()
-
-
-def has_tensorflow():
-    """Whether TensorFlow is installed (it is not imported here)."""
-    return importlib.util.find_spec("tensorflow") is not None
 
 
 def channels_first_runs():
