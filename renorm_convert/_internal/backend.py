@@ -1,6 +1,7 @@
 """What differs between Keras's backends and cannot be said in `keras.ops`:
-which backend runs, whether a GPU is there, gradients outside `fit`, and
-the one-line refusal of a TensorFlow-only feature elsewhere."""
+which backend runs, whether a GPU is there, whether channels-first
+convolutions run here, gradients outside `fit`, the optimizer's step, and a
+model's statistics kept while it runs in training mode."""
 
 import contextlib
 
