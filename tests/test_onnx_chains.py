@@ -9,20 +9,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from renorm_convert.onnx.chains import merge_affine_chains
 from renorm_convert.onnx.passes import clean
+from onnx_helpers import run_onnx
 
 FLOAT = TensorProto.FLOAT
 RNG = np.random.default_rng(0)
-
-
-def _run(model, x):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
 
 
 def _normalized_stem(pad=True):
@@ -74,8 +64,8 @@ def test_three_ops_become_an_add_and_a_mul():
     np.testing.assert_allclose(values[mul.input[1]], scale, rtol=1e-6)
     np.testing.assert_allclose(values[add.input[1]], offset, rtol=1e-6)
     x = RNG.uniform(0, 255, (2, 16, 16, 3)).astype("float32")
-    np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=1e-5,
-                               atol=1e-4)
+    np.testing.assert_allclose(run_onnx(out, x)[0], run_onnx(model, x)[0],
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_clean_leaves_one_add_before_the_padded_conv():
@@ -88,8 +78,8 @@ def test_clean_leaves_one_add_before_the_padded_conv():
                                                    "Conv"]
     assert (record.merged, record.affine, record.pads) == (1, 1, 1)
     x = RNG.uniform(0, 255, (2, 16, 16, 3)).astype("float32")
-    np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=1e-5,
-                               atol=1e-4)
+    np.testing.assert_allclose(run_onnx(out, x)[0], run_onnx(model, x)[0],
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_without_padding_all_of_it_folds_into_the_conv():
@@ -97,8 +87,8 @@ def test_without_padding_all_of_it_folds_into_the_conv():
     out, _ = clean(model)
     assert [n.op_type for n in out.graph.node] == ["Transpose", "Conv"]
     x = RNG.uniform(0, 255, (2, 16, 16, 3)).astype("float32")
-    np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=1e-5,
-                               atol=1e-4)
+    np.testing.assert_allclose(run_onnx(out, x)[0], run_onnx(model, x)[0],
+                               rtol=1e-5, atol=1e-4)
 
 
 def test_a_constant_that_would_broadcast_the_data_stays():

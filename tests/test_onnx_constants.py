@@ -4,40 +4,15 @@ clean-up leaves an exporter's Conv as one node with its bias. Graphs built
 with onnx.helper, run in onnxruntime before and after (every backend)."""
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from renorm_convert.onnx.constants import fold_constants
 from renorm_convert.onnx.folding import count_affine_after_linear
 from renorm_convert.onnx.passes import clean
+from onnx_helpers import onnx_model, run_onnx
 
 FLOAT = TensorProto.FLOAT
 RNG = np.random.default_rng(0)
-
-
-def _model(nodes, inputs, outputs, initializers, opset=18):
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(n, FLOAT, s) for n, s in inputs],
-        [helper.make_tensor_value_info(n, FLOAT, s) for n, s in outputs],
-        [numpy_helper.from_array(np.asarray(v), k)
-         for k, v in initializers.items()])
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
-def _run(model, feed):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, feed)
 
 
 def _initializers(model):
@@ -60,7 +35,7 @@ def _jax2onnx_style_conv():
                          from_array(np.array([1, 1, 1, 5], np.int64))),
         helper.make_node("Reshape", ["bias", "shape"], ["b"]),
         helper.make_node("Add", ["c_nhwc", "b"], ["y"])]
-    model = _model(nodes, [("x", [2, 6, 6, 2])], [("y", [2, 6, 6, 5])],
+    model = onnx_model(nodes, [("x", [2, 6, 6, 2])], [("y", [2, 6, 6, 5])],
                    {"kernel": kernel, "bias": bias})
     return model, kernel, bias
 
@@ -80,8 +55,8 @@ def test_weights_written_as_computations_become_constants():
                                   bias.reshape(1, 1, 1, 5))
     assert "kernel" not in values and "bias" not in values  # orphans go
     x = RNG.normal(size=(2, 6, 6, 2)).astype("float32")
-    np.testing.assert_array_equal(_run(model, {"x": x})[0],
-                                  _run(out, {"x": x})[0])
+    np.testing.assert_array_equal(run_onnx(model, {"x": x})[0],
+                                  run_onnx(out, {"x": x})[0])
     assert count_affine_after_linear(model) == 0  # the bias was not seen
     assert count_affine_after_linear(out) == 1  # now it is
 
@@ -96,8 +71,8 @@ def test_clean_leaves_one_conv_with_its_bias():
     conv = out.graph.node[1]
     np.testing.assert_allclose(_initializers(out)[conv.input[2]], bias)
     x = RNG.normal(size=(2, 6, 6, 2)).astype("float32")
-    np.testing.assert_allclose(_run(out, {"x": x})[0],
-                               _run(model, {"x": x})[0], rtol=1e-6,
+    np.testing.assert_allclose(run_onnx(out, {"x": x})[0],
+                               run_onnx(model, {"x": x})[0], rtol=1e-6,
                                atol=1e-6)
 
 
@@ -117,7 +92,7 @@ def test_chains_fold_and_what_must_stay_stays():
         helper.make_node("Add", ["xs", "noise"], ["noisy"]),
         helper.make_node("Mul", ["noisy", "total"], ["y"]),
         helper.make_node("Neg", ["three"], ["z"])]
-    model = _model(nodes, [("x", [4])], [("y", [4]), ("z", [1])],
+    model = onnx_model(nodes, [("x", [4])], [("y", [4]), ("z", [1])],
                    {"three": np.array([3.0], np.float32),
                     "big": np.array([1024, 1024], np.int64)})
     out, count = fold_constants(model)

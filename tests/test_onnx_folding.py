@@ -11,44 +11,10 @@ from onnx import TensorProto, helper, numpy_helper
 from renorm_convert.onnx.folding import (count_affine_after_linear,
                                          count_affine_before_linear,
                                          fold_affine)
+from onnx_helpers import onnx_model, run_onnx
 
 OPSET = 13
 FLOAT = TensorProto.FLOAT
-
-
-def _model(nodes, inputs, outputs, initializers, constant_inputs=(),
-           opset=OPSET):
-    """A model from nodes; `inputs` / `outputs`: (name, shape) with FLOAT
-    dtype (or (name, shape, dtype)); `initializers`: name -> array."""
-    def info(spec):
-        name, shape, *dtype = spec
-        if shape is None:  # rank 4, sizes unknown
-            shape = ["n", "c", "h", "w"]
-        return helper.make_tensor_value_info(name, dtype[0] if dtype else
-                                             FLOAT, shape)
-    graph = helper.make_graph(
-        nodes, "g", [info(i) for i in inputs] + [info(i) for i in
-                                                 constant_inputs],
-        [info(o) for o in outputs],
-        [numpy_helper.from_array(np.asarray(v), k)
-         for k, v in initializers.items()])
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
-def _run(model, feed):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    # Unoptimized, so onnxruntime's own fusions do not hide a wrong graph.
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, feed)
 
 
 def _ops(model):
@@ -103,14 +69,14 @@ def _check(model, feed, expect_before, expect_after=0, rtol=1e-5,
     counter = count_affine_before_linear if forward else \
         count_affine_after_linear
     assert counter(model) == expect_before
-    before = _run(model, feed)
+    before = run_onnx(model, feed)
     folded, count = fold_affine(model)
     onnx.checker.check_model(folded, full_check=True)
     assert count == expect_before - expect_after
     assert counter(folded) == expect_after
     if not forward:
         assert _naive_count(folded) == expect_after
-    after = _run(folded, feed)
+    after = run_onnx(folded, feed)
     assert [o.name for o in folded.graph.output] == [
         o.name for o in model.graph.output]
     worst = 0.0
@@ -152,7 +118,7 @@ def test_conv_then_mul_add(bias, shapes):
     nodes = [helper.make_node("Conv", conv_in, ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("Mul", ["c", "s"], ["m"]),
              helper.make_node("Add", ["o", "m"], ["y"])]  # constant first
-    model = _model(nodes, [("x", [None, 3, 8, 8])], [("y", [None, 6, 8, 8])],
+    model = onnx_model(nodes, [("x", [None, 3, 8, 8])], [("y", [None, 6, 8, 8])],
                    inits)
     folded, _ = _check(model, _x(2, 3, 8, 8), 2)
     assert _ops(folded) == ["Conv"]
@@ -171,7 +137,7 @@ def test_sub_div_add_then_mul_chain():
              helper.make_node("Add", ["t2", "beta"], ["t3"]),
              helper.make_node("Mul", ["t3", "g"], ["t4"]),
              helper.make_node("Sub", ["k", "t4"], ["y"])]  # k - t4
-    model = _model(nodes, [("x", [None, 2, 7, 7])], [("y", [None, 4, 5, 5])],
+    model = onnx_model(nodes, [("x", [None, 2, 7, 7])], [("y", [None, 4, 5, 5])],
                    inits)
     folded, _ = _check(model, _x(3, 2, 7, 7), 5)
     assert _ops(folded) == ["Conv"]
@@ -187,7 +153,7 @@ def test_grouped_and_depthwise_conv(group, cin, cout):
                               strides=[2, 2], auto_pad="SAME_UPPER"),
              helper.make_node("Mul", ["c", "s"], ["m"]),
              helper.make_node("Add", ["m", "o"], ["y"])]
-    model = _model(nodes, [("x", [None, cin, 9, 9])],
+    model = onnx_model(nodes, [("x", [None, cin, 9, 9])],
                    [("y", [None, cout, 5, 5])], inits)
     _check(model, _x(2, cin, 9, 9), 2)
 
@@ -206,7 +172,7 @@ def test_conv_transpose(group, bias):
                               strides=[2, 2], pads=[1, 1, 1, 1]),
              helper.make_node("Mul", ["c", "s"], ["m"]),
              helper.make_node("Add", ["m", "o"], ["y"])]
-    model = _model(nodes, [("x", [None, cin, 5, 5])],
+    model = onnx_model(nodes, [("x", [None, cin, 5, 5])],
                    [("y", [None, cout, 9, 9])], inits)
     folded, _ = _check(model, _x(2, cin, 5, 5), 2)
     assert _ops(folded) == ["ConvTranspose"]
@@ -226,7 +192,7 @@ def test_gemm(trans_b, c_shape):
              helper.make_node("Mul", ["g", "s"], ["m"]),
              helper.make_node("Add", ["m", "o"], ["y"])]
     batch = 3 if c_shape == (3, 5) else None
-    model = _model(nodes, [("x", [batch, 4])], [("y", [batch, 5])], inits)
+    model = onnx_model(nodes, [("x", [batch, 4])], [("y", [batch, 5])], inits)
     folded, _ = _check(model, _x(3, 4), 2)
     assert _ops(folded) == ["Gemm"]
 
@@ -237,7 +203,7 @@ def test_matmul_2d_becomes_gemm():
              helper.make_node("Add", ["mm", "b"], ["a"]),  # its bias
              helper.make_node("Mul", ["a", "s"], ["m"]),
              helper.make_node("Add", ["m", "o"], ["y"])]
-    model = _model(nodes, [("x", [None, 4])], [("y", [None, 5])], inits)
+    model = onnx_model(nodes, [("x", [None, 4])], [("y", [None, 5])], inits)
     folded, _ = _check(model, _x(3, 4), 2)
     assert _ops(folded) == ["Gemm"]
 
@@ -247,7 +213,7 @@ def test_matmul_3d_keeps_its_bias_add():
     nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]),
              helper.make_node("Mul", ["mm", "s"], ["m"]),
              helper.make_node("Add", ["m", "o"], ["y"])]
-    model = _model(nodes, [("x", [None, 7, 4])], [("y", [None, 7, 5])],
+    model = onnx_model(nodes, [("x", [None, 7, 4])], [("y", [None, 7, 5])],
                    inits)
     folded, _ = _check(model, _x(2, 7, 4), 1)
     assert _ops(folded) == ["MatMul", "Add"]
@@ -260,7 +226,7 @@ def test_matmul_mul_only():
     inits = {"w": _r(4, 5), "s": _r(5, low=0.3)}
     nodes = [helper.make_node("MatMul", ["x", "w"], ["mm"]),
              helper.make_node("Mul", ["s", "mm"], ["y"])]
-    model = _model(nodes, [("x", [None, 4])], [("y", [None, 5])], inits)
+    model = onnx_model(nodes, [("x", [None, 4])], [("y", [None, 5])], inits)
     folded, _ = _check(model, _x(3, 4), 1)
     assert _ops(folded) == ["MatMul"]
 
@@ -277,7 +243,7 @@ def test_through_transpose_to_nhwc():
              helper.make_node("Transpose", ["c2"], ["ct"], perm=[0, 2, 3, 1]),
              helper.make_node("Mul", ["ct", "s"], ["m"]),
              helper.make_node("Add", ["m", "o"], ["y"])]
-    model = _model(nodes, [("x", [None, 8, 8, 3])], [("y", [None, 8, 8, 6])],
+    model = onnx_model(nodes, [("x", [None, 8, 8, 3])], [("y", [None, 8, 8, 6])],
                    inits)
     folded, _ = _check(model, _x(2, 8, 8, 3), 3)
     assert _ops(folded) == ["Transpose", "Conv", "Transpose"]
@@ -306,7 +272,7 @@ def test_through_squeeze_conv1d_layout(opset):
              helper.make_node("Add", ["i", "b"], ["bias"]),
              helper.make_node("Mul", ["bias", "s"], ["m"]),
              helper.make_node("Add", ["m", "o"], ["y"])]
-    model = _model(nodes, [("x", [None, 10, 4])], [("y", [None, 10, 6])],
+    model = onnx_model(nodes, [("x", [None, 10, 4])], [("y", [None, 10, 6])],
                    inits, opset=opset)
     folded, _ = _check(model, _x(2, 10, 4), 3)
     assert "Add" not in _ops(folded) and "Mul" not in _ops(folded)
@@ -319,7 +285,7 @@ def test_forward_through_unsqueeze():
              _squeeze("Unsqueeze", "a", "u", [1], OPSET, inits),
              helper.make_node("Transpose", ["u"], ["t"], perm=[0, 3, 1, 2]),
              helper.make_node("Conv", ["t", "w"], ["y"])]
-    model = _model(nodes, [("x", [None, 7, 4])], [("y", None)], inits)
+    model = onnx_model(nodes, [("x", [None, 7, 4])], [("y", None)], inits)
     folded, _ = _check(model, _x(2, 7, 4), 2, forward=True)
     assert _ops(folded) == ["Unsqueeze", "Transpose", "Conv"]
 
@@ -330,7 +296,7 @@ def test_folding_twice_changes_nothing():
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
              helper.make_node("Mul", ["c", "s"], ["m"]),
              helper.make_node("Add", ["m", "o"], ["y"])]
-    model = _model(nodes, [("x", [None, 3, 8, 8])], [("y", None)], inits)
+    model = onnx_model(nodes, [("x", [None, 3, 8, 8])], [("y", None)], inits)
     once, count = fold_affine(model)
     twice, again = fold_affine(once)
     assert count == 2 and again == 0
@@ -349,7 +315,7 @@ def test_constant_nodes_and_float16():
              helper.make_node("Conv", ["x", "w"], ["c"]),
              helper.make_node("Mul", ["c", "s"], ["m"]),
              helper.make_node("Add", ["m", "o"], ["y"])]
-    model = _model(nodes, [("x", [None, 3, 4, 4], f16)],
+    model = onnx_model(nodes, [("x", [None, 3, 4, 4], f16)],
                    [("y", [None, 4, 4, 4], f16)],
                    {"o": o.astype(np.float16)})
     folded, _ = _check(model, {"x": _r(2, 3, 4, 4).astype(np.float16)}, 2,
@@ -364,7 +330,7 @@ def test_shared_weight_stays_for_the_other_conv():
              helper.make_node("Conv", ["x", "w"], ["c2"]),
              helper.make_node("Mul", ["c1", "s"], ["y1"]),
              helper.make_node("Relu", ["c2"], ["y2"])]
-    model = _model(nodes, [("x", [None, 3, 6, 6])],
+    model = onnx_model(nodes, [("x", [None, 3, 6, 6])],
                    [("y1", [None, 4, 4, 4]), ("y2", [None, 4, 4, 4])], inits)
     folded, _ = _check(model, _x(2, 3, 6, 6), 1)
     assert "w" in {t.name for t in folded.graph.initializer}
@@ -386,7 +352,7 @@ def test_forward_into_unpadded_conv(pads, group):
              helper.make_node("Add", ["m", "o"], ["a"]),
              helper.make_node("Conv", ["a", "w", "b"], ["y"], group=group,
                               **pads)]
-    model = _model(nodes, [("x", [None, 4, 7, 7])], [("y", None)], inits)
+    model = onnx_model(nodes, [("x", [None, 4, 7, 7])], [("y", None)], inits)
     folded, _ = _check(model, _x(2, 4, 7, 7), 2, forward=True)
     assert _ops(folded) == ["Relu", "Conv"]
 
@@ -397,7 +363,7 @@ def test_forward_through_transpose():
              helper.make_node("Add", ["m", "o"], ["a"]),
              helper.make_node("Transpose", ["a"], ["t"], perm=[0, 3, 1, 2]),
              helper.make_node("Conv", ["t", "w"], ["y"], strides=[2, 2])]
-    model = _model(nodes, [("x", [None, 6, 6, 3])], [("y", None)], inits)
+    model = onnx_model(nodes, [("x", [None, 6, 6, 3])], [("y", None)], inits)
     folded, _ = _check(model, _x(2, 6, 6, 3), 2, forward=True)
     assert _ops(folded) == ["Transpose", "Conv"]
 
@@ -409,20 +375,20 @@ def test_forward_into_padded_conv_folds_the_scale_only():
     nodes = [helper.make_node("Add", ["x", "o"], ["a"]),
              helper.make_node("Mul", ["a", "s"], ["m"]),
              helper.make_node("Conv", ["m", "w"], ["y"], pads=[1, 1, 1, 1])]
-    model = _model(nodes, [("x", [None, 3, 6, 6])], [("y", None)], inits)
+    model = onnx_model(nodes, [("x", [None, 3, 6, 6])], [("y", None)], inits)
     folded, _ = _check(model, _x(2, 3, 6, 6), 1, forward=True)
     assert _ops(folded) == ["Add", "Conv"]
     # Mul then Add: the Add is next to the padded Conv: nothing folds.
     nodes = [helper.make_node("Mul", ["x", "s"], ["m"]),
              helper.make_node("Add", ["m", "o"], ["a"]),
              helper.make_node("Conv", ["a", "w"], ["y"], pads=[1, 1, 1, 1])]
-    model = _model(nodes, [("x", [None, 3, 6, 6])], [("y", None)], inits)
+    model = onnx_model(nodes, [("x", [None, 3, 6, 6])], [("y", None)], inits)
     _, count = fold_affine(model)
     assert count == 0
     for auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         nodes[-1] = helper.make_node("Conv", ["a", "w"], ["y"],
                                      auto_pad=auto_pad)
-        model = _model(nodes, [("x", [None, 3, 6, 6])], [("y", None)], inits)
+        model = onnx_model(nodes, [("x", [None, 3, 6, 6])], [("y", None)], inits)
         assert fold_affine(model)[1] == 0
 
 
@@ -433,7 +399,7 @@ def test_forward_into_conv_transpose_folds_the_scale_only():
              helper.make_node("Mul", ["a", "s"], ["m"]),
              helper.make_node("ConvTranspose", ["m", "w"], ["y"],
                               strides=[2, 2])]
-    model = _model(nodes, [("x", [None, 4, 5, 5])], [("y", None)], inits)
+    model = onnx_model(nodes, [("x", [None, 4, 5, 5])], [("y", None)], inits)
     folded, _ = _check(model, _x(2, 4, 5, 5), 1, forward=True)
     assert _ops(folded) == ["Add", "ConvTranspose"]
 
@@ -444,7 +410,7 @@ def test_forward_needs_the_channel_count():
     inits = {"w": _r(2, 3, 1, 1), "s": _r(1, 3, 1, 1, low=0.3)}
     nodes = [helper.make_node("Mul", ["x", "s"], ["m"]),
              helper.make_node("Conv", ["m", "w"], ["y"])]
-    model = _model(nodes, [("x", [None, 1, 4, 4])], [("y", None)], inits)
+    model = onnx_model(nodes, [("x", [None, 1, 4, 4])], [("y", None)], inits)
     assert count_affine_before_linear(model) == 0
     assert fold_affine(model)[1] == 0
 
@@ -457,7 +423,7 @@ def _conv_mul(mul_const="s", s_shape=(1, 4, 1, 1), extra_nodes=(),
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
              helper.make_node(mul_op, ["c", mul_const], ["y"]),
              *extra_nodes]
-    return _model(nodes, [("x", [None, 3, 6, 6])],
+    return onnx_model(nodes, [("x", [None, 3, 6, 6])],
                   [("y", None), *extra_outputs], inits, constant_inputs)
 
 
@@ -497,7 +463,7 @@ def test_not_folded(case):
     else:
         nodes = [helper.make_node("Conv", ["x", "wx"], ["c"]),
                  helper.make_node("Mul", ["c", "s"], ["y"])]
-        model = _model(nodes, [("x", [None, 3, 6, 6]), ("wx", [4, 3, 3, 3])],
+        model = onnx_model(nodes, [("x", [None, 3, 6, 6]), ("wx", [4, 3, 3, 3])],
                        [("y", None)], {"s": _r(1, 4, 1, 1)})
         feed = {"wx": _r(4, 3, 3, 3)}
     assert count_affine_after_linear(model) == 0
@@ -507,7 +473,7 @@ def test_not_folded(case):
         feed = {"x": _r(2, 3, 6, 6), **feed}
         if case == "initializer_is_input":
             feed["s"] = _r(1, 4, 1, 1)
-        for a, b in zip(_run(model, feed), _run(folded, feed)):
+        for a, b in zip(run_onnx(model, feed), run_onnx(folded, feed)):
             np.testing.assert_array_equal(a, b)
 
 
@@ -519,7 +485,7 @@ def test_not_folded_out_of_float16_range():
              "s": np.full((1, 2, 1, 1), 300.0, np.float16)}
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"]),
              helper.make_node("Mul", ["c", "s"], ["y"])]
-    model = _model(nodes, [("x", [None, 3, 2, 2], f16)],
+    model = onnx_model(nodes, [("x", [None, 3, 2, 2], f16)],
                    [("y", [None, 2, 2, 2], f16)], inits)
     folded, count = fold_affine(model)
     assert count == 0 and _ops(folded) == ["Conv", "Mul"]
@@ -534,7 +500,7 @@ def test_chain_stops_at_a_second_consumer():
              helper.make_node("Mul", ["c", "s"], ["m"]),
              helper.make_node("Add", ["m", "o"], ["y"]),
              helper.make_node("Relu", ["m"], ["r"])]
-    model = _model(nodes, [("x", [None, 3, 6, 6])],
+    model = onnx_model(nodes, [("x", [None, 3, 6, 6])],
                    [("y", None), ("r", None)], inits)
     folded, _ = _check(model, _x(2, 3, 6, 6), 1)
     assert _ops(folded) == ["Conv", "Add", "Relu"]

@@ -4,40 +4,15 @@ writes) becomes the Conv's own pads. Graphs built with onnx.helper, run in
 onnxruntime before and after (every backend)."""
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from renorm_convert.onnx.padding import fold_padding
+from onnx_helpers import onnx_model, run_onnx
 
 FLOAT = TensorProto.FLOAT
 RNG = np.random.default_rng(0)
 W = RNG.normal(size=(4, 3, 3, 3)).astype("float32")
-
-
-def _model(nodes, inputs, outputs, initializers, opset=13):
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(n, FLOAT, s) for n, s in inputs],
-        [helper.make_tensor_value_info(n, FLOAT, s) for n, s in outputs],
-        [numpy_helper.from_array(np.asarray(v), k)
-         for k, v in initializers.items()])
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
-def _run(model, x):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
 
 
 def _nhwc_pad_conv(pads, value=None, conv_pads=(1, 0, 1, 0)):
@@ -57,7 +32,7 @@ def _nhwc_pad_conv(pads, value=None, conv_pads=(1, 0, 1, 0)):
     h = 9 + p[1] + p[5] + conv_pads[0] + conv_pads[2]
     w = 8 + p[2] + p[6] + conv_pads[1] + conv_pads[3]
     out = [2 + int(p[0] + p[4]), 4, int(h - 3) // 2 + 1, int(w - 3) // 2 + 1]
-    return _model(nodes, [("x", x_shape)], [("y", out)], inits)
+    return onnx_model(nodes, [("x", x_shape)], [("y", out)], inits)
 
 
 def test_zero_pad_through_a_transpose_becomes_the_conv_pads():
@@ -69,8 +44,8 @@ def test_zero_pad_through_a_transpose_becomes_the_conv_pads():
     pads = next(a for a in conv.attribute if a.name == "pads").ints
     assert list(pads) == [1 + 3, 0 + 2, 1 + 1, 0 + 3]
     x = RNG.normal(size=(2, 9, 8, 3)).astype("float32")
-    np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(run_onnx(out, x)[0], run_onnx(model, x)[0],
+                               rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("pads,value", [
@@ -88,7 +63,7 @@ def test_a_pad_read_twice_stays():
     nodes = [helper.make_node("Pad", ["x", "pads"], ["p"]),
              helper.make_node("Conv", ["p", "w"], ["y"], kernel_shape=[3, 3]),
              helper.make_node("Relu", ["p"], ["z"])]
-    model = _model(nodes, [("x", [1, 3, 5, 5])],
+    model = onnx_model(nodes, [("x", [1, 3, 5, 5])],
                    [("y", [1, 4, 5, 5]), ("z", [1, 3, 7, 7])],
                    {"w": W, "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1],
                                              np.int64)})
@@ -99,10 +74,10 @@ def test_opset_10_pads_attribute_directly_before_a_conv():
     nodes = [helper.make_node("Pad", ["x"], ["p"], pads=[0, 0, 1, 2, 0, 0,
                                                          2, 1]),
              helper.make_node("Conv", ["p", "w"], ["y"], kernel_shape=[3, 3])]
-    model = _model(nodes, [("x", [1, 3, 5, 5])], [("y", [1, 4, 6, 6])],
+    model = onnx_model(nodes, [("x", [1, 3, 5, 5])], [("y", [1, 4, 6, 6])],
                    {"w": W}, opset=10)
     out, count = fold_padding(model)
     assert count == 1 and [n.op_type for n in out.graph.node] == ["Conv"]
     x = RNG.normal(size=(1, 3, 5, 5)).astype("float32")
-    np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=1e-6,
-                               atol=1e-6)
+    np.testing.assert_allclose(run_onnx(out, x)[0], run_onnx(model, x)[0],
+                               rtol=1e-6, atol=1e-6)

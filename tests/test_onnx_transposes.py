@@ -9,34 +9,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from renorm_convert.onnx.transposes import count_transposes, optimize_transposes
+from onnx_helpers import onnx_model, run_onnx
 
 FLOAT = TensorProto.FLOAT
 NCHW, NHWC = [0, 3, 1, 2], [0, 2, 3, 1]
-
-
-def _model(nodes, inputs, outputs, initializers=None, opset=13):
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info(n, FLOAT, s) for n, s in inputs],
-        [helper.make_tensor_value_info(n, FLOAT, s) for n, s in outputs],
-        [numpy_helper.from_array(np.asarray(v), k)
-         for k, v in (initializers or {}).items()])
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
-def _run(model, feed):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, feed)
 
 
 def _same_outputs(before, after, feed, rtol=0.0):
@@ -45,7 +21,7 @@ def _same_outputs(before, after, feed, rtol=0.0):
     onnx.checker.check_model(after)
     assert [o.name for o in after.graph.output] == [
         o.name for o in before.graph.output]
-    for a, b in zip(_run(before, feed), _run(after, feed)):
+    for a, b in zip(run_onnx(before, feed), run_onnx(after, feed)):
         assert a.shape == b.shape
         np.testing.assert_allclose(b, a, rtol=rtol, atol=0)
 
@@ -80,7 +56,7 @@ def _conv_relu_conv(middle=("Relu",)):
     last = f"h{len(middle)}"
     nodes += [_t(last, "d", NCHW), _conv("c2", "d", "w2", "e"),
               _t("e", "y", NHWC)]
-    return _model(nodes, [("x", [2, 5, 5, 3])], [("y", [2, 5, 5, 4])],
+    return onnx_model(nodes, [("x", [2, 5, 5, 3])], [("y", [2, 5, 5, 4])],
                   {"w1": W1, "w2": W2})
 
 
@@ -100,7 +76,7 @@ def test_transpose_then_its_inverse_cancels_and_merges():
     nodes = [_t("x", "a", NCHW), _t("a", "b", NHWC),
              helper.make_node("Relu", ["b"], ["c"]),
              _t("c", "d", [0, 3, 1, 2]), _t("d", "y", [0, 1, 3, 2])]
-    model = _model(nodes, [("x", [2, 5, 6, 3])], [("y", [2, 3, 6, 5])])
+    model = onnx_model(nodes, [("x", [2, 5, 6, 3])], [("y", [2, 3, 6, 5])])
     out, removed = optimize_transposes(model)
     # The first pair cancels; the last two become one Transpose.
     assert _ops(out) == ["Relu", "Transpose"]
@@ -126,7 +102,7 @@ def test_residual_add_concat_and_constants():
         helper.make_node("Conv", ["w", "w3"], ["z"], kernel_shape=[1, 1]),
         _t("z", "y", NHWC)]
     w3 = RNG.normal(size=(2, 8, 1, 1)).astype("float32")
-    model = _model(nodes, [("x", [2, 5, 5, 3])], [("y", [2, 5, 5, 2])],
+    model = onnx_model(nodes, [("x", [2, 5, 5, 3])], [("y", [2, 5, 5, 2])],
                    {"w1": W1, "bias": bias, "two": np.float32(2.0),
                     "w3": w3})
     out, _ = optimize_transposes(model)
@@ -144,7 +120,7 @@ def test_global_average_pooling_and_softmax(keepdims):
                               keepdims=keepdims),
              helper.make_node("Softmax", ["m"], ["y"], axis=-1)]
     shape = [2, 1, 1, 4] if keepdims else [2, 4]
-    model = _model(nodes, [("x", [2, 5, 5, 3])], [("y", shape)],
+    model = onnx_model(nodes, [("x", [2, 5, 5, 3])], [("y", shape)],
                    {"w1": W1})
     out, _ = optimize_transposes(model)
     # Without kept dimensions the pooled (N, C) needs no Transpose at all.
@@ -159,7 +135,7 @@ def test_reduce_with_axes_as_input_and_pad():
              helper.make_node("ReduceMean", ["p", "axes"], ["y"],
                               keepdims=0)]
     pads = np.array([0, 1, 2, 0, 0, 3, 1, 0], np.int64)
-    model = _model(nodes, [("x", [2, 5, 5, 3])], [("y", [2, 4])],
+    model = onnx_model(nodes, [("x", [2, 5, 5, 3])], [("y", [2, 4])],
                    {"w1": W1, "pads": pads,
                     "axes": np.array([1, 2], np.int64)}, opset=18)
     out, _ = optimize_transposes(model)
@@ -173,7 +149,7 @@ def test_nothing_moves_where_a_node_would_be_added():
     one."""
     nodes = [_t("x", "a", NHWC), helper.make_node("Relu", ["a"], ["y"]),
              helper.make_node("Reshape", ["a", "shape"], ["z"])]
-    model = _model(nodes, [("x", [2, 3, 4, 5])], [("y", [2, 4, 5, 3]),
+    model = onnx_model(nodes, [("x", [2, 3, 4, 5])], [("y", [2, 4, 5, 3]),
                                                   ("z", [2, 60])],
                    {"shape": np.array([2, 60], np.int64)})
     out, removed = optimize_transposes(model)
@@ -186,7 +162,7 @@ def test_mixed_layouts_do_not_move():
     """An Add of a transposed value and a value in the other layout (not a
     constant) cannot read both untransposed: it stays."""
     nodes = [_t("x", "a", NHWC), helper.make_node("Add", ["a", "z"], ["y"])]
-    model = _model(nodes, [("x", [2, 3, 4, 4]), ("z", [2, 4, 4, 3])],
+    model = onnx_model(nodes, [("x", [2, 3, 4, 4]), ("z", [2, 4, 4, 3])],
                    [("y", [2, 4, 4, 3])])
     out, removed = optimize_transposes(model)
     assert removed == 0 and _ops(out) == ["Transpose", "Add"]
@@ -197,7 +173,7 @@ def test_graph_output_names_stay():
     producer writes the output under its name."""
     nodes = [helper.make_node("Relu", ["x"], ["r"]), _t("r", "a", NHWC),
              _t("a", "y", NCHW)]
-    model = _model(nodes, [("x", [2, 3, 4, 5])], [("y", [2, 3, 4, 5])])
+    model = onnx_model(nodes, [("x", [2, 3, 4, 5])], [("y", [2, 3, 4, 5])])
     out, removed = optimize_transposes(model)
     assert _ops(out) == ["Relu"] and removed == 2
     assert out.graph.node[0].output[0] == "y"
@@ -214,7 +190,7 @@ def test_swish_reads_the_transposed_value_twice():
              helper.make_node("Mul", ["h", "s"], ["m"]),
              _t("m", "d", NCHW), _conv("c2", "d", "w2", "e"),
              _t("e", "y", NHWC)]
-    model = _model(nodes, [("x", [2, 5, 5, 3])], [("y", [2, 5, 5, 4])],
+    model = onnx_model(nodes, [("x", [2, 5, 5, 3])], [("y", [2, 5, 5, 4])],
                    {"w1": W1, "w2": W2})
     out, removed = optimize_transposes(model)
     assert _ops(out) == ["Transpose", "Conv", "Sigmoid", "Mul", "Conv",
@@ -237,7 +213,7 @@ def test_squeeze_and_excitation_reshape_takes_the_transpose():
              _t("s", "s_nhwc", NHWC),
              helper.make_node("Sigmoid", ["s_nhwc"], ["g"]),
              helper.make_node("Mul", ["h", "g"], ["y"])]
-    model = _model(nodes, [("x", [2, 5, 5, 3])], [("y", [2, 5, 5, 4])],
+    model = onnx_model(nodes, [("x", [2, 5, 5, 3])], [("y", [2, 5, 5, 4])],
                    {"w1": W1, "w_se": w_se,
                     "shape": np.array([-1, 1, 1, 4], np.int64)})
     out, _ = optimize_transposes(model)

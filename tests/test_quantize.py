@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 import renorm_convert as rc
 from renorm_convert import data
@@ -20,6 +20,7 @@ from renorm_convert.onnx.export import FLOAT16_TOLERANCE
 from renorm_convert.onnx.int8_layout import (CHANNEL_ALIGNMENT,
                                         MIN_OUTPUT_CHANNELS,
                                         share_concat_scales, widen_for_int8)
+from onnx_helpers import onnx_model, run_onnx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -206,13 +207,8 @@ def _conv(rng, name, x, cin, cout, k=1):
 
 
 def _model(nodes, inits, cin, outputs):
-    graph = helper.make_graph(
-        nodes, "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                       [None, cin, 8, 8])],
-        [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None] * 4)
-         for o in outputs], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    return onnx_model(nodes, [("x", [None, cin, 8, 8])],
+                      [(o, [None] * 4) for o in outputs], inits)
 
 
 def _branchy(rng):
@@ -243,14 +239,6 @@ def _branchy(rng):
     return _model(nodes, inits, 1, ["out"])
 
 
-def _run(model, x):
-    import onnxruntime
-
-    session = onnxruntime.InferenceSession(
-        model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})
-
-
 def test_widen_is_exact_and_follows_its_rule():
     rng = np.random.default_rng(0)
     model = _branchy(rng)
@@ -266,7 +254,8 @@ def test_widen_is_exact_and_follows_its_rule():
     assert inits["r_w"].shape == (8, 16, 1, 1)    # into an Add: kept
     assert inits["d_w"].shape == (8, 16, 1, 1)
     x = rng.normal(size=(2, 1, 8, 8)).astype(np.float32)
-    got, expected = _run(widened, x)[0], _run(model, x)[0]
+    got, expected = run_onnx(widened, x, optimize=True)[0], run_onnx(
+        model, x, optimize=True)[0]
     assert got.shape == expected.shape
     # Only zeros added: float rounding of a different summation order.
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
@@ -340,7 +329,7 @@ def test_share_concat_scales_on_a_quantized_graph(tmp_path):
                     activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8)
     quantized = onnx.load(str(tmp_path / "q.onnx"))
-    before = _run(quantized, x)[0]
+    before = run_onnx(quantized, x, optimize=True)[0]
     assert share_concat_scales(quantized) == 1
     onnx.checker.check_model(quantized)
     graph = quantized.graph
@@ -351,7 +340,7 @@ def test_share_concat_scales_on_a_quantized_graph(tmp_path):
         q = _producer(graph, dq.input[0])
         assert dq.input[1:3] == out_q.input[1:3] == q.input[1:3]
     # Coarser steps for the narrower input, same predictions to within them.
-    after = _run(quantized, x)[0]
+    after = run_onnx(quantized, x, optimize=True)[0]
     assert np.abs(after - before).max() <= 0.1 * np.abs(before).max()
     # A second pass changes nothing.
     again = quantized.SerializeToString()
