@@ -36,15 +36,21 @@ def onnx_model(nodes, inputs, outputs, initializers=None,
 
 
 def run_onnx(model, feed, optimize=False):
-    """The outputs of a ModelProto in onnxruntime on the CPU; `feed` a dict,
-    or one array for the input named "x". Unoptimized unless asked, so
-    that onnxruntime's own fusions do not hide a wrong graph."""
+    """The outputs of an ONNX model (a ModelProto, or a file's path) in
+    onnxruntime on the CPU. `feed`: a dict, a list of arrays in the order
+    of its inputs, or one array for its one input. Unoptimized unless asked,
+    so that onnxruntime's own fusions do not hide a wrong graph."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     if not optimize:
         options.graph_optimization_level = (
             ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    session = ort.InferenceSession(model.SerializeToString(), options,
+    source = model.SerializeToString() if isinstance(
+        model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, options,
                                    providers=["CPUExecutionProvider"])
-    return session.run(None, feed if isinstance(feed, dict) else {"x": feed})
+    if not isinstance(feed, dict):
+        arrays = feed if isinstance(feed, (list, tuple)) else [feed]
+        feed = {i.name: x for i, x in zip(session.get_inputs(), arrays)}
+    return session.run(None, feed)

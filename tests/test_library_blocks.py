@@ -289,7 +289,7 @@ def test_fused_block_saves_and_loads(tmp_path):
 
 @pytest.mark.tensorflow
 def test_export_folds_and_matches(tmp_path):
-    from renorm_convert.onnx.export import run_onnx
+    from onnx_helpers import run_onnx
 
     model = library_model()
     randomize_statistics(model, seed=7)

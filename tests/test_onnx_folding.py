@@ -554,7 +554,7 @@ def test_export_folds_normalization_inside_a_library_block(tmp_path):
     import keras
 
     import renorm_convert as rc
-    from renorm_convert.onnx.export import run_onnx
+    from onnx_helpers import run_onnx
 
     if keras.backend.backend() == "jax":
         pytest.skip("JAX exports a saved .keras file on another backend")

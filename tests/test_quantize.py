@@ -171,8 +171,6 @@ def test_float16_within_its_tolerance(trained, tmp_path):
 
 
 def test_quantize_onnx_is_export_int8_for_any_file(trained, tmp_path):
-    import onnxruntime
-
     model, calibration, x, _ = trained
     rc.export_onnx(model, tmp_path / "f.onnx", verify=False)
     rc.export_onnx(model, tmp_path / "q.onnx", quantize="int8",
@@ -181,9 +179,7 @@ def test_quantize_onnx_is_export_int8_for_any_file(trained, tmp_path):
                      calibration)
 
     def run(name):
-        session = onnxruntime.InferenceSession(
-            str(tmp_path / name), providers=["CPUExecutionProvider"])
-        return session.run(None, {session.get_inputs()[0].name: x[:64]})[0]
+        return run_onnx(tmp_path / name, x[:64], optimize=True)[0]
 
     # Same settings, same calibration, same float model: the same int8 file.
     np.testing.assert_array_equal(run("again.onnx"), run("q.onnx"))

@@ -306,7 +306,7 @@ def test_killed_after_training_resumes_past_a_damaged_checkpoint(
 @pytest.mark.slow
 @pytest.mark.tensorflow
 def test_killed_during_export_verification_leaves_nothing(work, tmp_path):
-    from renorm_convert.onnx.export import run_onnx
+    from onnx_helpers import run_onnx
 
     out = tmp_path / "m.onnx"
     killed = _cli("export", work / "model.keras", "-o", out,

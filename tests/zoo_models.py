@@ -14,10 +14,10 @@ import time
 
 import keras
 import numpy as np
-import onnxruntime
 
 import renorm_convert as rc
 from helpers import max_rel_diff, sample_inputs
+from onnx_helpers import run_onnx
 
 # The smallest input each family accepts without weights; 32x32 elsewhere.
 INPUT_SIZE = {"InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}
@@ -130,10 +130,7 @@ def check(name, workdir, export=True):
         report = rc.export_onnx(converted, path, verify=False)
         result["export_s"] = time.perf_counter() - start
         result["exported_folded"] = report.folded
-        session = onnxruntime.InferenceSession(
-            path, providers=["CPUExecutionProvider"])
-        result["onnx"] = max_rel_diff(reference, session.run(
-            None, {session.get_inputs()[0].name: x})[0])
-        del session
+        result["onnx"] = max_rel_diff(reference, run_onnx(
+            path, x, optimize=True)[0])
         os.remove(path)
     return result
