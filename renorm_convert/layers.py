@@ -26,7 +26,8 @@ from keras import ops
 
 from renorm_convert._internal import keras_hooks as internals
 from renorm_convert.errors import RenormConvertError
-from renorm_convert.transform.weights import build_with_values, values_by_name
+from renorm_convert._internal.variables import (build_with_values,
+                                               values_by_name)
 
 PACKAGE = "renorm_convert"
 

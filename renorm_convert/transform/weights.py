@@ -1,70 +1,27 @@
 """The one way weights move between layers: by name, never by position.
 
-`values_by_name` reads a layer's weights by their short names,
+`values_by_name` reads a layer's weights by their short names and
 `build_with_values` builds a layer with each named weight created directly
-from a value, `clone_layer` / `clone_prebuilt` make fresh copies of a layer,
+from a value (both from `_internal.variables`, which the layer itself uses
+too); `clone_layer` / `clone_prebuilt` make fresh copies of a layer,
 and `mirror` / `copy_weights` pair a custom layer's sublayers by the
 attribute that holds them and move each layer's own variables by name. Every
 refusal is a `RenormConvertError` naming the layer and the variable.
 
-`copying` (convert, revert, fold, recast) and the layer's own
-`from_batchnorm` move weights through this module; it imports nothing of
-ours but `_internal.keras_hooks` and `errors`.
+`copying` (convert, revert, fold, recast) moves weights through this
+module; it imports nothing of ours but `_internal` and `errors`.
 """
 
 import re
 
 import keras
-import numpy as np
 
 from renorm_convert._internal import keras_hooks as internals
+from renorm_convert._internal.variables import (build_with_values,
+                                               short_name, values_by_name)
 from renorm_convert.errors import RenormConvertError
 
 
-
-
-def short_name(variable):
-    """A variable's name within its layer ("kernel", "moving_mean")."""
-    return variable.path.split("/")[-1]
-
-
-def values_by_name(variables):
-    """{short name ("kernel", "moving_mean", ...): numpy value}; weights move
-    between layers by these names, never by position."""
-    return {short_name(v): np.asarray(keras.ops.convert_to_numpy(v))
-            for v in variables}
-
-
-def build_with_values(layer, input_shape, values, build=None):
-    """Builds `layer` with each weight named in `values` created directly
-    with that value: weights move by name, and no initializer runs and no
-    assignment follows (this is most of the cost of converting a model).
-    `build` (no arguments) replaces `layer.build(input_shape)`. Returns the
-    names of the weights created from `values`."""
-    used = []
-    add_weight = layer.add_weight
-
-    def add_weight_with_value(*args, name=None, initializer=None, **kwargs):
-        if name in values:
-            value = values[name]
-            used.append(name)
-
-            def initializer(shape, dtype=None):
-                return np.asarray(value, dtype=dtype or value.dtype)
-
-        return add_weight(*args, name=name, initializer=initializer, **kwargs)
-
-    # Bypass Layer.__setattr__ (attribute tracking) for this instance hook.
-    object.__setattr__(layer, "add_weight", add_weight_with_value)
-    try:
-        if build is None:
-            layer.build(input_shape)
-        else:
-            build()
-    finally:
-        object.__delattr__(layer, "add_weight")
-    layer.built = True
-    return used
 
 
 def clone_layer(layer, **overrides):
