@@ -72,7 +72,8 @@ _MODULES = {
     "surgery": "transform.surgery",
 }
 # Modules whose import registers the classes saved files name.
-_REGISTERING = ("layers", "train.schedule", "transform.blocks", "transform.folding", "io.keras2")
+_REGISTERING = ("layers", "train.schedule", "transform.blocks",
+                "transform.folding", "io.keras2")
 
 __all__ = sorted(_API) + sorted(_MODULES)
 

@@ -25,9 +25,9 @@ import numpy as np
 from keras import ops
 
 from renorm_convert._internal import keras_hooks as internals
-from renorm_convert.errors import RenormConvertError
 from renorm_convert._internal.variables import (build_with_values,
-                                               values_by_name)
+                                                values_by_name)
+from renorm_convert.errors import RenormConvertError
 
 PACKAGE = "renorm_convert"
 

@@ -355,6 +355,21 @@ def test_non_iid_batches_hold_exactly_k_classes(k):
     assert not np.array_equal(idx, other)
 
 
+def test_non_iid_batches_of_a_small_class_repeat_its_examples():
+    """A class with fewer examples than a batch takes from it repeats them
+    (a 256-example subset of digits has classes of 15 for 16 places)."""
+    labels = np.concatenate([np.zeros(5, int), np.ones(40, int),
+                             np.full(40, 2)])
+    idx = data.epoch_indices(labels, 16, seed=0, epoch=0, non_iid_classes=2)
+    assert len(idx) == (85 // 16) * 16
+    for batch in idx.reshape(-1, 16):
+        counts = np.bincount(labels[batch], minlength=3)
+        assert sorted(counts[counts > 0].tolist()) == [8, 8]
+        if counts[0]:  # all five examples of class 0, three of them twice
+            assert sorted(set(batch[labels[batch] == 0].tolist())) == \
+                list(range(5))
+
+
 def test_iid_batches_are_a_seeded_permutation():
     labels = np.repeat(np.arange(10), 100)
     iid = data.epoch_indices(labels, 32, seed=3, epoch=0)

@@ -185,7 +185,7 @@ def test_one_layer_with_several_outputs_gets_unique_names(tmp_path):
 
 
 def test_unique_names():
-    from renorm_convert.onnx.export import unique_names
+    from renorm_convert.onnx.exporters import unique_names
 
     assert unique_names(["a", "a", "b", "a_1", "a"]) == [
         "a", "a_2", "b", "a_1", "a_3"]

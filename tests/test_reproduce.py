@@ -163,7 +163,7 @@ def test_both_arms_train_through_fine_tune(monkeypatch):
         assert isinstance(train, TrainingBatches)
         assert (train.non_iid_classes, train.batch_size,
                 train.steps_per_epoch) == (2, 20, 10)
-        assert kwargs["copy"] is False and kwargs["epochs"] == 2
+        assert kwargs["inplace"] is True and kwargs["epochs"] == 2
         assert trained_in_place
     (_, _, bn_r, bn_d, bn_steps, _), (_, _, rn_r, rn_d, rn_steps, _) = calls
     assert (bn_r, bn_d) == (1.0, 0.0) and bn_steps == rn_steps == 20

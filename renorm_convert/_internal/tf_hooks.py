@@ -10,7 +10,6 @@ module loads on every backend.
 import contextlib
 import os
 
-
 # --- TensorFlow determinism ---
 
 

@@ -55,7 +55,8 @@ def number(minimum=None, maximum=None, *, above=None, below=None):
 
 
 def opset(text):
-    from renorm_convert._internal.limits import MAX_OPSET, MIN_OPSET  # no backend
+    # No backend is loaded for this.
+    from renorm_convert._internal.limits import MAX_OPSET, MIN_OPSET
 
     value = integer(MIN_OPSET)(text)
     if value > MAX_OPSET:

@@ -19,9 +19,9 @@ def import_custom_objects(modules):
             module = importlib.import_module(name)
         except Exception as e:
             raise RenormConvertError(
-                f"--custom-objects {name}: cannot import it ({type(e).__name__}"
-                f": {e}). Give an importable module path (on PYTHONPATH)."
-            ) from None
+                f"--custom-objects {name}: cannot import it "
+                f"({type(e).__name__}: {e}). Give an importable module path "
+                "(on PYTHONPATH).") from None
         for attr, value in vars(module).items():
             if inspect.isclass(value) and issubclass(
                 value, (keras.layers.Layer, keras.losses.Loss,
@@ -57,8 +57,8 @@ def parity(reference, other):
     import keras
     import numpy as np
 
-    from renorm_convert.onnx.export import sample_inputs
     from renorm_convert.evaluation import to_numpy
+    from renorm_convert.onnx.export import sample_inputs
 
     xs = sample_inputs(reference, batch=4)
     xs = xs[0] if len(xs) == 1 else xs

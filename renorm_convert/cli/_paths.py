@@ -7,8 +7,6 @@ import os
 from renorm_convert.errors import RenormConvertError
 
 
-
-
 def check_output(output, inputs, suffixes):
     """Refuses an output path that is an input (also through `..`, a
     symbolic or a hard link), is a directory, has the wrong suffix, or lies
@@ -16,8 +14,8 @@ def check_output(output, inputs, suffixes):
     output = str(output)
     if not output.lower().endswith(suffixes):
         raise RenormConvertError(
-            f"-o {output}: the output name must end in {' or '.join(suffixes)}."
-        )
+            f"-o {output}: the output name must end in "
+            f"{' or '.join(suffixes)}.")
     check_outputs([("-o", output, "file")],
                   [("model", path) for path in inputs])
 
@@ -43,25 +41,30 @@ def _inside(path, directory):
 def _check_location(flag, path, kind):
     if kind == "file":
         if os.path.isdir(path):
-            raise RenormConvertError(f"{flag} {path}: is a directory; give a file "
-                         "name.")
+            raise RenormConvertError(
+                f"{flag} {path}: is a directory; give a file "
+                "name.")
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
-            raise RenormConvertError(f"{flag} {path}: the directory {directory} does "
-                         "not exist; create it first.")
+            raise RenormConvertError(
+                f"{flag} {path}: the directory {directory} does "
+                "not exist; create it first.")
     else:
         if os.path.exists(path) and not os.path.isdir(path):
-            raise RenormConvertError(f"{flag} {path}: is a file, not a directory; "
-                         "give a directory.")
+            raise RenormConvertError(
+                f"{flag} {path}: is a file, not a directory; "
+                "give a directory.")
         directory = os.path.abspath(path)
         while not os.path.exists(directory):
             directory = os.path.dirname(directory)
         if not os.path.isdir(directory):
-            raise RenormConvertError(f"{flag} {path}: {directory} is a file, not a "
-                         "directory.")
+            raise RenormConvertError(
+                f"{flag} {path}: {directory} is a file, not a "
+                "directory.")
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise RenormConvertError(f"{flag} {path}: the directory {directory} is not "
-                     "writable.")
+        raise RenormConvertError(
+            f"{flag} {path}: the directory {directory} is not "
+            "writable.")
 
 
 def check_outputs(outputs, inputs=()):
@@ -75,8 +78,9 @@ def check_outputs(outputs, inputs=()):
         inputs: (what, path) pairs: model files, data files or folders.
 
     Raises:
-        RenormConvertError: an output is an input or holds one, two outputs collide,
-            or a location is missing, of the wrong kind or not writable.
+        RenormConvertError: an output is an input or holds one, two outputs
+            collide, or a location is missing, of the wrong kind or not
+            writable.
     """
     outputs = [(flag, str(path), kind) for flag, path, kind in outputs]
     inputs = [(what, str(path)) for what, path in inputs if path]

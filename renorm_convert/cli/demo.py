@@ -43,9 +43,10 @@ def check(args):
         for name in FILES if os.path.isdir(args.out)],
         [("model", path), ("data", source_path(args.data))])
     if not os.path.exists(path):
-        raise RenormConvertError(f"{path}: the reference model is missing from this "
-                        "installation; reinstall renorm_convert, or pass "
-                        "--model FILE.")
+        raise RenormConvertError(
+            f"{path}: the reference model is missing from this "
+            "installation; reinstall renorm_convert, or pass "
+            "--model FILE.")
     check_source(args.data)
 
 
@@ -53,9 +54,9 @@ def run(args):
     import keras
 
     import renorm_convert as rc
-    from renorm_convert.train import callbacks as cb
     from renorm_convert.evaluation import accuracy
     from renorm_convert.io import save_atomically
+    from renorm_convert.train import callbacks as cb
 
     started = time.perf_counter()
     keras.utils.set_random_seed(args.seed)
@@ -69,7 +70,8 @@ def run(args):
     del model
     save_atomically(converted, os.path.join(args.out, "converted.keras"))
     tuned = rc.configure(converted, momentum=args.momentum, inplace=True)
-    batches = rc.data.training_batches(split, tuned, args.batch_size, seed=args.seed)
+    batches = rc.data.training_batches(split, tuned, args.batch_size,
+                                       seed=args.seed)
     validation = rc.data.evaluation_batches(split, tuned)
     curve = cb.ValidationCurve(validation, batches.num_batches,
                                size=len(split.y_val))

@@ -18,14 +18,16 @@ HELP = "the paper's Figure 2 / 3 at small scale"
 
 
 def _per_experiment(name):
-    from renorm_convert._internal.limits import REPRODUCE_DEFAULTS  # no backend
+    # No backend is loaded for this.
+    from renorm_convert._internal.limits import REPRODUCE_DEFAULTS
 
     return ", ".join(f"{value[name]} for {experiment}"
                      for experiment, value in REPRODUCE_DEFAULTS.items())
 
 
 def add_arguments(p):
-    from renorm_convert._internal.limits import REPRODUCE_MODELS  # no backend
+    # No backend is loaded for this.
+    from renorm_convert._internal.limits import REPRODUCE_MODELS
 
     p.add_argument("experiment", choices=["microbatch", "non-iid"],
                    help="Figure 2 (microbatches) or Figure 3 (non-i.i.d. "
@@ -84,8 +86,8 @@ def check(args):
 
 
 def run(args):
-    from renorm_convert.train import reproduce
     from renorm_convert.data import check_batching, load_source
+    from renorm_convert.train import reproduce
     from renorm_convert.train.determinism import deterministic
     from renorm_convert.train.reporting import write_experiment
 

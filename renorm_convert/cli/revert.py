@@ -29,8 +29,9 @@ def run(args):
     report = rc.revert_plan(model)
     reverted = rc.revert(model)
     if not report.swapped:
-        raise RenormConvertError(f"{args.model}: no BatchRenormalization layer to "
-                        "revert; nothing written.")
+        raise RenormConvertError(
+            f"{args.model}: no BatchRenormalization layer to "
+            "revert; nothing written.")
     diff, rel = parity(model, reverted)
     save_atomically(reverted, args.output)
     print(f"reverted {len(report.swapped)} layers to BatchNormalization")

@@ -67,8 +67,10 @@ class TrainingBatches(keras.utils.PyDataset):
         """The same batches, each cut to process `index`'s part of
         `count` equal parts (the batch size must divide)."""
         if self.batch_size % count:
-            raise RenormConvertError(f"{{arg}}: must be a multiple of the {count} "
-                            "processes.", "batch_size", self.batch_size)
+            raise RenormConvertError(
+                f"{{arg}}: must be a multiple of the {count} "
+                "processes.",
+                "batch_size", self.batch_size)
         return TrainingBatches(self.split, self.shape, self.batch_size,
                                non_iid_classes=self.non_iid_classes,
                                seed=self.seed,

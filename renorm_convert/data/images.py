@@ -18,8 +18,9 @@ def model_image_shape(model):
             "(arrays, a keras.utils.PyDataset or a tf.data.Dataset) instead.")
     shape = tuple(model.inputs[0].shape[1:])
     if any(d is None for d in shape):
-        raise RenormConvertError(f"model '{model.name}' has an input of unknown size "
-                        f"{shape}; build it with a fixed image size.")
+        raise RenormConvertError(
+            f"model '{model.name}' has an input of unknown size "
+            f"{shape}; build it with a fixed image size.")
     return shape
 
 
@@ -54,8 +55,9 @@ def adapt(images, shape, value_range=255.0, scaling="unit"):
     Inception preprocessing) or left in [0, 255] ("raw", ResNet-style models
     that preprocess themselves); float32."""
     if scaling not in SCALINGS:
-        raise RenormConvertError("{arg}: use one of " + ", ".join(SCALINGS) + ".",
-                        "scaling", scaling)
+        raise RenormConvertError(
+            "{arg}: use one of " + ", ".join(SCALINGS) + ".",
+            "scaling", scaling)
     h, w, c = shape
     x = np.asarray(images, np.float32) * np.float32(255.0 / value_range)
     if x.shape[1] != h or x.shape[2] != w:
@@ -65,8 +67,9 @@ def adapt(images, shape, value_range=255.0, scaling="unit"):
     elif x.shape[-1] == 3 and c == 1:
         x = x.mean(axis=-1, keepdims=True)
     elif x.shape[-1] != c:
-        raise RenormConvertError(f"cannot turn {x.shape[-1]}-channel images into the "
-                        f"model's {c} channels.")
+        raise RenormConvertError(
+            f"cannot turn {x.shape[-1]}-channel images into the "
+            f"model's {c} channels.")
     if scaling == "unit":
         x = x / np.float32(255.0)
     elif scaling == "symmetric":

@@ -22,8 +22,9 @@ def check_labels(where, name, y):
     refuses what cannot be read as either, naming it."""
     y = np.asarray(y)
     if y.dtype.kind not in "uifb":
-        raise RenormConvertError(f"{where}: `{name}` must hold class labels (0, 1, "
-                        f"...) or one-hot rows; it holds {y.dtype} values.")
+        raise RenormConvertError(
+            f"{where}: `{name}` must hold class labels (0, 1, "
+            f"...) or one-hot rows; it holds {y.dtype} values.")
     if not len(y):
         raise RenormConvertError(f"{where}: `{name}` holds no labels.")
     if y.ndim == 2 and y.shape[1] == 1:
@@ -44,13 +45,15 @@ def check_labels(where, name, y):
                 "to 1.")
         return y.astype(np.float32)
     if y.ndim != 1:
-        raise RenormConvertError(f"{where}: `{name}` must have shape (N,) or (N, "
-                        f"classes); got {y.shape}.")
+        raise RenormConvertError(
+            f"{where}: `{name}` must have shape (N,) or (N, "
+            f"classes); got {y.shape}.")
     if y.dtype.kind == "f" and not (np.isfinite(y).all() and (
             y == np.round(y)).all()):
-        raise RenormConvertError(f"{where}: `{name}` must hold integer class labels "
-                        f"(0, 1, ...); it holds {y.dtype} values that are not "
-                        "whole numbers.")
+        raise RenormConvertError(
+            f"{where}: `{name}` must hold integer class labels "
+            f"(0, 1, ...); it holds {y.dtype} values that are not "
+            "whole numbers.")
     y = y.astype(np.int64)
     if (y < 0).any():
         raise RenormConvertError(f"{where}: labels must be >= 0.")

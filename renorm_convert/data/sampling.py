@@ -15,7 +15,8 @@ def epoch_indices(labels, batch_size, *, seed, epoch, non_iid_classes=None):
     i.i.d.: a random permutation. Non-i.i.d. (the paper's Figure 3): each
     batch is drawn from `non_iid_classes` (K) random classes with
     batch_size / K examples of each (one-hot or soft labels count as their
-    most likely class).
+    most likely class). A class with fewer examples than that repeats some
+    of them within the batch.
     """
     labels = class_ids(labels)
     rng = np.random.default_rng([seed, epoch])
@@ -36,7 +37,8 @@ def epoch_indices(labels, batch_size, *, seed, epoch, non_iid_classes=None):
                 pools[c] = pool = rng.permutation(pool)
                 cursor[c] = 0
             start = step * batch_size + j * per_class
-            out[start:start + per_class] = pool[cursor[c]:cursor[c] + per_class]
+            take = np.arange(cursor[c], cursor[c] + per_class)
+            out[start:start + per_class] = np.take(pool, take, mode="wrap")
             cursor[c] += per_class
     return out
 

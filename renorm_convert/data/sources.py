@@ -44,8 +44,9 @@ class Split:
 
     def __post_init__(self):
         if self.scaling not in SCALINGS:
-            raise RenormConvertError("{arg}: use one of " + ", ".join(SCALINGS) + ".",
-                            "scaling", self.scaling)
+            raise RenormConvertError(
+                "{arg}: use one of " + ", ".join(SCALINGS) + ".",
+                "scaling", self.scaling)
 
     def with_scaling(self, scaling):
         """The same data, fed to models with another pixel scaling."""
@@ -57,11 +58,13 @@ class Split:
         for name, n in (("train", train), ("val", val)):
             if n is not None and (isinstance(n, bool) or int(n) != n or n < 0
                                   or (name == "train" and n < 1)):
-                raise RenormConvertError(f"{{arg}}: expected a number of examples "
-                                f"(>= {1 if name == 'train' else 0}) or None.",
-                                name, n)
+                raise RenormConvertError(
+                    f"{{arg}}: expected a number of examples "
+                    f"(>= {1 if name == 'train' else 0}) or None.", name, n)
         if seed is None or int(seed) < 0:
-            raise RenormConvertError("{arg}: expected an integer >= 0.", "seed", seed)
+            raise RenormConvertError(
+                "{arg}: expected an integer >= 0.",
+                "seed", seed)
         rng = np.random.default_rng(seed)
 
         def pick(x, y, n):
@@ -82,7 +85,9 @@ class Split:
         resized and scaled as `model`'s one image input takes them: e.g.
         `export_onnx(model, path, verify=x, labels=y)`."""
         if part not in ("val", "train"):
-            raise RenormConvertError("{arg}: expected 'val' or 'train'.", "part", part)
+            raise RenormConvertError(
+                "{arg}: expected 'val' or 'train'.",
+                "part", part)
         x, y = ((self.x_val, self.y_val) if part == "val"
                 else (self.x_train, self.y_train))
         x, y = x[:count], y[:count]
@@ -142,7 +147,9 @@ def load_npz(path, val_fraction=0.2, seed=0):
     from an .npz file; also takes `x_val` / `y_val`, else splits off
     `val_fraction`."""
     if not os.path.exists(path):
-        raise RenormConvertError(f"{path}: no such file; check the path (an .npz file holding arrays x and y).")
+        raise RenormConvertError(
+            f"{path}: no such file; check the path (an .npz file holding "
+            "arrays x and y).")
     if os.path.isdir(path):
         raise RenormConvertError(f"{path}: is a directory, not an .npz file.")
     try:
@@ -150,26 +157,29 @@ def load_npz(path, val_fraction=0.2, seed=0):
             arrays = {k: f[k] for k in f.files}
     except Exception as e:
         text = " ".join(str(e).split())[:120]
-        raise RenormConvertError(f"{path}: not a readable .npz file ({text}).") \
-            from None
+        raise RenormConvertError(
+            f"{path}: not a readable .npz file ({text}).") from None
     if "x" not in arrays or "y" not in arrays:
-        raise RenormConvertError(f"{path}: needs arrays named `x` and `y`; it has "
-                        f"{sorted(arrays)}.")
+        raise RenormConvertError(
+            f"{path}: needs arrays named `x` and `y`; it has "
+            f"{sorted(arrays)}.")
     x = _check_images(path, "x", arrays["x"])
     y = check_labels(path, "y", arrays["y"])
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or len(x) != len(y):
-        raise RenormConvertError(f"{path}: expected x of shape (N, H, W[, C]) and as "
-                        f"many labels; got x {x.shape} and y {y.shape}.")
+        raise RenormConvertError(
+            f"{path}: expected x of shape (N, H, W[, C]) and as "
+            f"many labels; got x {x.shape} and y {y.shape}.")
     if "x_val" in arrays and "y_val" in arrays:
         xv = _check_images(path, "x_val", arrays["x_val"])
         xv = xv[..., None] if xv.ndim == 3 else xv
         yv = check_labels(path, "y_val", arrays["y_val"])
         if xv.ndim != 4 or len(xv) != len(yv) or is_dense(yv) != is_dense(y):
-            raise RenormConvertError(f"{path}: expected x_val of shape (N, H, W[, C]) "
-                            f"and labels like y's; got x_val {xv.shape} and "
-                            f"y_val {yv.shape}.")
+            raise RenormConvertError(
+                f"{path}: expected x_val of shape (N, H, W[, C]) "
+                f"and labels like y's; got x_val {xv.shape} and "
+                f"y_val {yv.shape}.")
         xt, yt = x, y
     else:
         idx = np.random.default_rng(seed).permutation(len(y))
@@ -183,14 +193,16 @@ def load_npz(path, val_fraction=0.2, seed=0):
 
 def _check_images(path, name, x):
     if x.dtype.kind not in "uif":
-        raise RenormConvertError(f"{path}: `{name}` must hold numbers (pixel values); "
-                        f"it holds {x.dtype} values.")
+        raise RenormConvertError(
+            f"{path}: `{name}` must hold numbers (pixel values); "
+            f"it holds {x.dtype} values.")
     if not len(x):
         raise RenormConvertError(f"{path}: `{name}` holds no examples.")
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         where = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
-        raise RenormConvertError(f"{path}: `{name}` holds NaN or infinite pixel values "
-                        f"(the first at index {where}); clean the data first.")
+        raise RenormConvertError(
+            f"{path}: `{name}` holds NaN or infinite pixel values "
+            f"(the first at index {where}); clean the data first.")
     return x
 
 
@@ -204,21 +216,24 @@ def _read_image(path):
             return np.asarray(image.convert("RGB"), np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         text = " ".join(str(e).split())[:120]
-        raise RenormConvertError(f"{path}: not a readable image ({text}); fix or "
-                        "remove it.") from None
+        raise RenormConvertError(
+            f"{path}: not a readable image ({text}); fix or "
+            "remove it.") from None
 
 
 def load_image_folder(directory, size=None, val_fraction=0.2, seed=0):
     """Images in DIR/<class>/*.png|jpg, classes in sorted order; images of
     other sizes than the first are resized to it (bilinear)."""
     if not os.path.isdir(directory):
-        raise RenormConvertError(f"{directory}: no such directory (an image folder "
-                        "holds one sub-directory of images per class).")
+        raise RenormConvertError(
+            f"{directory}: no such directory (an image folder "
+            "holds one sub-directory of images per class).")
     classes = sorted(d for d in os.listdir(directory)
                      if os.path.isdir(os.path.join(directory, d)))
     if len(classes) < 2:
-        raise RenormConvertError(f"{directory}: expected one sub-directory per class "
-                        f"(at least 2); found {len(classes)}.")
+        raise RenormConvertError(
+            f"{directory}: expected one sub-directory per class "
+            f"(at least 2); found {len(classes)}.")
     xs, ys = [], []
     for label, name in enumerate(classes):
         folder = os.path.join(directory, name)
@@ -227,7 +242,8 @@ def load_image_folder(directory, size=None, val_fraction=0.2, seed=0):
                 xs.append(_read_image(os.path.join(folder, file)))
                 ys.append(label)
     if not xs:
-        raise RenormConvertError(f"{directory}: no images ({', '.join(IMAGE_SUFFIXES)}).")
+        raise RenormConvertError(
+            f"{directory}: no images ({', '.join(IMAGE_SUFFIXES)}).")
     target = tuple(size) if size is not None else xs[0].shape[:2]
     xs = [x if x.shape[:2] == target else
           np.clip(np.rint(resize_bilinear(x[None].astype(np.float32),
@@ -262,23 +278,28 @@ def check_source(spec):
     if path is None:
         return
     if spec.startswith("fashion-mnist:") and not os.path.isdir(path):
-        raise RenormConvertError(f"{path}: no such directory for Fashion-MNIST.")
+        raise RenormConvertError(
+            f"{path}: no such directory for Fashion-MNIST.")
     if spec.startswith("npz:") or spec.endswith(".npz"):
         if not os.path.exists(path):
-            raise RenormConvertError(f"{path}: no such file; check the path (an .npz file holding arrays x and y).")
+            raise RenormConvertError(
+                f"{path}: no such file; check the path (an .npz file holding "
+                "arrays x and y).")
         return
     if not os.path.exists(path):
         looks_like_path = os.sep in spec or spec.startswith(".")
         if looks_like_path:
-            raise RenormConvertError(f"{path}: no such directory (an image folder "
-                            "holds one sub-directory of images per class).")
+            raise RenormConvertError(
+                f"{path}: no such directory (an image folder "
+                "holds one sub-directory of images per class).")
         raise RenormConvertError(
             f"unknown data source {spec!r}: use fashion-mnist[:DIR], digits, "
             "npz:PATH (or a .npz file), or a directory with one sub-directory "
             "of images per class.")
     if not os.path.isdir(path):
-        raise RenormConvertError(f"{path}: not a directory of images nor an .npz "
-                        "file; give npz:PATH for arrays.")
+        raise RenormConvertError(
+            f"{path}: not a directory of images nor an .npz "
+            "file; give npz:PATH for arrays.")
 
 
 def load_source(spec):

@@ -50,7 +50,7 @@ def check_model_file(path):
 
 
 def load(path, *, safe_mode=True, custom_objects=None):
-    """Loads a `.keras` or Keras-2 `.h5` model, with a one-line RenormConvertError
+    """Loads a `.keras` or Keras-2 `.h5` model, with a one-line error
     for every way the file can be wrong."""
     import keras
 
@@ -77,7 +77,8 @@ def load(path, *, safe_mode=True, custom_objects=None):
     except Exception as e:
         raise _explain_load_error(path, e) from None
     if not isinstance(model, keras.Model):
-        raise RenormConvertError(f"{path}: holds a {type(model).__name__}, not a model.")
+        raise RenormConvertError(
+            f"{path}: holds a {type(model).__name__}, not a model.")
     return model
 
 

@@ -31,8 +31,7 @@ from renorm_convert.evaluation import logits as keras_logits
 from renorm_convert.evaluation import to_numpy
 from renorm_convert.io import replace_atomically
 from renorm_convert.onnx import exporters
-from renorm_convert.onnx.exporters import (output_names,  # noqa: F401
-                                           to_onnx, unique_names)
+from renorm_convert.onnx.exporters import to_onnx
 from renorm_convert.onnx.passes import GraphCleanup, clean, op_counts
 from renorm_convert.transform.folding import fold, fold_plan
 from renorm_convert.transform.graph import iter_layers

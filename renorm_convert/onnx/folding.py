@@ -41,8 +41,8 @@ __all__ = ["fold_affine", "count_affine_after_linear",
            "count_affine_before_linear"]
 
 
-from renorm_convert.onnx.graph import (_FLOATS, _attr,  # noqa: E402
-                                        _Graph, _set_attr)
+from renorm_convert.onnx.graph import (_FLOATS, _attr, _Graph,  # noqa: E402
+                                       _set_attr)
 
 
 def _per_channel(value, rank, axis, channels):

@@ -11,7 +11,7 @@ node and one copy of the input fewer.
 
 import numpy as np
 
-from renorm_convert.onnx.graph import _Graph, _attr, _set_attr
+from renorm_convert.onnx.graph import _attr, _Graph, _set_attr
 
 __all__ = ["fold_padding"]
 

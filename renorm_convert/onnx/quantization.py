@@ -36,7 +36,8 @@ def quantize_int8(float_payload, xs, input_names, batch=16):
 
     import onnx
 
-    from renorm_convert.onnx.int8_layout import share_concat_scales, widened_payload
+    from renorm_convert.onnx.int8_layout import (share_concat_scales,
+                                                 widened_payload)
 
     float_payload = widened_payload(float_payload, [x[:batch] for x in xs])
     with tempfile.TemporaryDirectory(prefix="renorm-convert-int8-") as work:

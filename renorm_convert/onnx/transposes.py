@@ -26,7 +26,7 @@ in which axes are stored between ops.
 import numpy as np
 from onnx import helper
 
-from renorm_convert.onnx.graph import _Graph, _attr, _set_attr
+from renorm_convert.onnx.graph import _attr, _Graph, _set_attr
 
 __all__ = ["optimize_transposes", "count_transposes"]
 

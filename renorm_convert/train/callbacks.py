@@ -26,13 +26,13 @@ import keras
 import numpy as np
 
 from renorm_convert._internal import backend as _backend
-from renorm_convert._internal.backend import optimizer_step
-from renorm_convert.train import checkpoint as checkpoint_lib
-from renorm_convert.train import distribute
 from renorm_convert._internal import keras_hooks as internals
+from renorm_convert._internal.backend import optimizer_step
 from renorm_convert.evaluation import accuracy
 from renorm_convert.io import write_atomically
 from renorm_convert.layers import is_normalization
+from renorm_convert.train import checkpoint as checkpoint_lib
+from renorm_convert.train import distribute
 
 
 class StepLog(keras.callbacks.Callback):
@@ -97,7 +97,8 @@ class ValidationCurve(keras.callbacks.Callback):
 
     def _record(self, step):
         self.points.append({"step": step,
-                            "val_accuracy": accuracy(self.model, self._batches)})
+                            "val_accuracy": accuracy(self.model,
+                                                     self._batches)})
 
     def on_train_begin(self, logs=None):
         self._record(optimizer_step(self.model))

@@ -23,6 +23,7 @@ from renorm_convert._internal import keras_hooks as internals
 from renorm_convert._internal.limits import (  # noqa: F401  (public here)
     STRATEGIES, RenormConvertError, check_strategy_name)
 
+
 def _is_tf_strategy(strategy):
     tf = sys.modules.get("tensorflow")
     return tf is not None and isinstance(strategy, tf.distribute.Strategy)
@@ -84,9 +85,10 @@ def data_parallel():
             except RuntimeError as e:
                 raise RenormConvertError(
                     f"cannot join the JAX job now ({e}): call "
-                    "renorm_convert.train.distribute.data_parallel() at the start "
-                    "of the program, before any JAX array is made (a model "
-                    "built or loaded), and pass what it returns as {arg}.",
+                    "renorm_convert.train.distribute.data_parallel() at the "
+                    "start of the program, before any JAX array is made (a "
+                    "model built or loaded), and pass what it returns as "
+                    "{arg}.",
                     "strategy", "the distribution", quote=False) from None
     return keras.distribution.DataParallel(
         devices=keras.distribution.list_devices())

@@ -21,17 +21,18 @@ import keras
 import numpy as np
 
 from renorm_convert._internal import backend as _backend
-from renorm_convert.train import checkpoint as checkpoint_lib
-from renorm_convert.train import distribute
+from renorm_convert.data import Split, is_dense
 from renorm_convert.data.batches import (ArrayBatches, TrainingBatches,
                                          evaluation_batches, training_batches)
-from renorm_convert.train.callbacks import Checkpoint, NanGuard, StepLog
-from renorm_convert.transform.conversion import copy_model
-from renorm_convert.data import Split, is_dense
-from renorm_convert.errors import NonFiniteLoss, RenormConvertError, check_integer
+from renorm_convert.errors import (NonFiniteLoss, RenormConvertError,
+                                   check_integer)
 from renorm_convert.evaluation import check_labels_fit, outputs_probabilities
 from renorm_convert.layers import renorm_layers
+from renorm_convert.train import checkpoint as checkpoint_lib
+from renorm_convert.train import distribute
+from renorm_convert.train.callbacks import Checkpoint, NanGuard, StepLog
 from renorm_convert.train.schedule import RenormSchedule
+from renorm_convert.transform.conversion import copy_model
 from renorm_convert.transform.surgery import strided_pointwise_subsampled
 
 _log = logging.getLogger("renorm_convert")

@@ -16,14 +16,15 @@ import keras
 import numpy as np
 
 from renorm_convert import data as data_lib
-from renorm_convert.data.batches import evaluation_batches, training_batches
-from renorm_convert._internal.limits import REPRODUCE_DEFAULTS, REPRODUCE_MODELS
-from renorm_convert.transform.conversion import convert
-from renorm_convert.errors import RenormConvertError
 from renorm_convert._internal.backend import optimizer_step, statistics_kept
+from renorm_convert._internal.limits import (REPRODUCE_DEFAULTS,
+                                             REPRODUCE_MODELS)
+from renorm_convert.data.batches import evaluation_batches, training_batches
+from renorm_convert.errors import RenormConvertError
 from renorm_convert.evaluation import accuracy
-from renorm_convert.train.finetune import fine_tune
 from renorm_convert.layers import renorm_layers
+from renorm_convert.train.finetune import fine_tune
+from renorm_convert.transform.conversion import convert
 
 # The paper's numbers (ImageNet, Inception-v2 style network), for reference.
 PAPER = {

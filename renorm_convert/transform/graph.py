@@ -73,8 +73,8 @@ def model_graph(model):
         (node, output_index) pairs of the model outputs, in order.
 
     Raises:
-        RenormConvertError: for a subclassed model (no graph to walk) or an unbuilt
-            Sequential model.
+        RenormConvertError: for a subclassed model (no graph to walk) or an
+            unbuilt Sequential model.
     """
     functional = _functional_of(model)
     if functional is None:

@@ -9,11 +9,11 @@ import numpy as np
 from keras import ops
 
 from renorm_convert._internal import keras_hooks as internals
-from renorm_convert.transform.conversion import copy_model
 from renorm_convert.data import Split, model_image_shape
 from renorm_convert.errors import RenormConvertError, check_integer
 from renorm_convert.evaluation import to_numpy
 from renorm_convert.layers import is_normalization
+from renorm_convert.transform.conversion import copy_model
 
 _log = logging.getLogger("renorm_convert")
 

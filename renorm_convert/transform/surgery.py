@@ -11,10 +11,10 @@ import keras
 
 from renorm_convert._internal import keras_hooks as internals
 from renorm_convert.errors import RenormConvertError, check_integer
-from renorm_convert.transform.conversion import copy_model
 from renorm_convert.layers import (BatchRenormalization, check_d_max,
                                    check_microbatch_size, check_momentum,
                                    check_r_max, is_normalization)
+from renorm_convert.transform.conversion import copy_model
 
 # Layers that may follow the classifier: they pool, reshape, activate or
 # drop, and never mix channels, so they carry the class dimension through.

@@ -17,11 +17,9 @@ import re
 import keras
 
 from renorm_convert._internal import keras_hooks as internals
-from renorm_convert._internal.variables import (build_with_values,
-                                               short_name, values_by_name)
+from renorm_convert._internal.variables import (build_with_values, short_name,
+                                                values_by_name)
 from renorm_convert.errors import RenormConvertError
-
-
 
 
 def clone_layer(layer, **overrides):
@@ -231,7 +229,8 @@ def put(layer, attr, index, old, new, path):
     container = getattr(layer, attr)
     if index is not None and isinstance(container, tuple):
         raise RenormConvertError(
-            f"Layer '{path.rsplit('/', 1)[0]}' keeps '{old.name}' in the tuple "
+            f"Layer '{path.rsplit('/', 1)[0]}' keeps '{old.name}' in the "
+            "tuple "
             f"attribute `{attr}`, which cannot be changed in place; use a "
             "list.")
     internals.replace_sublayer(layer, attr, index, old, new)

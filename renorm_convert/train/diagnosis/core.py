@@ -6,14 +6,12 @@ import time
 import numpy as np
 
 from renorm_convert.errors import check_integer
-from renorm_convert.evaluation import outputs_probabilities
+from renorm_convert.evaluation import check_labels_fit, outputs_probabilities
 from renorm_convert.layers import (check_d_max, check_microbatch_size,
                                    check_r_max)
 from renorm_convert.train.diagnosis import measures, verdict
-from renorm_convert.evaluation import check_labels_fit
 from renorm_convert.train.diagnosis.batching import as_split, draw
-from renorm_convert.train.diagnosis.probe import (Probe,
-                                                  normalization_paths,
+from renorm_convert.train.diagnosis.probe import (Probe, normalization_paths,
                                                   reference_statistics,
                                                   working_copy)
 from renorm_convert.train.diagnosis.report import Diagnosis, LayerRecord
