@@ -25,6 +25,7 @@ import numpy as np
 from keras import ops
 
 from renorm_convert._internal import keras_hooks as internals
+from renorm_convert._internal.backend import channel_ops
 from renorm_convert._internal.variables import (build_with_values,
                                                 values_by_name)
 from renorm_convert.errors import RenormConvertError
@@ -306,18 +307,19 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         """(r, d, sigma_B) of the batch (or each group) moments, r and d
         clipped by the bound variables; no gradient flows through them."""
         dtype = mean.dtype
+        math = channel_ops()
         renorm_mean, renorm_stddev = renorm
-        stddev = ops.sqrt(variance + self.epsilon)
+        stddev = math.sqrt(variance + self.epsilon)
         # A floor on sigma (no division by zero early in training): the
         # square root of epsilon rounded to `dtype`, as a constant.
-        renorm_stddev = ops.maximum(renorm_stddev,
-                                    _sqrt_in(self.epsilon, dtype))
+        renorm_stddev = math.maximum(renorm_stddev,
+                                     _sqrt_in(self.epsilon, dtype))
         r = stddev / renorm_stddev
         d = (mean - renorm_mean) / renorm_stddev
         r_max = _read(self._r_max_var, dtype)
         d_max = _read(self._d_max_var, dtype)
-        r = ops.clip(r, 1.0 / r_max, r_max)
-        d = ops.clip(d, -d_max, d_max)
+        r = math.clip(r, 1.0 / r_max, r_max)
+        d = math.clip(d, -d_max, d_max)
         return r, d, stddev
 
     def _compose(self, r, d, dtype):
@@ -329,9 +331,9 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         else:
             scale, offset = ops.cast(r, dtype), ops.cast(d, dtype)
         if self.center:
-            # `ops.add`, not `+`: per microbatch group it is a BiasAdd on
+            # An add, not `+`: per microbatch group it is a BiasAdd on
             # TensorFlow, whose gradient sums in its own order.
-            offset = ops.add(offset, _read(self.beta, dtype))
+            offset = channel_ops().add(offset, _read(self.beta, dtype))
         return scale, offset
 
     def _update_statistics(self, mean, stddev, renorm):
@@ -354,7 +356,8 @@ class BatchRenormalization(keras.layers.BatchNormalization):
             (self.moving_stddev, moving_stddev),
             # Rounding could make the difference negative.
             (self.moving_variance,
-             ops.relu(moving_stddev * moving_stddev - self.epsilon))))
+             channel_ops().relu(moving_stddev * moving_stddev
+                                - self.epsilon))))
 
     def _call_microbatched(self, inputs):
         m = self.microbatch_size

@@ -53,24 +53,10 @@ if BACKEND == "tensorflow":
 
 import keras  # noqa: E402
 
+from renorm_convert._internal import backend as _backend  # noqa: E402
 
-def channels_first_runs():
-    """Whether the backend can run a channels-first Conv2D here. On CPUs
-    without AVX-512 TensorFlow turns oneDNN off by default, and its own CPU
-    kernels then take only NHWC; JAX and PyTorch run either layout."""
-    if BACKEND != "tensorflow":
-        return True
-    if tf.config.list_physical_devices("GPU"):
-        return True
-    try:
-        tf.nn.conv2d(tf.zeros((1, 1, 3, 3)), tf.zeros((1, 1, 1, 1)), 1,
-                     "VALID", data_format="NCHW")
-        return True
-    except (tf.errors.UnimplementedError, tf.errors.InvalidArgumentError):
-        return False
-
-
-CHANNELS_FIRST_RUNS = channels_first_runs()
+# The package's own probe: a channels-first Conv2D tried once.
+CHANNELS_FIRST_RUNS = _backend.channels_first_runs()
 
 
 def pytest_collection_modifyitems(config, items):

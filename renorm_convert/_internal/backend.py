@@ -1,9 +1,13 @@
 """What differs between Keras's backends and cannot be said in `keras.ops`:
 which backend runs, whether a GPU is there, whether channels-first
-convolutions run here, gradients outside `fit`, the optimizer's step, and a
-model's statistics kept while it runs in training mode."""
+convolutions run here, the per-channel arithmetic of a training call at
+the cost of the backend's own functions, gradients outside `fit`, the
+optimizer's step, and a model's statistics kept while it runs in training
+mode."""
 
 import contextlib
+import functools
+import types
 
 import keras
 import numpy as np
@@ -84,6 +88,31 @@ def device_names():
         return [torch.cuda.get_device_name(i)
                 for i in range(torch.cuda.device_count())]
     return []
+
+
+@functools.cache
+def channel_ops():
+    """sqrt, maximum (a tensor and a Python float), clip, add and relu for
+    the small per-channel tensors of a training call (r, d, the statistics'
+    updates): `keras.ops`, but on PyTorch torch's own functions.
+
+    Why: on eager PyTorch each `keras.ops` call converts its operands, and
+    Keras's conversion calls `.to(device)` on every tensor even when it is
+    there: about 5 µs an operation, as much as the arithmetic on a vector
+    of channels, and half of what a renorm training call adds to batch
+    normalization. The torch functions are the kernels `keras.ops` ends in,
+    so every number stays the same (tests/test_layer_ops.py checks Keras's
+    renorm bit for bit). On TensorFlow `ops.add` stays: per microbatch
+    group it is a BiasAdd, whose gradient sums in its own order."""
+    if name() == "torch":
+        import torch
+
+        return types.SimpleNamespace(
+            sqrt=torch.sqrt, maximum=torch.clamp_min, clip=torch.clip,
+            add=torch.add, relu=torch.relu)
+    ops = keras.ops
+    return types.SimpleNamespace(sqrt=ops.sqrt, maximum=ops.maximum,
+                                 clip=ops.clip, add=ops.add, relu=ops.relu)
 
 
 def optimizer_step(model):

@@ -51,6 +51,20 @@ def load_model(args, path=None, runs=True):
     return model
 
 
+def training_split(args):
+    """The data of `--data` / `--scaling` / `--train-size` / `--val-size`
+    under `--seed`, checked against `--batch-size`, `--non-iid` and
+    `--microbatch`: what `finetune` trains on and `diagnose` measures."""
+    from renorm_convert import data
+
+    split = data.load_source(args.data).with_scaling(args.scaling).subset(
+        train=args.train_size, val=args.val_size, seed=args.seed)
+    data.check_batching(len(split.y_train), args.batch_size,
+                        args.non_iid_classes, split.num_classes,
+                        args.microbatch_size)
+    return split
+
+
 def parity(reference, other):
     """Max abs inference difference on random inputs, and relative to the
     output scale."""

@@ -20,7 +20,8 @@ import sys
 
 from renorm_convert.cli import _args, progress
 from renorm_convert.cli._args import EXIT_OK, EXIT_USAGE
-from renorm_convert.cli._common import check_model_path, load_model
+from renorm_convert.cli._common import (check_model_path, load_model,
+                                        training_split)
 from renorm_convert.cli._paths import check_outputs
 
 HELP = "tell whether batch renorm will help, from your model and data"
@@ -83,11 +84,7 @@ def run(args):
     from renorm_convert.io import write_atomically
 
     keras.utils.set_random_seed(args.seed)
-    split = rc.data.load_source(args.data).with_scaling(args.scaling).subset(
-        train=args.train_size, val=args.val_size, seed=args.seed)
-    rc.data.check_batching(len(split.y_train), args.batch_size,
-                           args.non_iid_classes, split.num_classes,
-                           args.microbatch_size)
+    split = training_split(args)
     model = load_model(args)
     progress(f"diagnosing on {split.name}: {args.batches} batches of "
              f"{args.batch_size} (Keras backend: {keras.backend.backend()})")

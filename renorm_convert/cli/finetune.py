@@ -11,7 +11,8 @@ import sys
 
 from renorm_convert.cli import _args, progress
 from renorm_convert.cli._args import EXIT_INTERNAL, EXIT_OK, EXIT_USAGE
-from renorm_convert.cli._common import check_model_path, load_model
+from renorm_convert.cli._common import (check_model_path, load_model,
+                                        training_split)
 from renorm_convert.cli._paths import check_output, check_outputs
 from renorm_convert.errors import RenormConvertError
 
@@ -157,11 +158,7 @@ def run(args):
     keras.utils.set_random_seed(args.seed)
     # A multi-worker strategy must exist before TensorFlow's first op.
     strategy = distribute.make_strategy(args.strategy)
-    split = rc.data.load_source(args.data).with_scaling(args.scaling).subset(
-        train=args.train_size, val=args.val_size, seed=args.seed)
-    rc.data.check_batching(len(split.y_train), args.batch_size,
-                           args.non_iid_classes, split.num_classes,
-                           args.microbatch_size)
+    split = training_split(args)
     model = _prepared_model(args)
     batches = rc.data.training_batches(
         split, model, args.batch_size, non_iid_classes=args.non_iid_classes,
