@@ -4,7 +4,6 @@ temporary file outlives its writer."""
 
 import os
 import re
-import signal
 import tempfile
 import time
 import zipfile
@@ -187,26 +186,6 @@ def remove_stale_temporaries(directory):
         except OSError:
             pass
     return removed
-
-
-def kill_point(name):
-    """A test hook: when RENORM_CONVERT_TEST_KILL_AT names this point
-    (`name` or `name:N` for its N-th passage), the process kills itself
-    here with SIGKILL, as a crash or `kill -9` would at that moment (or
-    with the signal RENORM_CONVERT_TEST_KILL_SIGNAL names, e.g. SIGTERM)."""
-    wanted = os.environ.get("RENORM_CONVERT_TEST_KILL_AT")
-    if not wanted:
-        return
-    point, _, nth = wanted.partition(":")
-    if point != name:
-        return
-    _passages[name] = _passages.get(name, 0) + 1
-    if _passages[name] >= int(nth or 1):
-        kind = os.environ.get("RENORM_CONVERT_TEST_KILL_SIGNAL", "SIGKILL")
-        os.kill(os.getpid(), getattr(signal, kind))
-
-
-_passages = {}
 
 
 def replace_atomically(path, write, suffix=None):
