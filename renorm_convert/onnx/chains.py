@@ -18,7 +18,7 @@ and stored in the data's dtype.
 
 import numpy as np
 
-from renorm_convert.onnx.graph import _FLOATS, _Graph
+from renorm_convert.onnx.graph import _FLOATS, _Graph, compose_step
 
 __all__ = ["merge_affine_chains"]
 
@@ -46,19 +46,6 @@ def _step(g, node):
     if op == "Sub":
         return node.input[index], ("sub" if index == 0 else "sub_from"), value
     return node.input[index], op.lower(), value
-
-
-def _compose(scale, offset, kind, value):
-    """`x * scale + offset` followed by one more step."""
-    if kind == "mul":
-        return scale * value, offset * value
-    if kind == "div":
-        return scale / value, offset / value
-    if kind == "add":
-        return scale, offset + value
-    if kind == "sub":
-        return scale, offset - value
-    return -scale, value - offset  # sub_from
 
 
 def _chain(g, node):
@@ -91,7 +78,7 @@ def _merge(g, chain, data):
     zero); returns how many nodes went."""
     scale, offset = np.ones(()), np.zeros(())
     for _, kind, value in chain:
-        scale, offset = _compose(scale, offset, kind, value)
+        scale, offset = compose_step(scale, offset, kind, value)
     shape = np.broadcast_shapes(scale.shape, offset.shape)
     if not _fits(shape, g.shapes.get(data)):
         return 0

@@ -42,7 +42,7 @@ __all__ = ["fold_affine", "count_affine_after_linear",
 
 
 from renorm_convert.onnx.graph import (_FLOATS, _attr, _Graph,  # noqa: E402
-                                       _set_attr)
+                                       _set_attr, compose_step)
 
 
 def _per_channel(value, rank, axis, channels):
@@ -92,17 +92,6 @@ def _affine_step(g, node, data, rank, axis, channels):
     if index == 0 and np.all(vector != 0):  # Div
         return "div", vector
     return None
-
-
-def _apply(scale, offset, kind, vector):
-    """`y = x * scale + offset` followed by one affine step."""
-    if kind == "mul":
-        return scale * vector, offset * vector
-    if kind == "div":
-        return scale / vector, offset / vector
-    if kind == "add":
-        return scale, offset + vector
-    return -scale, vector - offset  # sub_from
 
 
 def _transpose_axis(node, rank, axis, backward=False):
@@ -282,7 +271,7 @@ def _fold_after(g, node):
     weight = info["weight"]
     scale, offset = np.ones(channels), np.zeros(channels)
     for _, _, (kind, vector) in chain:
-        scale, offset = _apply(scale, offset, kind, vector)
+        scale, offset = compose_step(scale, offset, kind, vector)
     dtype = weight.dtype
     w = weight.astype(np.float64)
     bias = info["bias"]
@@ -444,7 +433,7 @@ def _fold_before(g, node):
         return 0
     scale, offset = np.ones(channels), np.zeros(channels)
     for _, _, (kind, vector) in reversed(chain):  # in the order they run
-        scale, offset = _apply(scale, offset, kind, vector)
+        scale, offset = compose_step(scale, offset, kind, vector)
     dtype, w = weight.dtype, weight.astype(np.float64)
     cout = info["channels"]
     b = np.zeros(cout) if info["bias"] is None else info["bias"].astype(

@@ -26,6 +26,21 @@ def _set_attr(node, name, value):
     node.attribute.append(helper.make_attribute(name, value))
 
 
+def compose_step(scale, offset, kind, value):
+    """(scale, offset) of `x * scale + offset` followed by one step of
+    constant arithmetic: kind "mul", "div", "add", "sub" (x - value) or
+    "sub_from" (value - x)."""
+    if kind == "mul":
+        return scale * value, offset * value
+    if kind == "div":
+        return scale / value, offset / value
+    if kind == "add":
+        return scale, offset + value
+    if kind == "sub":
+        return scale, offset - value
+    return -scale, value - offset  # sub_from
+
+
 def _subgraphs(node):
     for a in node.attribute:
         if a.type == onnx.AttributeProto.GRAPH:
