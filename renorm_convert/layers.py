@@ -307,19 +307,19 @@ class BatchRenormalization(keras.layers.BatchNormalization):
         """(r, d, sigma_B) of the batch (or each group) moments, r and d
         clipped by the bound variables; no gradient flows through them."""
         dtype = mean.dtype
-        math = channel_ops()
+        channel = channel_ops()
         renorm_mean, renorm_stddev = renorm
-        stddev = math.sqrt(variance + self.epsilon)
+        stddev = channel.sqrt(variance + self.epsilon)
         # A floor on sigma (no division by zero early in training): the
         # square root of epsilon rounded to `dtype`, as a constant.
-        renorm_stddev = math.maximum(renorm_stddev,
-                                     _sqrt_in(self.epsilon, dtype))
+        renorm_stddev = channel.maximum(renorm_stddev,
+                                        _sqrt_in(self.epsilon, dtype))
         r = stddev / renorm_stddev
         d = (mean - renorm_mean) / renorm_stddev
         r_max = _read(self._r_max_var, dtype)
         d_max = _read(self._d_max_var, dtype)
-        r = math.clip(r, 1.0 / r_max, r_max)
-        d = math.clip(d, -d_max, d_max)
+        r = channel.clip(r, 1.0 / r_max, r_max)
+        d = channel.clip(d, -d_max, d_max)
         return r, d, stddev
 
     def _compose(self, r, d, dtype):
