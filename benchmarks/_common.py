@@ -218,6 +218,31 @@ def versions(*extra):
                       f"{os.cpu_count()} CPUs"])
 
 
+def ort_sessions(files, threads, spinning=True, profile_dir=None):
+    """{name: onnxruntime CPU session} of `files` ({name: path}), each with
+    `threads` intra-op threads and one inter-op thread; `spinning=False`
+    keeps idle workers from spinning, `profile_dir` writes onnxruntime's
+    profile of each there."""
+    import onnxruntime as ort
+
+    out = {}
+    for name, path in files.items():
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        if not spinning:
+            options.add_session_config_entry(
+                "session.intra_op.allow_spinning", "0")
+        if profile_dir:
+            options.enable_profiling = True
+            options.profile_file_prefix = os.path.join(
+                profile_dir, name.replace(" ", "_"))
+        out[name] = ort.InferenceSession(path, options,
+                                         providers=["CPUExecutionProvider"])
+    return out
+
+
 def print_rule(width=78):
     """The double rule between a benchmark's log and its tables."""
     print("\n" + "=" * width)

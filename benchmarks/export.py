@@ -147,23 +147,6 @@ def run_child(job, backend, names, work):
 
 # --- latency -------------------------------------------------------------------------
 
-def sessions(files, threads, spinning=True):
-    import onnxruntime as ort
-
-    out = {}
-    for backend, path in files.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        if not spinning:
-            options.add_session_config_entry(
-                "session.intra_op.allow_spinning", "0")
-        out[backend] = ort.InferenceSession(
-            path, options, providers=["CPUExecutionProvider"])
-    return out
-
-
 def latency(files, batch, args):
     """{backend: [per-round block median, ms]} of both files of a model:
     wall time, or with `--clock cpu` the CPU time of the one thread that
@@ -172,7 +155,8 @@ def latency(files, batch, args):
 
     cpu = args.clock == "cpu"
     clock = time.thread_time if cpu else time.perf_counter
-    runs = sessions(files, 1 if cpu else args.threads, spinning=not cpu)
+    runs = common.ort_sessions(files, 1 if cpu else args.threads,
+                              spinning=not cpu)
     feeds = {}
     for backend, session in runs.items():
         first = session.get_inputs()[0]

@@ -47,25 +47,6 @@ import time
 import _common as common
 
 
-def sessions_for(files, threads, profile_dir=None):
-    """{name: onnxruntime session} of `files` ({name: path})."""
-    import onnxruntime as ort
-
-    out = {}
-    for name, path in files.items():
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        if profile_dir:
-            options.enable_profiling = True
-            options.profile_file_prefix = os.path.join(
-                profile_dir, name.replace(" ", "_"))
-        out[name] = ort.InferenceSession(path, options,
-                                         providers=["CPUExecutionProvider"])
-    return out
-
-
 def feed(session, x):
     return {session.get_inputs()[0].name: x}
 
@@ -99,7 +80,8 @@ def profile(files, x, args, work):
     run in interleaved rounds as for the latency."""
     import numpy as np
 
-    sessions = sessions_for(files, args.threads, work)
+    sessions = common.ort_sessions(files, args.threads,
+                                   profile_dir=work)
     latency_ms(sessions, x, args.profile_rounds, args.calls, args.pause)
     out = {}
     for name, session in sessions.items():
@@ -153,7 +135,7 @@ def measure(split, work, args):
                        calibration=calibration)
         if args.baseline:
             export_plain_int8(model, files["plain"], calibration)
-        sessions = sessions_for(files, args.threads)
+        sessions = common.ort_sessions(files, args.threads)
         acc = {k: accuracy(s, test, split.y_val) for k, s in sessions.items()}
         times = latency_ms(sessions, test[:args.batch], args.rounds,
                            args.calls, args.pause)
