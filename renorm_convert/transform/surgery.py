@@ -80,11 +80,6 @@ def _tail_config(layer, classes, num_classes):
     return config
 
 
-def num_outputs(model):
-    """The size of the last axis of the model's single output."""
-    return int(model.outputs[0].shape[-1])
-
-
 def replace_head(model, num_classes, *, inplace=False):
     """A copy of `model` whose classifier (the Dense, or a Conv followed
     only by pooling / flatten / reshape / activation / dropout, as in
