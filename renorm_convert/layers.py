@@ -20,6 +20,8 @@ Everything is `keras.ops` and Keras variables: the layer runs on TensorFlow,
 JAX and PyTorch, and a `.keras` file saved on one loads on the others.
 """
 
+import functools
+
 import keras
 import numpy as np
 from keras import ops
@@ -533,10 +535,11 @@ def _read(variable, dtype):
     return value if value.dtype == dtype else ops.cast(value, dtype)
 
 
+@functools.lru_cache(maxsize=64)
 def _sqrt_in(value, dtype):
     """sqrt(value) computed in `dtype` (a backend dtype), as a Python float:
     the number `ops.sqrt(ops.cast(value, dtype))` gives, without two
-    operations per call."""
+    operations per call (and, cached, without NumPy per call)."""
     dtype = keras.backend.standardize_dtype(dtype)
     return float(np.sqrt(np.asarray(value, dtype=dtype)))
 
